@@ -53,8 +53,8 @@ def workflow(template: str, *, work_dir: Path, output_dir: Path, **sections) -> 
     """Fill a template: paths for cache and output, then the given top-level sections."""
     config = load_template(template)
     config.update(sections)
-    config["cache_dir"] = str(Path(work_dir) / CACHE_DIR)
-    config["output_dir"] = str(output_dir)
+    config["cache_dir"] = str(Path(work_dir).resolve() / CACHE_DIR)
+    config["output_dir"] = str(Path(output_dir).resolve())
     return config
 
 
@@ -67,7 +67,7 @@ def save_config(config: dict, path: Path) -> Path:
 
 def run(config: dict, work_dir: Path, on_line: Callable[[str], None] | None = None) -> Path:
     """Run one workflow; return the log path. Raises OliveRunError on a non-zero exit."""
-    work_dir = Path(work_dir)
+    work_dir = Path(work_dir).resolve()
     config_path = save_config(config, work_dir / "olive_config.json")
     log_path = work_dir / LOG_NAME
     tail: deque[str] = deque(maxlen=40)
