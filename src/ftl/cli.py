@@ -145,6 +145,9 @@ def print_finetune(result, as_json: bool = False) -> None:
 @click.option("--output", required=True, type=click.Path(path_type=Path))
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size.")
 @click.option("--op-types", default="MatMul,Gather", show_default=True, help="Ops quantized to int4.")
+@click.option("--int4-algo", type=click.Choice(["default", "rtn", "k_quant", "k_quant_mixed", "k_quant_last"]),
+              default="k_quant", show_default=True,
+              help="ModelBuilder int4 algorithm; 'default' is smallest (~105 MB for SmolLM2), k_quant more accurate.")
 @click.option("--accuracy-level", type=int, help="MatMulNBits accuracy level (1 fp32 … 4 int8).")
 @click.option("--keep-adapter-separate", is_flag=True,
               help="Export base + .onnx_adapter for multi-LoRA serving (decode ~7x slower).")

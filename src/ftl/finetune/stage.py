@@ -130,6 +130,7 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     if resumed and (manifest.read(out) or {}).get("fingerprint") != p.fingerprint:
         raise OutputExistsError("output folder holds an unfinished finetune with other inputs or settings",
                                 str(out), "pass --force to start over, or choose a new --output path")
+    _drop_partial_checkpoints(out / CHECKPOINTS)
     _write_prepared(out / PREPARED, p)
     record = manifest.new("finetune", inputs=_inputs(config, p), params=_params(config, p), fingerprint=p.fingerprint)
     record["prompt_format"] = p.fmt.model_dump()
@@ -220,6 +221,16 @@ def _count_tokens(model_dir: Path, fmt: PromptFormat, examples: list[Example], c
                             f"{config.data}:{example.line}", "raise --max-seq-len or shorten the row; "
                             "ftl never truncates training rows silently")
     return counts
+
+
+def _drop_partial_checkpoints(checkpoints: Path) -> None:
+    """A kill during a save leaves a checkpoint without trainer_state.json; the Trainer would pick it
+    as the latest and fail to resume, so it goes and the previous complete one is used."""
+    for folder in checkpoints.glob("checkpoint-*"):
+        if not (folder / "trainer_state.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()  # Olive refuses a non-empty output_dir without checkpoints; an empty one is fine
 
 
 def _write_prepared(path: Path, p: _Plan) -> None:

@@ -1,0 +1,71 @@
+"""Perplexity from a model's own logits, identical token ids for every backend.
+
+Used by the end-to-end test and ``bench/``; ``ftl eval`` builds on it. For ONNX, the logits of
+every position come from one ``append_tokens`` call (``get_output("logits")``); for PyTorch, from
+one forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def token_nll(logits: np.ndarray, ids: list[int], start: int = 1) -> tuple[float, int]:
+    """Sum of -log p(ids[t] | ids[:t]) for t >= start, and the number of predicted tokens."""
+    logits = logits.astype(np.float64)
+    shifted = logits[start - 1 : len(ids) - 1]
+    targets = np.asarray(ids[start:])
+    peak = shifted.max(axis=-1, keepdims=True)
+    log_z = np.log(np.exp(shifted - peak).sum(axis=-1)) + peak[:, 0]
+    picked = shifted[np.arange(len(targets)), targets]
+    return float((log_z - picked).sum()), len(targets)
+
+
+def perplexity(nll_and_counts: list[tuple[float, int]]) -> float:
+    total = sum(n for n, _ in nll_and_counts)
+    count = sum(c for _, c in nll_and_counts)
+    return math.exp(total / count)
+
+
+def onnx_logits(model, ids: list[int]) -> np.ndarray:
+    """All-position logits from an ``onnxruntime_genai.Model`` for one sequence."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    return np.asarray(generator.get_output("logits"))[0]
+
+
+def torch_logits(model, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def onnx_perplexity(folder: Path, sequences: list[list[int]]) -> float:
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    return perplexity([token_nll(onnx_logits(model, ids), ids) for ids in sequences])
+
+
+def torch_perplexity(model, sequences: list[list[int]]) -> float:
+    return perplexity([token_nll(torch_logits(model, ids), ids) for ids in sequences])
+
+
+def load_merged_torch(base_dir: Path, adapter_dir: Path | None = None):
+    """The fp32 PyTorch model an export came from: base + LoRA merged with peft."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="float32")
+    if adapter_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    return model.eval()

@@ -1,0 +1,84 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from ftl import manifest, metrics
+from ftl.errors import AdapterMismatchError, ConfigError, OutputExistsError
+from ftl.export import ExportConfig, export_onnx
+from ftl.finetune import FinetuneConfig, finetune
+from ftl.generate import OnnxChatModel
+from tiny import build_tiny_llama
+
+
+def test_merged_export_is_a_self_contained_genai_folder(tiny_export, tiny_finetune):
+    for name in ("genai_config.json", "model.onnx", "tokenizer.json", "tokenizer_config.json", "manifest.json"):
+        assert (tiny_export / name).is_file(), name
+    record = manifest.read(tiny_export)
+    assert record["status"] == "complete" and record["metrics"]["size_mb"] > 0
+    assert record["inputs"]["adapter"]["sha256"] == manifest.read(tiny_finetune)["outputs"]["adapter_sha256"]
+    assert record["prompt_format"] == manifest.read(tiny_finetune)["prompt_format"]
+    assert not list(tiny_export.glob("*.onnx_adapter"))  # merged: no runtime adapter input
+    assert not (tiny_export / ".olive-cache").exists() and not (tiny_export / "olive-output").exists()
+    workflow = json.loads((tiny_export / "olive_config.json").read_text())
+    assert list(workflow["passes"]) == ["merge", "builder"]
+
+
+def test_onnx_logits_follow_the_merged_pytorch_model(tiny_export, tiny_finetune):
+    import onnxruntime_genai as og
+
+    record = manifest.read(tiny_finetune)
+    torch_model = metrics.load_merged_torch(record["inputs"]["base_model"]["path"], tiny_finetune / "adapter")
+    ids = [5, 17, 42, 99, 7, 64, 3]
+    onnx = metrics.onnx_logits(og.Model(str(tiny_export)), ids)
+    reference = metrics.torch_logits(torch_model, ids)
+    assert onnx.shape == reference.shape
+    # int4 noise, but the same function: strongly correlated logits, mostly the same argmax.
+    assert np.corrcoef(onnx.ravel(), reference.ravel())[0, 1] > 0.9
+
+
+def test_keep_adapter_separate_exports_onnx_adapter_with_warning(tiny_finetune, tmp_path):
+    result = export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "sep", keep_adapter_separate=True))
+    assert result.adapter_file and result.adapter_file.suffix == ".onnx_adapter"
+    assert any("7x slower" in w for w in result.warnings)
+    model = OnnxChatModel(tmp_path / "sep")
+    assert model.adapters is not None
+    answer = model.ask("What is the capital of France?", max_new_tokens=5)
+    assert answer.new_tokens > 0
+
+
+def test_export_refuses_existing_output_without_force(tiny_finetune, tiny_export):
+    with pytest.raises(OutputExistsError, match="--force"):
+        export_onnx(ExportConfig(adapter=tiny_finetune, output=tiny_export, block_size=64))
+    assert manifest.read(tiny_export)["status"] == "complete"
+
+
+def test_save_config_only_writes_the_workflow(tiny_finetune, tmp_path):
+    result = export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "x"), save_config=tmp_path / "wf.json")
+    workflow = json.loads((tmp_path / "wf.json").read_text())
+    assert result.config_only and workflow["passes"]["builder"]["precision"] == "int4"
+    assert workflow["input_model"]["adapter_path"].endswith("adapter")
+    assert not (tmp_path / "x").exists()
+
+
+def test_adapter_from_another_base_model_is_refused(tiny_finetune, tmp_path):
+    other = build_tiny_llama(tmp_path / "other", seed=1)  # same shapes, other weights
+    with pytest.raises(AdapterMismatchError, match="trained on tiny-llama"):
+        export_onnx(ExportConfig(adapter=tiny_finetune, model=str(other), output=tmp_path / "x"))
+    narrow = build_tiny_llama(tmp_path / "narrow", hidden_size=32)
+    bare = tmp_path / "bare-adapter"  # a peft adapter with no ftl manifest: caught by its shapes
+    shutil.copytree(tiny_finetune / "adapter", bare)
+    with pytest.raises(AdapterMismatchError, match="hidden size 64"):
+        export_onnx(ExportConfig(adapter=bare, model=str(narrow), output=tmp_path / "y"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_bare_adapter_needs_a_base_model(tiny_finetune, tmp_path):
+    shutil.copytree(tiny_finetune / "adapter", tmp_path / "bare-adapter")
+    with pytest.raises(ConfigError, match="--model"):
+        export_onnx(ExportConfig(adapter=tmp_path / "bare-adapter", output=tmp_path / "x"))
+
+
+def test_olive_cache_never_lands_in_the_working_directory(tiny_export, isolated):
+    assert not (isolated / ".olive-cache").exists()
