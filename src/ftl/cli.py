@@ -259,7 +259,7 @@ def _print_speed(stats: dict) -> None:
 @cli.command("run")
 @click.argument("pipeline", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("overrides", nargs=-1)
-@click.option("--force", is_flag=True, help="Re-run every stage even if its inputs are unchanged.")
+@click.option("--force", is_flag=True, help="Replace the results of stages whose inputs changed.")
 @click.option("--dry-run", is_flag=True, help="Validate the pipeline and write each stage's Olive workflow only.")
 def run_pipeline(pipeline: Path, overrides: tuple[str, ...], force: bool, dry_run: bool) -> None:
     """Run a pipeline YAML (import → finetune → export → generate). key=value overrides, e.g. finetune.max_steps=5."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -21,6 +20,7 @@ def task_progress(description: str, total: int | None = None):
     else:
         columns += [TimeElapsedColumn()]
     columns.append(TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=console, transient=False, disable=not sys.stderr.isatty() and False) as progress:
+    # No spinners in logs and pipes: only a terminal gets live progress.
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task(description, total=total, info="")
         yield progress, task

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from rich.table import Table
 
 from ftl import manifest
-from ftl.errors import ConfigError, DataError
+from ftl.errors import ConfigError, DataError, OutputExistsError
 from ftl.progress import console, task_progress
 
 
@@ -97,15 +97,14 @@ def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> li
         reports.append(StageReport("import", "planned", 0.0, f"{spec.import_.source} → {model_dir}"))
     else:
         with task_progress(f"import {spec.import_.source}"):
-            imported = import_model(spec.import_.source, name=name, models_dir=spec.models_dir, force=force)
+            imported = _replacing(lambda f: import_model(spec.import_.source, name=name, models_dir=spec.models_dir,
+                                                         force=f), force)
         reports.append(StageReport("import", "skipped" if imported.skipped else "ran",
                                    time.perf_counter() - started, f"{imported.parameters / 1e6:.0f}M params",
                                    str(imported.path)))
 
-    ft_config = FinetuneConfig(**{"model": str(model_dir), "output": work / "finetune", **spec.finetune,
-                                  "force": force})
-    ex_config = ExportConfig(**{"adapter": work / "finetune", "output": work / "export", **spec.export,
-                                "force": force})
+    ft_config = FinetuneConfig(**{"model": str(model_dir), "output": work / "finetune", **spec.finetune})
+    ex_config = ExportConfig(**{"adapter": work / "finetune", "output": work / "export", **spec.export})
     if dry_run:
         from ftl.data import Fields, load_examples
 
@@ -123,14 +122,16 @@ def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> li
     from ftl.cli import run_with_progress
 
     started = time.perf_counter()
-    tuned = run_with_progress("finetune (Olive LoRA)", lambda cb: finetune(ft_config, on_progress=cb))
+    tuned = run_with_progress("finetune (Olive LoRA)", lambda cb: _replacing(
+        lambda f: finetune(ft_config.model_copy(update={"force": f or ft_config.force}), on_progress=cb), force))
     reports.append(StageReport("finetune", _status(tuned), time.perf_counter() - started,
                                f"{tuned.rows} rows, {tuned.tokens} tokens, {tuned.steps} steps, final loss "
                                f"{tuned.final_loss if tuned.final_loss is not None else '—'}", str(tuned.output)))
 
     started = time.perf_counter()
     with task_progress("export int4 ONNX (Olive)"):
-        exported = export_onnx(ex_config)
+        exported = _replacing(lambda f: export_onnx(ex_config.model_copy(update={"force": f or ex_config.force})),
+                              force)
     reports.append(StageReport("export", _status(exported), time.perf_counter() - started,
                                f"{exported.size_mb} MB", str(exported.output)))
 
@@ -138,6 +139,17 @@ def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> li
         reports.append(_generate(spec.generate, exported.output, work / "generate", force))
     _summary(spec, reports)
     return reports
+
+
+def _replacing(stage, force: bool):
+    """Run a stage; a finished stage with the same inputs skips itself. One whose inputs changed
+    is only replaced when ``ftl run --force`` was given, so no result is lost by accident."""
+    try:
+        return stage(False)
+    except OutputExistsError:
+        if not force:
+            raise
+        return stage(True)
 
 
 def _generate(stage: GenerateStage, export_dir: Path, out: Path, force: bool) -> StageReport:
