@@ -24,7 +24,7 @@ from ftl import manifest, metrics
 from ftl.chat import PromptFormat
 from ftl.generate import OnnxChatModel
 
-console = Console()
+console = Console(width=160)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "self-instruct"
 
 
@@ -144,7 +144,12 @@ def main() -> None:
                            add_special_tokens=False)["input_ids"] for r in ppl_rows]
     prompts = [fmt.conversation(r["Question"]) for r in ppl_rows[: args.prompts]]
 
-    console.print(f"[bold]hardware:[/] {manifest.hardware()}")
+    import torch
+
+    from ftl.generate import default_threads
+
+    console.print(f"[bold]hardware:[/] {manifest.hardware()}; threads: onnxruntime-genai {default_threads()}, "
+                  f"torch {torch.get_num_threads()}")
     console.print(f"base {base}, adapter {adapter.get('path')}, {len(prompts)} prompts × "
                   f"{args.max_new_tokens} new tokens (greedy), perplexity on {len(sequences)} held-out Q/A")
 

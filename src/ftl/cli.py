@@ -71,6 +71,71 @@ def models_list(models_dir: Path | None, as_json: bool) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# distill
+# ---------------------------------------------------------------------------------------------
+@cli.command()
+@click.option("--seeds", required=True, help="JSONL/CSV/text file of seed questions, or a datasets folder/name.")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Q/A JSONL (appended, resumable).")
+@click.option("--teacher", default="local", show_default=True,
+              help="openai (any OpenAI-compatible endpoint), azure, or local.")
+@click.option("--model", help="Teacher model / Azure deployment / local model folder.")
+@click.option("--base-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1. Key: $OPENAI_API_KEY.")
+@click.option("--endpoint", help="Azure OpenAI endpoint. Key: $AZURE_OPENAI_API_KEY, else Entra ID.")
+@click.option("--api-version", default="2024-10-21", show_default=True)
+@click.option("--question-field", help="Seed column with the question (default: guessed).")
+@click.option("--context-field", help="Seed column with context to add to the prompt.")
+@click.option("--reference-field", help="Seed column with a reference answer (kept as 'reference').")
+@click.option("--dataset-split", help="datasets split when --seeds is a dataset (default: train).")
+@click.option("--system-prompt")
+@click.option("--prompt-template", default="{question}", show_default=True, help="Placeholders {question}, {context}.")
+@click.option("--max-tokens", type=int, default=512, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--n", type=int, default=1, show_default=True, help="Answers per seed; the best is kept.")
+@click.option("--concurrency", type=int, default=8, show_default=True)
+@click.option("--rpm", type=int, help="Requests-per-minute budget.")
+@click.option("--tpm", type=int, help="Tokens-per-minute budget.")
+@click.option("--max-retries", type=int, default=5, show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--limit", type=int, help="Only the first N seeds.")
+@click.option("--split", "val_fraction", type=float, help="Also write <output>.train/.val.jsonl with this val fraction.")
+@click.option("--price-input", type=float, help="Price per 1M prompt tokens (cost estimate).")
+@click.option("--price-output", type=float, help="Price per 1M completion tokens.")
+@click.option("--retry-rejects", is_flag=True, help="Ask again for the seeds in <output>.rejects.jsonl.")
+@click.option("--json", "as_json", is_flag=True)
+def distill(as_json: bool, **options) -> None:
+    """A teacher answers seed questions into Q/A JSONL that ftl finetune takes as it is."""
+    from ftl.distill import DistillConfig
+    from ftl.distill import distill as run_distill
+
+    config = DistillConfig(**options)
+    with task_progress("distilling", total=None) as (progress, task):
+        def on_progress(result):
+            done = result.answered + sum(result.rejected.values())
+            progress.update(task, completed=done, info=f"{result.answered} ok, {sum(result.rejected.values())} "
+                            f"rejected, {result.completion_tokens} tokens, {sum(result.retries.values())} retries")
+        result = run_distill(config, on_progress=on_progress)
+    summary = {"answered": result.answered, "already_done": result.already_done, "rejected": dict(result.rejected),
+               "duplicates_exact": result.duplicates_exact, "duplicates_near": result.duplicates_near,
+               "retries": dict(result.retries), "prompt_tokens": result.prompt_tokens,
+               "completion_tokens": result.completion_tokens, "estimated_cost": result.cost,
+               "seconds": round(result.seconds, 2), "output": str(result.output), "rejects": str(result.rejects),
+               "split": result.split}
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    table = Table("answered", "already done", "rejected", "duplicates", "retries", "tokens (in/out)", "time",
+                  title="distill")
+    rejected = ", ".join(f"{k} {v}" for k, v in result.rejected.items()) or "0"
+    retries = ", ".join(f"{k} {v}" for k, v in result.retries.items()) or "0"
+    table.add_row(str(result.answered), str(result.already_done), rejected,
+                  f"{result.duplicates_exact} exact, {result.duplicates_near} near", retries,
+                  f"{result.prompt_tokens}/{result.completion_tokens}", f"{result.seconds:.1f}s")
+    console.print(table)
+    cost = f", estimated cost {result.cost:.4f}" if result.cost is not None else ""
+    console.print(f"[green]✓[/] {result.output} (rejects: {result.rejects}){cost}")
+
+
+# ---------------------------------------------------------------------------------------------
 # finetune
 # ---------------------------------------------------------------------------------------------
 @cli.command()
@@ -188,6 +253,7 @@ def _sampling(f):
     f = click.option("--system-prompt", help="Override the system prompt.")(f)
     f = click.option("--adapter", type=click.Path(exists=True, path_type=Path),
                      help="A separately exported .onnx_adapter file.")(f)
+    f = click.option("--threads", type=int, help="Intra-op threads (default: the cores available).")(f)
     return f
 
 
@@ -196,15 +262,16 @@ def _sampling(f):
 @click.argument("prompt")
 @_sampling
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming.")
-def generate(model_dir: Path, prompt: str, adapter, system_prompt, as_json: bool, **sampling) -> None:
+def generate(model_dir: Path, prompt: str, adapter, system_prompt, threads, as_json: bool, **sampling) -> None:
     """Answer PROMPT with an exported model, streaming tokens as they come."""
     from ftl.generate import OnnxChatModel
 
-    model = OnnxChatModel(model_dir, adapter=adapter, system_prompt=system_prompt)
+    model = OnnxChatModel(model_dir, adapter=adapter, system_prompt=system_prompt, threads=threads)
     messages = model.format.conversation(prompt)
     if as_json:
         result = model.generate(messages, **sampling)
-        click.echo(json.dumps(vars(result) | {"decode_tokens_per_s": result.decode_tokens_per_s}))
+        click.echo(json.dumps(vars(result) | {"decode_tokens_per_s": result.decode_tokens_per_s,
+                                              "threads": model.threads}))
         return
     stats: dict = {}
     for piece in model.stream(messages, stats=stats, **sampling):
@@ -216,11 +283,11 @@ def generate(model_dir: Path, prompt: str, adapter, system_prompt, as_json: bool
 @cli.command()
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @_sampling
-def chat(model_dir: Path, adapter, system_prompt, **sampling) -> None:
+def chat(model_dir: Path, adapter, system_prompt, threads, **sampling) -> None:
     """A multi-turn chat in the terminal. /reset clears the history, /exit or Ctrl-D quits."""
     from ftl.generate import OnnxChatModel
 
-    model = OnnxChatModel(model_dir, adapter=adapter, system_prompt=system_prompt)
+    model = OnnxChatModel(model_dir, adapter=adapter, system_prompt=system_prompt, threads=threads)
     history = model.format.conversation("")[:-1]
     console.print(f"[dim]chatting with {model_dir} — /reset, /exit[/]")
     while True:

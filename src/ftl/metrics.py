@@ -49,9 +49,9 @@ def torch_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def onnx_perplexity(folder: Path, sequences: list[list[int]]) -> float:
-    import onnxruntime_genai as og
+    from ftl.generate import load_og_model
 
-    model = og.Model(str(folder))
+    model, _ = load_og_model(folder)
     return perplexity([token_nll(onnx_logits(model, ids), ids) for ids in sequences])
 
 

@@ -7,6 +7,8 @@ the model was fine-tuned on.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +33,36 @@ class Generation:
         return (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else 0.0
 
 
+def default_threads() -> int:
+    """CPU cores this process may use (container limits included)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def load_og_model(folder: Path, threads: int | None = None):
+    """An ``onnxruntime_genai.Model`` with an explicit intra-op thread count.
+
+    Left unset, onnxruntime-genai decoded SmolLM2 int4 at ~100 tok/s on a 2-core machine here;
+    with the thread count set to the cores available, ~140 tok/s. A value already in
+    genai_config.json wins unless ``threads`` is given.
+    """
+    import onnxruntime_genai as og
+
+    config_path = Path(folder) / "genai_config.json"
+    session = json.loads(config_path.read_text()).get("model", {}).get("decoder", {}).get("session_options", {})
+    if threads is None and "intra_op_num_threads" in session:
+        return og.Model(str(folder)), session["intra_op_num_threads"]
+    threads = threads or default_threads()
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    return og.Model(config), threads
+
+
 class OnnxChatModel:
-    def __init__(self, folder: Path, adapter: Path | None = None, system_prompt: str | None = None):
+    def __init__(self, folder: Path, adapter: Path | None = None, system_prompt: str | None = None,
+                 threads: int | None = None):
         import onnxruntime_genai as og
 
         folder = Path(folder)
@@ -46,7 +76,7 @@ class OnnxChatModel:
         if system_prompt is not None:
             self.format = self.format.model_copy(update={"system_prompt": system_prompt})
         self._og = og
-        self.model = og.Model(str(folder))
+        self.model, self.threads = load_og_model(folder, threads)
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = None
         adapter = adapter or _bundled_adapter(folder, record)
@@ -102,8 +132,6 @@ class OnnxChatModel:
 
     def _stop_ids(self) -> set[int]:
         if not hasattr(self, "_stops"):
-            import json
-
             config = json.loads((self.folder / "genai_config.json").read_text())
             eos = config.get("model", {}).get("eos_token_id", [])
             self._stops = set(eos if isinstance(eos, list) else [eos])

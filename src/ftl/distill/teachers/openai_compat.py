@@ -1,0 +1,92 @@
+"""Any OpenAI-compatible endpoint (OpenAI, Azure AI Foundry, vLLM, llama.cpp server, ftl serve)."""
+
+from __future__ import annotations
+
+import os
+
+from ftl.distill.teachers.base import Choice, Completion, TeacherError, register
+from ftl.errors import ConfigError
+
+
+class OpenAICompatibleTeacher:
+    name = "openai"
+
+    def __init__(self, client, model: str):
+        self.client = client
+        self.model = model
+
+    async def complete(self, messages, *, max_tokens, temperature, n) -> Completion:
+        import openai
+
+        try:
+            response = await self.client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, n=n)
+        except openai.RateLimitError as exc:
+            raise TeacherError("rate_limit", "429 Too Many Requests", _retry_after(exc.response), 429) from None
+        except openai.APITimeoutError:
+            raise TeacherError("timeout", "request timed out") from None
+        except openai.APIConnectionError as exc:
+            raise TeacherError("connection", f"connection failed: {type(exc.__cause__ or exc).__name__}") from None
+        except openai.APIStatusError as exc:
+            raise _status_error(exc) from None
+        except (ValueError, TypeError, AttributeError) as exc:  # a body that is not a chat completion
+            raise TeacherError("bad_response", f"malformed response: {exc}"[:200]) from None
+        return _completion(response)
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+
+def _status_error(exc) -> TeacherError:
+    status = exc.status_code
+    if status in (401, 403):
+        return TeacherError("auth", f"{status}: the endpoint refused the credentials", status=status)
+    if status == 404:
+        return TeacherError("client", "404: no such model or deployment at this endpoint", status=status)
+    if status >= 500:
+        return TeacherError("server", f"{status} server error", _retry_after(exc.response), status)
+    return TeacherError("client", f"{status}: {str(exc.message)[:200]}", status=status)
+
+
+def _retry_after(response) -> float | None:
+    try:
+        value = response.headers.get("retry-after-ms")
+        if value:
+            return float(value) / 1000
+        value = response.headers.get("retry-after")
+        return float(value) if value else None
+    except (AttributeError, ValueError):
+        return None
+
+
+def _completion(response) -> Completion:
+    if not isinstance(getattr(response, "choices", None), list):
+        raise TeacherError("bad_response", "response has no choices list")
+    if not response.choices:
+        raise TeacherError("bad_response", "empty choice list")
+    choices = []
+    for choice in response.choices:
+        message = getattr(choice, "message", None)
+        text = getattr(message, "content", None)
+        if not isinstance(text, str):
+            raise TeacherError("bad_response", "choice without text content")
+        choices.append(Choice(text, getattr(choice, "finish_reason", None)))
+    usage = getattr(response, "usage", None)
+    return Completion(choices, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
+
+
+@register("openai")
+def create_openai(config) -> OpenAICompatibleTeacher:
+    import openai
+
+    key = os.environ.get("OPENAI_API_KEY")
+    if not key:
+        if not config.base_url:
+            raise ConfigError("no API key for the openai teacher", "OPENAI_API_KEY is not set",
+                              "export OPENAI_API_KEY, or give --base-url for a local server without auth")
+        key = "unused"  # local OpenAI-compatible servers usually ignore it
+    if not config.model:
+        raise ConfigError("the openai teacher needs a model name", "--model", "e.g. --model gpt-4o-mini")
+    # max_retries=0: ftl retries itself, so it can count retries, honour Retry-After and record rejects.
+    client = openai.AsyncOpenAI(api_key=key, base_url=config.base_url, max_retries=0, timeout=config.timeout)
+    return OpenAICompatibleTeacher(client, config.model)
