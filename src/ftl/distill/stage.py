@@ -211,9 +211,10 @@ def _accept(completion: Completion, seed: Seed, key: str, teacher, config) -> tu
 
 
 def _append(handle, row: dict) -> None:
+    # flush, not fsync: the line reaches the OS at once, so a killed process loses nothing; fsync
+    # (power loss) cost 130 ms a request on this disk at concurrency 16.
     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     handle.flush()
-    os.fsync(handle.fileno())
 
 
 def _read_keys(path: Path, repair: bool) -> set[str]:
