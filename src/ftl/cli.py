@@ -140,7 +140,8 @@ def distill(as_json: bool, **options) -> None:
 # ---------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--model", required=True, help="Base model folder, or a name under models/.")
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="Q/A JSONL or chat messages JSONL.")
+@click.option("--data", required=True, multiple=True, type=click.Path(path_type=Path),
+              help="Q/A JSONL or chat messages JSONL; repeat to train on several files.")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--question-field", default="Question", show_default=True)
 @click.option("--answer-field", default="Answer", show_default=True)
@@ -169,6 +170,7 @@ def finetune(save_config: Path | None, as_json: bool, target_modules: str | None
     from ftl.finetune import FinetuneConfig
     from ftl.finetune import finetune as run_finetune
 
+    options["data"] = list(options["data"]) if len(options["data"]) > 1 else options["data"][0]
     config = FinetuneConfig(**options, target_modules=target_modules.split(",") if target_modules else None)
     result = run_with_progress("fine-tuning", lambda cb: run_finetune(config, save_config=save_config,
                                                                         on_progress=cb))

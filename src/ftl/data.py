@@ -21,6 +21,7 @@ class Example:
     line: int
     row: dict
     messages: list[dict]
+    source: str = ""
 
 
 @dataclass
@@ -55,6 +56,8 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 def load_examples(path: Path, fields: Fields = Fields(), system_prompt: str | None = None) -> list[Example]:
     examples = [_to_example(path, number, row, fields, system_prompt) for number, row in read_jsonl(path)]
+    for example in examples:
+        example.source = str(path)
     return examples
 
 

@@ -10,7 +10,8 @@ from pydantic import BaseModel, Field, model_validator
 
 class FinetuneConfig(BaseModel):
     model: str = Field(description="Base model: a folder, or a name under models/ (e.g. smollm2-135m)")
-    data: Path = Field(description="Training data, JSONL with Question/Answer fields or chat messages")
+    data: Path | list[Path] = Field(description="Training data: JSONL with Question/Answer fields or chat "
+                                                "messages; several files are concatenated in order")
     output: Path = Field(description="Folder for the adapter, manifest and logs")
     question_field: str = "Question"
     answer_field: str = "Answer"
@@ -32,6 +33,10 @@ class FinetuneConfig(BaseModel):
     save_steps: int = Field(10, gt=0, description="Checkpoint interval, for resume after an interruption")
     seed: int = 42
     force: bool = False
+
+    @property
+    def data_files(self) -> list[Path]:
+        return list(self.data) if isinstance(self.data, list) else [self.data]
 
     @model_validator(mode="after")
     def _fields_differ(self):

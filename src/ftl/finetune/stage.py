@@ -66,19 +66,19 @@ def plan(config: FinetuneConfig) -> _Plan:
         _require_cuda()
     model_dir = resolve_model(config.model)
     fields = Fields(config.question_field, config.answer_field, config.messages_field)
-    examples = load_examples(config.data, fields, config.system_prompt)
+    examples = [e for path in config.data_files for e in load_examples(path, fields, config.system_prompt)]
     fmt = prompt_format_for(model_dir, text_template=config.text_template, question_field=config.question_field,
                             answer_field=config.answer_field, system_prompt=config.system_prompt)
     if fmt.kind == "text":
         for example in examples:
-            fmt.check_text_template(example.row, f"{config.data}:{example.line}")
+            fmt.check_text_template(example.row, f"{example.source}:{example.line}")
     token_counts = _count_tokens(model_dir, fmt, examples, config)
     per_step = config.batch_size * config.grad_accum
     steps = config.max_steps or max(1, math.ceil(math.ceil(len(examples) / per_step) * config.epochs))
     logging_steps = config.logging_steps or max(1, steps // 100)
     base = model_identity(model_dir)
     params = config.model_dump(mode="json", exclude={"force", "output"})
-    fingerprint = manifest.sha256_json({"base": base["sha256"], "data": manifest.sha256_file(config.data),
+    fingerprint = manifest.sha256_json({"base": base["sha256"], "data": [manifest.sha256_file(f) for f in config.data_files],
                                         "params": params, "format": fmt.model_dump()})
     return _Plan(model_dir, base, fmt, examples, token_counts, steps, logging_steps, fingerprint)
 
@@ -218,7 +218,7 @@ def _count_tokens(model_dir: Path, fmt: PromptFormat, examples: list[Example], c
     for example, count in zip(examples, counts):
         if count > config.max_seq_len:
             raise DataError(f"row has {count} tokens, more than --max-seq-len {config.max_seq_len}",
-                            f"{config.data}:{example.line}", "raise --max-seq-len or shorten the row; "
+                            f"{example.source}:{example.line}", "raise --max-seq-len or shorten the row; "
                             "ftl never truncates training rows silently")
     return counts
 
@@ -241,8 +241,8 @@ def _write_prepared(path: Path, p: _Plan) -> None:
 
 
 def _inputs(config: FinetuneConfig, p: _Plan) -> dict:
-    return {"base_model": p.base,
-            "data": {"path": str(Path(config.data).resolve()), "sha256": manifest.sha256_file(config.data)}}
+    data = [{"path": str(Path(f).resolve()), "sha256": manifest.sha256_file(f)} for f in config.data_files]
+    return {"base_model": p.base, "data": data[0] if len(data) == 1 else data}
 
 
 def _params(config: FinetuneConfig, p: _Plan) -> dict:

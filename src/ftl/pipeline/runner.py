@@ -41,6 +41,7 @@ class PipelineSpec(BaseModel):
     workdir: Path
     models_dir: Path = Path("models")
     import_: ImportStage = Field(default_factory=ImportStage, alias="import")
+    distill: dict[str, Any] | None = None
     finetune: dict[str, Any]
     export: dict[str, Any] = Field(default_factory=dict)
     generate: GenerateStage | None = None
@@ -103,15 +104,32 @@ def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> li
                                    time.perf_counter() - started, f"{imported.parameters / 1e6:.0f}M params",
                                    str(imported.path)))
 
-    ft_config = FinetuneConfig(**{"model": str(model_dir), "output": work / "finetune", **spec.finetune})
+    finetune_settings = dict(spec.finetune)
+    distill_config = None
+    if spec.distill is not None:
+        from ftl.distill import DistillConfig
+
+        # The distilled Q/A is trained on after the finetune stage's own data files.
+        distill_config = DistillConfig(**{"model": str(model_dir), "output": work / "distill" / "qa.jsonl",
+                                          **spec.distill})
+        own = finetune_settings.get("data", [])
+        finetune_settings["data"] = (own if isinstance(own, list) else [own]) + [distill_config.output]
+    ft_config = FinetuneConfig(**{"model": str(model_dir), "output": work / "finetune", **finetune_settings})
     ex_config = ExportConfig(**{"adapter": work / "finetune", "output": work / "export", **spec.export})
     if dry_run:
         from ftl.data import Fields, load_examples
 
-        rows = load_examples(ft_config.data, Fields(ft_config.question_field, ft_config.answer_field,
-                                                    ft_config.messages_field))
+        if distill_config:
+            from ftl.distill.seeds import load_seeds
+
+            seeds = load_seeds(distill_config)
+            reports.append(StageReport("distill", "planned", 0.0, f"{len(seeds)} seeds valid",
+                                       str(distill_config.output)))
+        fields = Fields(ft_config.question_field, ft_config.answer_field, ft_config.messages_field)
+        existing = [f for f in ft_config.data_files if Path(f).is_file()]
+        rows = [e for f in existing for e in load_examples(f, fields)]
         reports.append(StageReport("finetune", "planned", 0.0, f"{len(rows)} rows valid", str(ft_config.output)))
-        if (model_dir / "config.json").is_file():
+        if (model_dir / "config.json").is_file() and len(existing) == len(ft_config.data_files):
             finetune(ft_config, save_config=work / "finetune.olive_config.json")
             reports[-1].detail += f"; Olive workflow → {work / 'finetune.olive_config.json'}"
         reports.append(StageReport("export", "planned", 0.0, "MergeAdapterWeights → ModelBuilder int4",
@@ -121,6 +139,8 @@ def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> li
 
     from ftl.cli import run_with_progress
 
+    if distill_config:
+        reports.append(_distill(distill_config))
     started = time.perf_counter()
     tuned = run_with_progress("finetune (Olive LoRA)", lambda cb: _replacing(
         lambda f: finetune(ft_config.model_copy(update={"force": f or ft_config.force}), on_progress=cb), force))
@@ -139,6 +159,21 @@ def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> li
         reports.append(_generate(spec.generate, exported.output, work / "generate", force))
     _summary(spec, reports)
     return reports
+
+
+def _distill(config) -> StageReport:
+    """Distil is resumable by nature: answered seeds are skipped, so a re-run only asks for the rest."""
+    from ftl.distill import distill
+
+    started = time.perf_counter()
+    with task_progress(f"distill ({config.teacher} teacher)") as (progress, task):
+        result = distill(config, on_progress=lambda r: progress.update(task, info=f"{r.answered} answered"))
+    fresh = result.answered + sum(result.rejected.values())
+    status = "skipped" if fresh == 0 and result.already_done else ("resumed" if result.already_done else "ran")
+    rejected = sum(result.rejected.values())
+    return StageReport("distill", status, time.perf_counter() - started,
+                       f"{result.answered + result.already_done} Q/A, {rejected} rejected this run",
+                       str(result.output))
 
 
 def _replacing(stage, force: bool):

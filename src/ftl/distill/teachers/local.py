@@ -27,6 +27,9 @@ class LocalTeacher:
             self._run = self._run_onnx
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.folder)
             self._torch = AutoModelForCausalLM.from_pretrained(self.folder).eval()
