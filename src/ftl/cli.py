@@ -323,6 +323,46 @@ def _print_speed(stats: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# eval
+# ---------------------------------------------------------------------------------------------
+@cli.command("eval")
+@click.option("--model", "models", multiple=True, required=True,
+              help="onnx:PATH (export folder) or torch:PATH (HF folder, finetune folder or adapter); repeat.")
+@click.option("--data", required=True, help="Q/A JSONL with reference answers, or a datasets folder/name.")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Folder for every output file.")
+@click.option("--question-field", default="Question", show_default=True)
+@click.option("--answer-field", default="Answer", show_default=True, help="The reference answer.")
+@click.option("--limit", type=int, help="First N samples only.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--numeric/--no-numeric", default=None, help="GSM8K '#### n' check (default: when references have it).")
+@click.option("--no-memory", is_flag=True, help="Skip the peak-RSS probe (one child process per model).")
+@click.option("--compare", type=click.Path(exists=True, path_type=Path), help="An earlier metrics_summary.json.")
+@click.option("--force", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def eval_command(models, no_memory: bool, as_json: bool, **options) -> None:
+    """Compare models on perplexity, quantization damage (KL, top-1), ROUGE and latency."""
+    from ftl.eval import EvalConfig, evaluate
+    from ftl.eval.report import table_rows
+
+    config = EvalConfig(models=list(models), memory=not no_memory, **options)
+    with task_progress("evaluating", total=None) as (progress, task):
+        result = evaluate(config, on_progress=lambda i, n: progress.update(task, completed=i, total=n))
+    if as_json:
+        click.echo(json.dumps(result.summary))
+        return
+    header, rows = table_rows(result.summary)
+    keep = [0, 1, 3, 6, 7, 10, 12, 13, 14]  # a terminal-width subset; the report has every column
+    table = Table(*[header[i] for i in keep], title=f"eval — {result.summary['samples']} samples")
+    for row in rows:
+        table.add_row(*[row[i] for i in keep])
+    console.print(table)
+    for change in result.comparison:
+        console.print(f"  {change['model']} {change['metric']}: {change['before']:.4f} → {change['now']:.4f} "
+                      f"({change['change']:+.4f})")
+    console.print(f"[green]✓[/] {result.output}/report.html, report.md, metrics_summary.json, detailed_results.json")
+
+
+# ---------------------------------------------------------------------------------------------
 # pipelines
 # ---------------------------------------------------------------------------------------------
 @cli.command("run")

@@ -1,0 +1,156 @@
+"""The models ``ftl eval`` compares, behind one small interface: logits for token ids, and a
+timed greedy generation. ``onnx:PATH`` is an exported onnxruntime-genai folder; ``torch:PATH`` an
+HF folder, a finetune output folder, or a bare peft adapter folder (base found from the manifest
+or adapter_config.json)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ftl import manifest
+from ftl.chat import PromptFormat, prompt_format_for
+from ftl.errors import ConfigError, ModelNotFoundError
+
+
+@dataclass
+class Timed:
+    text: str
+    new_tokens: int
+    ttft_s: float
+    total_s: float
+
+
+class EvalModel:
+    label: str
+    kind: str
+    path: Path
+    format: PromptFormat
+    tokenizer_dir: Path
+    lineage: dict  # base sha256 + adapter sha256: which PyTorch model an ONNX export came from
+    threads: int
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def generate(self, messages: list[dict], max_new_tokens: int) -> Timed:
+        raise NotImplementedError
+
+    def size_mb(self) -> float:
+        raise NotImplementedError
+
+
+class OnnxEvalModel(EvalModel):
+    kind = "onnx"
+
+    def __init__(self, path: Path):
+        from ftl.generate import OnnxChatModel
+
+        if not (path / "genai_config.json").is_file():
+            raise ModelNotFoundError("not an onnxruntime-genai folder", str(path), "give an ftl export-onnx output")
+        self.path, self.label = path, f"onnx:{path}"
+        self.chat = OnnxChatModel(path)
+        self.format, self.tokenizer_dir, self.threads = self.chat.format, path, self.chat.threads
+        record = manifest.read(path) or {}
+        inputs = record.get("inputs", {})
+        self.lineage = {"base": inputs.get("base_model", {}).get("sha256"),
+                        "adapter": (inputs.get("adapter") or {}).get("sha256"),
+                        "base_path": inputs.get("base_model", {}).get("path"),
+                        "adapter_path": (inputs.get("adapter") or {}).get("path")}
+
+    def logits(self, ids):
+        from ftl.metrics import onnx_logits
+
+        return onnx_logits(self.chat.model, ids)
+
+    def generate(self, messages, max_new_tokens):
+        result = self.chat.generate(messages, max_new_tokens=max_new_tokens)
+        return Timed(result.text, result.new_tokens, result.ttft_s, result.total_s)
+
+    def size_mb(self):
+        return round(sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()) / 1e6, 1)
+
+
+class TorchEvalModel(EvalModel):
+    kind = "torch"
+
+    def __init__(self, path: Path):
+        import torch
+
+        from ftl.finetune.stage import adapter_dir_of
+        from ftl.metrics import load_merged_torch
+        from ftl.models import model_identity, resolve_model
+
+        self.path, self.label = path, f"torch:{path}"
+        record = manifest.read(path) or {}
+        adapter = None
+        if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+            base = path
+        else:
+            adapter = adapter_dir_of(path)
+            record = record or manifest.read(adapter.parent) or {}
+            base_path = record.get("inputs", {}).get("base_model", {}).get("path") or json.loads(
+                (adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base_path:
+                raise ConfigError("cannot tell the adapter's base model", str(path), "use a finetune output folder")
+            base = resolve_model(base_path)
+        self.model = load_merged_torch(base, adapter)
+        self.base = base
+        if record.get("prompt_format"):
+            self.format = PromptFormat(**record["prompt_format"])
+        else:
+            self.format = prompt_format_for(base)
+        from transformers import AutoTokenizer
+
+        self.tokenizer_dir = base
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.lineage = {"base": model_identity(base)["sha256"],
+                        "adapter": manifest.sha256_dir(adapter) if adapter else None}
+        self.threads = torch.get_num_threads()
+        self._size = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e6
+
+    def logits(self, ids):
+        from ftl.metrics import torch_logits
+
+        return torch_logits(self.model, ids)
+
+    def generate(self, messages, max_new_tokens):
+        import torch
+
+        ids = torch.tensor([self.tokenizer(self.format.render_prompt(messages), add_special_tokens=False)["input_ids"]])
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        out_ids = []
+        with torch.inference_mode():
+            started = time.perf_counter()
+            out = self.model(ids, use_cache=True)
+            token = int(out.logits[0, -1].argmax())
+            ttft = time.perf_counter() - started
+            past = out.past_key_values
+            while token not in stops and len(out_ids) < max_new_tokens:
+                out_ids.append(token)
+                if len(out_ids) == max_new_tokens:
+                    break
+                out = self.model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            total = time.perf_counter() - started
+        return Timed(self.tokenizer.decode(out_ids, skip_special_tokens=True), max(1, len(out_ids)), ttft, total)
+
+    def size_mb(self):
+        return round(self._size, 1)
+
+
+def load(spec: str) -> EvalModel:
+    kind, sep, path = spec.partition(":")
+    if not sep or kind not in ("onnx", "torch"):
+        raise ConfigError(f"model spec {spec!r} needs a kind", "--model", "use onnx:PATH or torch:PATH")
+    target = Path(path)
+    if not target.exists():
+        from ftl.models import resolve_model
+
+        target = resolve_model(path)
+    return OnnxEvalModel(target) if kind == "onnx" else TorchEvalModel(target)

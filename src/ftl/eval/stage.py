@@ -1,0 +1,298 @@
+"""The eval recipe: load the test set → load the models → score every sample with every model →
+latency and footprint → write detailed results, the summary, and a report people want to read.
+
+Perplexity comes from each model's own logits on identical token ids (when the tokenizers agree;
+otherwise NLL per byte is the comparable number). Quantization damage is the KL divergence and
+top-1 agreement of the next-token distributions of an ONNX model and its PyTorch source, on the
+answer positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from ftl import manifest
+from ftl.errors import ConfigError, DataError
+from ftl.eval.models import EvalModel, TorchEvalModel, load
+from ftl.metrics import token_nll
+
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+class EvalConfig(BaseModel):
+    models: list[str] = Field(min_length=1, description="onnx:PATH / torch:PATH, compared side by side")
+    data: str
+    output: Path
+    question_field: str = "Question"
+    answer_field: str = "Answer"
+    limit: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    numeric: bool | None = Field(None, description="GSM8K-style '#### n' check; default: on when references have it")
+    warmup: int = Field(1, ge=0)
+    memory: bool = Field(True, description="Measure peak RSS of each model in a child process")
+    compare: Path | None = None
+    force: bool = False
+
+
+@dataclass
+class EvalResult:
+    output: Path
+    summary: dict
+    comparison: list[dict] = field(default_factory=list)
+
+
+def load_test_set(config: EvalConfig) -> list[dict]:
+    path = Path(config.data)
+    if path.is_file():
+        from ftl.data import read_jsonl
+
+        raw = read_jsonl(path)
+        rows = [(f"{path}:{n}", r) for n, r in raw]
+    else:
+        try:
+            import datasets
+
+            data = datasets.load_dataset(config.data, split="test")
+        except Exception as exc:
+            raise DataError(f"cannot read the test set: {str(exc).splitlines()[0][:200]}", config.data,
+                            "give a JSONL file or a local dataset") from None
+        rows = [(f"{config.data}[{i}]", dict(r)) for i, r in enumerate(data)]
+    samples = []
+    for where, row in rows:
+        for name, option in ((config.question_field, "--question-field"), (config.answer_field, "--answer-field")):
+            if not isinstance(row.get(name), str) or not row[name].strip():
+                raise DataError(f"missing field {name!r} (the {'reference' if option == '--answer-field' else 'question'})",
+                                where, f"fields present: {', '.join(sorted(row))}; map it with {option}")
+        samples.append({"where": where, "question": row[config.question_field], "reference": row[config.answer_field]})
+        if config.limit and len(samples) >= config.limit:
+            break
+    if not samples:
+        raise DataError("the test set is empty", config.data, "add Q/A rows")
+    return samples
+
+
+def evaluate(config: EvalConfig, on_progress=None) -> EvalResult:
+    started = time.perf_counter()
+    samples = load_test_set(config)
+    out = Path(config.output)
+    manifest.prepare_output(out, force=config.force, stage="eval")
+    record = manifest.new("eval", inputs={"data": config.data, "models": config.models},
+                          params=config.model_dump(mode="json", exclude={"force"}), fingerprint="")
+    manifest.write(out, record)
+    models = [load(spec) for spec in config.models]
+    sources = _quantization_sources(models)
+    same_tokens = _tokenizers_agree(models)
+    numeric = config.numeric if config.numeric is not None else all("####" in s["reference"] for s in samples)
+
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for model in models:
+        for _ in range(config.warmup):  # warm-up runs are not timed
+            model.generate(model.format.conversation(samples[0]["question"]), min(16, config.max_new_tokens))
+    details = []
+    for index, sample in enumerate(samples):
+        entry = {"where": sample["where"], "question": sample["question"], "reference": sample["reference"],
+                 "models": {}}
+        logits_cache: dict[str, tuple[np.ndarray, int]] = {}
+        for model in models:
+            entry["models"][model.label] = _score(model, sample, scorer, config, numeric, logits_cache)
+        for onnx_label, source in sources.items():
+            onnx_logits, start = logits_cache[onnx_label]
+            ref_logits, _ = logits_cache.get(source.label) or _logits_for(source, sample)
+            entry["models"][onnx_label].update(_damage(onnx_logits, ref_logits, start))
+        details.append(entry)
+        if on_progress:
+            on_progress(index + 1, len(samples))
+
+    summary = _summarise(models, details, sources, same_tokens, numeric, config)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    comparison = _compare(summary, config.compare) if config.compare else []
+    _write_outputs(out, details, summary, comparison)
+    record.update(status="complete", metrics=summary["models"], timings={"seconds": summary["seconds"]})
+    manifest.write(out, record)
+    return EvalResult(out, summary, comparison)
+
+
+# -- per sample ------------------------------------------------------------------------------------
+def _ids(model: EvalModel, sample: dict) -> tuple[list[int], int]:
+    """Token ids of prompt + reference answer, and where the answer starts."""
+    tokenizer = _tokenizer(model)
+    messages = model.format.conversation(sample["question"], sample["reference"])
+    prompt = tokenizer(model.format.render_prompt(messages[:-1]), add_special_tokens=False)["input_ids"]
+    full = tokenizer(model.format.render_example(messages, {}), add_special_tokens=False)["input_ids"]
+    start = len(prompt)
+    while start > 1 and full[:start] != prompt[:start]:  # a merge across the boundary: back off
+        start -= 1
+    return full, max(1, start)
+
+
+def _logits_for(model: EvalModel, sample: dict) -> tuple[np.ndarray, int]:
+    ids, start = _ids(model, sample)
+    return model.logits(ids), start
+
+
+def _score(model: EvalModel, sample: dict, scorer, config: EvalConfig, numeric: bool, cache: dict) -> dict:
+    ids, start = _ids(model, sample)
+    logits = model.logits(ids)
+    cache[model.label] = (logits, start)
+    nll_answer, n_answer = token_nll(logits, ids, start)
+    nll_full, n_full = token_nll(logits, ids, 1)
+    timed = model.generate(model.format.conversation(sample["question"]), config.max_new_tokens)
+    rouge = scorer.score(sample["reference"], timed.text)
+    answer_bytes = max(1, len(sample["reference"].encode("utf-8")))
+    scores = {
+        "answer": timed.text, "nll_answer": nll_answer, "answer_tokens": n_answer, "nll_full": nll_full,
+        "full_tokens": n_full, "nll_per_byte": nll_answer / answer_bytes,
+        "rouge1": rouge["rouge1"].fmeasure, "rouge2": rouge["rouge2"].fmeasure, "rougeL": rouge["rougeL"].fmeasure,
+        "exact_match": float(timed.text.strip() == sample["reference"].strip()),
+        "ttft_s": timed.ttft_s, "latency_s": timed.total_s, "new_tokens": timed.new_tokens,
+        "decode_tokens_per_s": (timed.new_tokens - 1) / (timed.total_s - timed.ttft_s)
+        if timed.new_tokens > 1 and timed.total_s > timed.ttft_s else None,
+    }
+    if numeric:
+        scores["numeric_correct"] = float(_final_number(timed.text) == _final_number(sample["reference"]))
+    return scores
+
+
+def _damage(onnx: np.ndarray, reference: np.ndarray, start: int) -> dict:
+    """Mean KL(reference || onnx) and top-1 agreement over the positions that predict answer tokens."""
+    p_log = _log_softmax(reference[start - 1 : -1].astype(np.float64))
+    q_log = _log_softmax(onnx[start - 1 : -1].astype(np.float64))
+    kl = (np.exp(p_log) * (p_log - q_log)).sum(axis=-1)
+    agree = (p_log.argmax(-1) == q_log.argmax(-1))
+    return {"kl_sum": float(kl.sum()), "top1_agree": int(agree.sum()), "damage_positions": int(len(kl))}
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def _final_number(text: str) -> str | None:
+    if "####" in text:
+        text = text.split("####")[-1]
+    found = NUMBER.findall(text)
+    return found[-1].replace(",", "").rstrip(".") if found else None
+
+
+# -- models ------------------------------------------------------------------------------------------
+_TOKENIZERS: dict = {}
+
+
+def _tokenizer(model: EvalModel):
+    key = str(model.tokenizer_dir)
+    if key not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        _TOKENIZERS[key] = AutoTokenizer.from_pretrained(model.tokenizer_dir)
+    return _TOKENIZERS[key]
+
+
+def _tokenizers_agree(models: list[EvalModel]) -> bool:
+    vocabularies = {json.dumps(_tokenizer(m).get_vocab(), sort_keys=True) for m in models}
+    return len(vocabularies) == 1
+
+
+def _quantization_sources(models: list[EvalModel]) -> dict[str, EvalModel]:
+    """For each ONNX model, the PyTorch model it was exported from: one in the comparison if it
+    matches the export manifest's base and adapter hashes, else loaded from the manifest's paths."""
+    sources = {}
+    for model in models:
+        if model.kind != "onnx" or not model.lineage.get("base"):
+            continue
+        match = next((m for m in models if m.kind == "torch" and m.lineage["base"] == model.lineage["base"]
+                      and m.lineage["adapter"] == model.lineage["adapter"]), None)
+        if match is None:
+            source_path = Path(model.lineage["adapter_path"]).parent if model.lineage.get("adapter_path") else \
+                Path(model.lineage["base_path"])
+            match = TorchEvalModel(source_path)
+        sources[model.label] = match
+    return sources
+
+
+# -- summary -----------------------------------------------------------------------------------------
+def _percentiles(values: list[float]) -> dict:
+    ordered = sorted(values)
+
+    def pick(q):
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+    return {"mean": statistics.fmean(ordered), "p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99)}
+
+
+def _summarise(models, details, sources, same_tokens, numeric, config) -> dict:
+    summary = {"hardware": manifest.hardware(), "versions": manifest.versions(), "samples": len(details),
+               "data": config.data, "tokenizers_agree": same_tokens, "models": {}}
+    for model in models:
+        rows = [d["models"][model.label] for d in details]
+        answer_tokens = sum(r["answer_tokens"] for r in rows)
+        stats = {
+            "kind": model.kind, "threads": model.threads, "size_mb": model.size_mb(),
+            "perplexity_answer": math.exp(sum(r["nll_answer"] for r in rows) / answer_tokens) if same_tokens else None,
+            "perplexity_full": math.exp(sum(r["nll_full"] for r in rows) / sum(r["full_tokens"] for r in rows))
+            if same_tokens else None,
+            "nll_per_byte": statistics.fmean(r["nll_per_byte"] for r in rows),
+            **{k: statistics.fmean(r[k] for r in rows) for k in ("rouge1", "rouge2", "rougeL", "exact_match")},
+            "ttft_ms": {k: 1000 * v for k, v in _percentiles([r["ttft_s"] for r in rows]).items()},
+            "latency_ms": {k: 1000 * v for k, v in _percentiles([r["latency_s"] for r in rows]).items()},
+            "decode_tokens_per_s": statistics.fmean(r["decode_tokens_per_s"] for r in rows
+                                                    if r["decode_tokens_per_s"]) if any(
+                r["decode_tokens_per_s"] for r in rows) else None,
+        }
+        if numeric:
+            stats["numeric_accuracy"] = statistics.fmean(r["numeric_correct"] for r in rows)
+        if model.label in sources:
+            positions = sum(r["damage_positions"] for r in rows)
+            stats["quantization_source"] = sources[model.label].label
+            stats["kl_divergence"] = sum(r["kl_sum"] for r in rows) / positions
+            stats["top1_agreement"] = sum(r["top1_agree"] for r in rows) / positions
+        if config.memory:
+            stats["peak_rss_mb"] = _peak_rss(model.label)
+        summary["models"][model.label] = stats
+    return summary
+
+
+def _peak_rss(spec: str) -> float | None:
+    run = subprocess.run([sys.executable, "-m", "ftl.eval.probe", spec], capture_output=True, text=True)
+    try:
+        return round(json.loads(run.stdout.strip().splitlines()[-1])["peak_rss_mb"], 1)
+    except (IndexError, KeyError, json.JSONDecodeError):
+        return None
+
+
+def _compare(summary: dict, old_path: Path) -> list[dict]:
+    old_path = Path(old_path)
+    if not old_path.is_file():
+        raise ConfigError("nothing to compare with", str(old_path), "give an earlier metrics_summary.json")
+    old = json.loads(old_path.read_text()).get("models", {})
+    rows = []
+    for label, now in summary["models"].items():
+        before = old.get(label)
+        if not before:
+            continue
+        for key in ("perplexity_answer", "kl_divergence", "top1_agreement", "rougeL", "decode_tokens_per_s"):
+            if now.get(key) is not None and before.get(key) is not None:
+                rows.append({"model": label, "metric": key, "before": before[key], "now": now[key],
+                             "change": now[key] - before[key]})
+    return rows
+
+
+def _write_outputs(out: Path, details, summary, comparison) -> None:
+    from ftl.eval.report import write_report
+
+    (out / "detailed_results.json").write_text(json.dumps(
+        {"hardware": summary["hardware"], "versions": summary["versions"], "samples": details}, indent=2) + "\n")
+    (out / "metrics_summary.json").write_text(json.dumps({**summary, "comparison": comparison}, indent=2) + "\n")
+    write_report(out, summary, comparison)

@@ -1,0 +1,94 @@
+import json
+import math
+
+import pytest
+import torch
+
+from ftl.errors import DataError, OutputExistsError
+from ftl.eval import EvalConfig, evaluate
+from ftl.eval.stage import _final_number
+from conftest import QA, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_export, tiny_finetune, tiny_model, qa_file):
+    out = tmp_path_factory.mktemp("eval") / "e1"
+    result = evaluate(EvalConfig(models=[f"onnx:{tiny_export}", f"torch:{tiny_finetune}", f"torch:{tiny_model}"],
+                                 data=str(qa_file), output=out, max_new_tokens=6))
+    return result
+
+
+def test_perplexity_equals_exp_mean_cross_entropy_of_the_answer(evaluated, tiny_finetune, tiny_model):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftl.chat import prompt_format_for
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                      tiny_finetune / "adapter").merge_and_unload().eval()
+    fmt = prompt_format_for(tiny_model)
+    total, count = 0.0, 0
+    for row in QA:
+        messages = fmt.conversation(row["Question"], row["Answer"])
+        prompt = tokenizer(fmt.render_prompt(messages[:-1]), add_special_tokens=False)["input_ids"]
+        full = tokenizer(fmt.render_example(messages, {}), add_special_tokens=False)["input_ids"]
+        labels = torch.tensor([[-100] * len(prompt) + full[len(prompt):]])
+        with torch.no_grad():
+            loss = model(torch.tensor([full]), labels=labels).loss  # mean CE over the answer tokens
+        answer_tokens = len(full) - len(prompt)
+        total, count = total + loss.item() * answer_tokens, count + answer_tokens
+    expected = math.exp(total / count)
+    got = evaluated.summary["models"][f"torch:{tiny_finetune}"]["perplexity_answer"]
+    assert got == pytest.approx(expected, rel=1e-4)
+
+
+def test_onnx_is_compared_with_its_pytorch_source(evaluated, tiny_export, tiny_finetune):
+    onnx = evaluated.summary["models"][f"onnx:{tiny_export}"]
+    assert onnx["quantization_source"] == f"torch:{tiny_finetune}"
+    assert onnx["kl_divergence"] > 0 and 0 <= onnx["top1_agreement"] <= 1
+    assert onnx["threads"] >= 1 and onnx["ttft_ms"]["p50"] <= onnx["latency_ms"]["p50"]
+
+
+def test_every_output_file_is_written_and_parses(evaluated):
+    out = evaluated.output
+    details = json.loads((out / "detailed_results.json").read_text())
+    summary = json.loads((out / "metrics_summary.json").read_text())
+    assert len(details["samples"]) == len(QA) and details["hardware"]
+    assert summary["versions"]["onnxruntime-genai"] and len(summary["models"]) == 3
+    assert (out / "report.md").read_text().startswith("# ftl eval")
+    assert "<table>" in (out / "report.html").read_text()
+    for png in ("latency.png", "tokens_per_s.png", "ppl_delta.png", "rouge_delta.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rouge_of_identical_strings_is_one():
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = scorer.score("The capital of France is Paris.", "The capital of France is Paris.")
+    assert all(s.fmeasure == 1.0 for s in scores.values())
+
+
+def test_compare_with_an_earlier_run(evaluated, tiny_finetune, qa_file, tmp_path):
+    result = evaluate(EvalConfig(models=[f"torch:{tiny_finetune}"], data=str(qa_file), output=tmp_path / "e2",
+                                 max_new_tokens=4, memory=False,
+                                 compare=evaluated.output / "metrics_summary.json"))
+    ppl = next(c for c in result.comparison if c["metric"] == "perplexity_answer")
+    assert ppl["change"] == pytest.approx(0, abs=1e-6)
+
+
+def test_bad_inputs(tmp_path, tiny_model, evaluated, qa_file):
+    empty = write_jsonl(tmp_path / "empty.jsonl", [""])
+    with pytest.raises(DataError, match="empty"):
+        evaluate(EvalConfig(models=[f"torch:{tiny_model}"], data=str(empty), output=tmp_path / "x"))
+    no_ref = write_jsonl(tmp_path / "noref.jsonl", [{"Question": "q?"}])
+    with pytest.raises(DataError, match="reference"):
+        evaluate(EvalConfig(models=[f"torch:{tiny_model}"], data=str(no_ref), output=tmp_path / "x"))
+    with pytest.raises(OutputExistsError, match="--force"):
+        evaluate(EvalConfig(models=[f"torch:{tiny_model}"], data=str(qa_file), output=evaluated.output))
+
+
+def test_gsm8k_final_number():
+    assert _final_number("so she has 10 + 2 = 12 apples.\n#### 12") == "12"
+    assert _final_number("The answer is 1,024.") == "1024"
