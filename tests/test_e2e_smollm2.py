@@ -8,6 +8,7 @@ import json
 import pytest
 
 from ftl import manifest, metrics
+from ftl.eval import EvalConfig, evaluate
 from ftl.export import ExportConfig, export_onnx
 from ftl.finetune import FinetuneConfig, finetune
 from ftl.generate import OnnxChatModel
@@ -56,3 +57,14 @@ def test_smollm2_finetune_export_generate(smollm2, tmp_path):
     print(f"perplexity on {len(sequences)} held-out Q/A: torch fp32 merged {torch_ppl:.3f}, "
           f"ONNX int4 {onnx_ppl:.3f}, ratio {onnx_ppl / torch_ppl:.3f}")
     assert onnx_ppl == pytest.approx(torch_ppl, rel=0.15)
+
+    # ftl eval on the same pair: quantization moves the distributions, but rarely the top choice.
+    result = evaluate(EvalConfig(models=[f"onnx:{exported.output}", f"torch:{tmp_path / 'ft'}"],
+                                 data=str(REPO / "data/quickstart/test.jsonl"), limit=6, max_new_tokens=16,
+                                 output=tmp_path / "eval"))
+    onnx = result.summary["models"][f"onnx:{exported.output}"]
+    assert onnx["quantization_source"] == f"torch:{tmp_path / 'ft'}"
+    assert onnx["kl_divergence"] > 0 and onnx["top1_agreement"] > 0.8
+    for name in ("detailed_results.json", "metrics_summary.json"):
+        json.loads((tmp_path / "eval" / name).read_text())
+    assert (tmp_path / "eval" / "report.html").is_file() and (tmp_path / "eval" / "report.md").is_file()

@@ -92,3 +92,14 @@ def test_bad_inputs(tmp_path, tiny_model, evaluated, qa_file):
 def test_gsm8k_final_number():
     assert _final_number("so she has 10 + 2 = 12 apples.\n#### 12") == "12"
     assert _final_number("The answer is 1,024.") == "1024"
+
+
+def test_different_tokenizers_compare_per_byte(tmp_path, tiny_model, qa_file):
+    from tiny import build_tiny_llama
+
+    other = build_tiny_llama(tmp_path / "other-vocab", vocab_size=400)
+    result = evaluate(EvalConfig(models=[f"torch:{tiny_model}", f"torch:{other}"], data=str(qa_file),
+                                 output=tmp_path / "e", max_new_tokens=2, memory=False, limit=2))
+    assert result.summary["tokenizers_agree"] is False
+    assert all(m["perplexity_answer"] is None and m["nll_per_byte"] > 0 for m in result.summary["models"].values())
+    assert "different tokenizers" in (tmp_path / "e" / "report.md").read_text()

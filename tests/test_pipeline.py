@@ -18,6 +18,7 @@ def _pipeline(tmp_path, tiny_model, qa_file):
             "finetune": {"data": str(qa_file), "max_steps": 2, "batch_size": 2, "save_steps": 1},
             "export": {"int4_algo": "default"},
             "generate": {"questions": ["What is 2 + 3?", "Name a colour."], "max_new_tokens": 4},
+            "eval": {"data": str(qa_file), "max_new_tokens": 4, "memory": False, "limit": 3},
         },
     }
     path = tmp_path / "tiny.yaml"
@@ -29,22 +30,25 @@ def test_pipeline_chains_stages_and_skips_unchanged_ones(tmp_path, tiny_model, q
     path = _pipeline(tmp_path, tiny_model, qa_file)
     first = run(load_pipeline(path))
     assert [(r.stage, r.status) for r in first] == [("import", "ran"), ("finetune", "ran"), ("export", "ran"),
-                                                     ("generate", "ran")]
+                                                     ("generate", "ran"), ("eval", "ran")]
+    summary = json.loads((tmp_path / "runs" / "tiny" / "eval" / "metrics_summary.json").read_text())
+    onnx = next(v for k, v in summary["models"].items() if k.startswith("onnx:"))
+    assert onnx["quantization_source"].endswith("finetune") and onnx["top1_agreement"] > 0
     work = tmp_path / "runs" / "tiny"
     answers = [json.loads(line) for line in (work / "generate" / "answers.jsonl").read_text().splitlines()]
     assert [a["Question"] for a in answers] == ["What is 2 + 3?", "Name a colour."]
     assert manifest.read(work / "export")["inputs"]["adapter"]["path"] == str((work / "finetune" / "adapter").resolve())
 
     second = run(load_pipeline(path))
-    assert [r.status for r in second] == ["skipped"] * 4
+    assert [r.status for r in second] == ["skipped"] * 5
     summary = json.loads((work / "pipeline_summary.json").read_text())
-    assert [s["status"] for s in summary] == ["skipped"] * 4
+    assert [s["status"] for s in summary] == ["skipped"] * 5
 
     with pytest.raises(OutputExistsError, match="--force"):
         run(load_pipeline(path, ["finetune.max_steps=3"]))
     assert manifest.read(work / "finetune")["metrics"]["steps"] == 2
     changed = run(load_pipeline(path, ["finetune.max_steps=3"]), force=True)
-    assert [r.status for r in changed] == ["skipped", "ran", "ran", "ran"]
+    assert [r.status for r in changed] == ["skipped", "ran", "ran", "ran", "ran"]
     assert manifest.read(work / "finetune")["metrics"]["steps"] == 3
 
 

@@ -17,7 +17,8 @@ CORPUS = [
 ]
 
 
-def build_tiny_llama(folder: Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_llama(folder: Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0,
+                     vocab_size: int = 512) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -27,7 +28,7 @@ def build_tiny_llama(folder: Path, *, hidden_size: int = 64, layers: int = 2, se
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(CORPUS * 4, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",

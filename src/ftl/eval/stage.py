@@ -82,13 +82,13 @@ def load_test_set(config: EvalConfig) -> list[dict]:
     return samples
 
 
-def evaluate(config: EvalConfig, on_progress=None) -> EvalResult:
+def evaluate(config: EvalConfig, on_progress=None, fingerprint: str = "") -> EvalResult:
     started = time.perf_counter()
     samples = load_test_set(config)
     out = Path(config.output)
     manifest.prepare_output(out, force=config.force, stage="eval")
     record = manifest.new("eval", inputs={"data": config.data, "models": config.models},
-                          params=config.model_dump(mode="json", exclude={"force"}), fingerprint="")
+                          params=config.model_dump(mode="json", exclude={"force"}), fingerprint=fingerprint)
     manifest.write(out, record)
     models = [load(spec) for spec in config.models]
     sources = _quantization_sources(models)

@@ -45,6 +45,7 @@ class PipelineSpec(BaseModel):
     finetune: dict[str, Any]
     export: dict[str, Any] = Field(default_factory=dict)
     generate: GenerateStage | None = None
+    eval: dict[str, Any] | None = None
 
 
 @dataclass
@@ -157,6 +158,9 @@ def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> li
 
     if spec.generate:
         reports.append(_generate(spec.generate, exported.output, work / "generate", force))
+    if spec.eval is not None:
+        reports.append(_eval(spec.eval, {"export": f"onnx:{exported.output}", "finetune": f"torch:{tuned.output}",
+                                         "base": f"torch:{model_dir}"}, work / "eval", force))
     _summary(spec, reports)
     return reports
 
@@ -174,6 +178,36 @@ def _distill(config) -> StageReport:
     return StageReport("distill", status, time.perf_counter() - started,
                        f"{result.answered + result.already_done} Q/A, {rejected} rejected this run",
                        str(result.output))
+
+
+def _eval(settings: dict, named: dict[str, str], out: Path, force: bool) -> StageReport:
+    """Compare the stages' own models (by default export vs finetune vs base) on held-out data."""
+    from ftl.eval import EvalConfig, evaluate
+
+    started = time.perf_counter()
+    settings = dict(settings)
+    models = [named.get(m, m) for m in settings.pop("models", ["export", "finetune", "base"])]
+    config = EvalConfig(models=models, output=out, **settings)
+    lineage = [manifest.read(Path(m.split(":", 1)[1])) or {} for m in models]
+    fingerprint = manifest.sha256_json({"models": [r.get("fingerprint") or r.get("outputs") for r in lineage],
+                                        "settings": config.model_dump(mode="json", exclude={"force"})})
+    if manifest.is_complete(out, fingerprint):
+        result_status, summary = "skipped", json.loads((out / "metrics_summary.json").read_text())
+    else:
+        with task_progress("eval", total=None) as (progress, task):
+            result = _replacing(lambda f: evaluate(config.model_copy(update={"force": f}), fingerprint=fingerprint,
+                                                   on_progress=lambda i, n: progress.update(task, completed=i,
+                                                                                            total=n)), force)
+        result_status, summary = "ran", result.summary
+    onnx = next((m for m in summary["models"].values() if m.get("quantization_source")), None)
+    detail = f"{summary['samples']} samples"
+    if onnx:
+        source = summary["models"].get(onnx["quantization_source"])
+        ratio = onnx["perplexity_answer"] / source["perplexity_answer"] if source and source.get(
+            "perplexity_answer") else None
+        detail += f", int4 ppl × {ratio:.3f}" if ratio else ""
+        detail += f", top-1 {onnx['top1_agreement']:.3f}"
+    return StageReport("eval", result_status, time.perf_counter() - started, detail, str(out / "report.html"))
 
 
 def _replacing(stage, force: bool):
