@@ -20,6 +20,8 @@ def task_progress(description: str, total: int | None = None):
     else:
         columns += [TimeElapsedColumn()]
     columns.append(TextColumn("{task.fields[info]}"))
+    if not console.is_terminal:
+        console.print(f"→ {description}", highlight=False)  # logs get one line per step instead of a bar
     # No spinners in logs and pipes: only a terminal gets live progress.
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task(description, total=total, info="")
