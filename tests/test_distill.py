@@ -100,6 +100,20 @@ def test_wrong_key_fails_fast_without_printing_it(tmp_path, monkeypatch):
     assert out.returncode == 1 and "sk-wrong" not in out.stderr + out.stdout
 
 
+def test_azure_teacher_sends_deployment_path_and_key_header(tmp_path, monkeypatch):
+    monkeypatch.setenv("AZURE_OPENAI_API_KEY", "azure-key-42")
+    seeds = write_jsonl(tmp_path / "s.jsonl", [{"question": "Hello?"}])
+    with TeacherServer() as server:
+        endpoint = server.url.removesuffix("/v1")
+        result = distill(DistillConfig(seeds=str(seeds), output="az.jsonl", teacher="azure", endpoint=endpoint,
+                                       model="my-deployment", api_version="2024-10-21"))
+    assert result.answered == 1
+    assert server.paths[0].startswith("/openai/deployments/my-deployment/chat/completions?api-version=2024-10-21")
+    assert server.auth_headers[0] == "azure-key-42"
+    manifest_text = (tmp_path / "az.manifest.json").read_text()
+    assert "azure-key-42" not in manifest_text and "my-deployment" in manifest_text
+
+
 def test_seed_errors_name_the_line(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "ok"}, "{nope"])
     with pytest.raises(DataError, match=f"{bad}:2"):
@@ -150,3 +164,15 @@ def test_kill_9_then_rerun_answers_every_seed_exactly_once(tmp_path):
     answered = [r["Question"] for r in rows(out)]
     assert sorted(answered) == sorted(f"Question number {i}" for i in range(60))
     assert len(answered) == len(set(answered)) == 60
+
+
+def test_azure_without_key_needs_entra_id(tmp_path, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("azure.identity") if importlib.util.find_spec("azure") else None:
+        pytest.skip("azure-identity is installed: DefaultAzureCredential would be used")
+    monkeypatch.delenv("AZURE_OPENAI_API_KEY", raising=False)
+    seeds = write_jsonl(tmp_path / "s.jsonl", [{"question": "Hello?"}])
+    with pytest.raises(ConfigError, match="azure-identity"):
+        distill(DistillConfig(seeds=str(seeds), output="az.jsonl", teacher="azure",
+                              endpoint="https://example.openai.azure.com", model="d"))

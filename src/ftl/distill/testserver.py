@@ -35,6 +35,8 @@ class TeacherServer:
         self.rate_429, self.rate_500 = rate_429, rate_500
         self.random = random.Random(seed)
         self.attempts: Counter = Counter()
+        self.paths: list[str] = []
+        self.auth_headers: list[str | None] = []
         self.statuses: Counter = Counter()
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), self._handler())
@@ -92,9 +94,12 @@ class TeacherServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with server.lock:
+                    server.paths.append(self.path)
+                    server.auth_headers.append(self.headers.get("api-key") or self.headers.get("Authorization"))
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     return self._send(401, b'{"error": {"message": "Incorrect API key provided"}}')
-                if not self.path.endswith("/chat/completions"):
+                if not self.path.split("?", 1)[0].endswith("/chat/completions"):
                     return self._send(404, b'{"error": {"message": "not found"}}')
                 messages = body.get("messages", [])
                 question = messages[-1]["content"] if messages else ""
