@@ -15,8 +15,8 @@ def test_malformed_data_is_one_line_error(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "bad.jsonl", [{"Question": "a", "Answer": "b"}, "{oops"])
     out = ftl("finetune", "--model", tiny_model, "--data", data, "--output", tmp_path / "ft")
     assert out.returncode == 1
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert lines[0].startswith("error: malformed JSON") and f"{data}:2" in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: malformed JSON") and f"{data}:2" in errors[0]
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "ft").exists()
 

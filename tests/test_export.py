@@ -7,7 +7,6 @@ import pytest
 from ftl import manifest, metrics
 from ftl.errors import AdapterMismatchError, ConfigError, OutputExistsError
 from ftl.export import ExportConfig, export_onnx
-from ftl.finetune import FinetuneConfig, finetune
 from ftl.generate import OnnxChatModel
 from tiny import build_tiny_llama
 

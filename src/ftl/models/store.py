@@ -56,7 +56,7 @@ def builtin_gguf(name: str) -> Path:
                                  f"run: {entry.install}")
     path = Path(spec.submodule_search_locations[0]) / entry.filename
     if not path.is_file():
-        raise ModelNotFoundError(f"built-in model file missing", str(path), f"reinstall: {entry.install}")
+        raise ModelNotFoundError("built-in model file missing", str(path), f"reinstall: {entry.install}")
     return path
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from rich.table import Table
 
 from ftl import manifest
@@ -74,8 +74,8 @@ def load_pipeline(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> Pi
         _apply_override(flat, item)
     try:
         return PipelineSpec.model_validate(flat)
-    except Exception as exc:  # pydantic ValidationError → one line naming the key
-        errors = getattr(exc, "errors", lambda: [{"loc": (), "msg": str(exc)}])()
+    except ValidationError as exc:  # → one line naming the key
+        errors = exc.errors()
         loc = ".".join(str(p) for p in errors[0]["loc"])
         raise ConfigError(f"invalid pipeline setting: {errors[0]['msg']}", f"{path}: {loc}",
                           "see pipelines/quickstart.yaml for the expected keys") from None
