@@ -52,6 +52,18 @@ def test_pipeline_chains_stages_and_skips_unchanged_ones(tmp_path, tiny_model, q
     assert manifest.read(work / "finetune")["metrics"]["steps"] == 3
 
 
+def test_dry_run_validates_and_writes_the_olive_workflow_only(tmp_path, tiny_model, qa_file):
+    from ftl.models import import_model
+
+    path = _pipeline(tmp_path, tiny_model, qa_file)
+    import_model(str(tiny_model), name="tiny")
+    reports = run(load_pipeline(path), dry_run=True)
+    work = tmp_path / "runs" / "tiny"
+    assert [r.status for r in reports] == ["planned"] * 3
+    assert json.loads((work / "finetune.olive_config.json").read_text())["passes"]["lora"]["type"] == "LoRA"
+    assert not (work / "finetune").exists() and not (work / "pipeline_summary.json").exists()
+
+
 def test_override_must_be_key_value(tmp_path, tiny_model, qa_file):
     with pytest.raises(ConfigError, match="key=value"):
         load_pipeline(_pipeline(tmp_path, tiny_model, qa_file), ["finetune.max_steps"])

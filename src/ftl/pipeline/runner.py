@@ -39,7 +39,7 @@ class GenerateStage(BaseModel):
 class PipelineSpec(BaseModel):
     name: str
     workdir: Path
-    models_dir: Path = Path("models")
+    models_dir: Path | None = None  # default: ./models or $FTL_MODELS_DIR, as for ftl models
     import_: ImportStage = Field(default_factory=ImportStage, alias="import")
     distill: dict[str, Any] | None = None
     finetune: dict[str, Any]
@@ -69,7 +69,7 @@ def load_pipeline(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> Pi
         raise ConfigError("a pipeline must be a YAML mapping", str(path), "see pipelines/quickstart.yaml")
     stages = raw.get("stages", {})
     flat = {"name": raw.get("name", Path(path).stem), "workdir": raw.get("workdir", f"runs/{Path(path).stem}"),
-            "models_dir": raw.get("models_dir", "models"), **stages}
+            "models_dir": raw.get("models_dir"), **stages}
     for item in overrides:
         _apply_override(flat, item)
     try:
@@ -93,13 +93,16 @@ def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> li
     console.rule(f"[bold]pipeline {spec.name}[/] → {work}")
 
     started = time.perf_counter()
+    from ftl.models import default_models_dir
+
+    models_dir = spec.models_dir or default_models_dir()
     name = spec.import_.name or spec.import_.source
-    model_dir = spec.models_dir / name
+    model_dir = models_dir / name
     if dry_run:
         reports.append(StageReport("import", "planned", 0.0, f"{spec.import_.source} → {model_dir}"))
     else:
         with task_progress(f"import {spec.import_.source}"):
-            imported = _replacing(lambda f: import_model(spec.import_.source, name=name, models_dir=spec.models_dir,
+            imported = _replacing(lambda f: import_model(spec.import_.source, name=name, models_dir=models_dir,
                                                          force=f), force)
         reports.append(StageReport("import", "skipped" if imported.skipped else "ran",
                                    time.perf_counter() - started, f"{imported.parameters / 1e6:.0f}M params",
@@ -135,7 +138,7 @@ def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> li
             reports[-1].detail += f"; Olive workflow → {work / 'finetune.olive_config.json'}"
         reports.append(StageReport("export", "planned", 0.0, "MergeAdapterWeights → ModelBuilder int4",
                                    str(ex_config.output)))
-        _summary(spec, reports)
+        _summary(spec, reports, write=False)  # a plan must not replace the last real run's summary
         return reports
 
     from ftl.cli import run_with_progress
@@ -295,11 +298,12 @@ def _apply_override(flat: dict, item: str) -> None:
     target[parts[-1]] = yaml.safe_load(value)
 
 
-def _summary(spec: PipelineSpec, reports: list[StageReport]) -> None:
+def _summary(spec: PipelineSpec, reports: list[StageReport], write: bool = True) -> None:
     table = Table("stage", "status", "time", "result", "output", title=f"pipeline {spec.name}")
     for r in reports:
         colour = {"ran": "green", "resumed": "green", "skipped": "cyan"}.get(r.status, "white")
         table.add_row(r.stage, f"[{colour}]{r.status}[/]", f"{r.seconds:.1f}s", r.detail, r.output)
     console.print(table)
-    summary = [vars(r) for r in reports]
-    (Path(spec.workdir) / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if write:
+        summary = [vars(r) for r in reports]
+        (Path(spec.workdir) / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
