@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from ftl.errors import FtlError
-from ftl.progress import console, task_progress
+from ftl.progress import console, run_with_progress, task_progress
 
 _DEBUG = {"on": False}
 
@@ -177,14 +177,6 @@ def finetune(save_config: Path | None, as_json: bool, target_modules: str | None
     print_finetune(result, as_json)
 
 
-def run_with_progress(label: str, work):
-    with task_progress(label, total=None) as (progress, task):
-        def on_progress(step, total, loss):
-            progress.update(task, total=total, completed=step if step is not None else None,
-                            info=f"loss {loss:.4f}" if loss is not None else "")
-        return work(on_progress)
-
-
 def print_finetune(result, as_json: bool = False) -> None:
     if result.config_only:
         console.print(f"[green]✓[/] Olive workflow written ({result.rows} rows, {result.tokens} tokens, "
@@ -315,9 +307,10 @@ def chat(model_dir: Path, adapter, system_prompt, threads, **sampling) -> None:
 
 
 def _print_speed(stats: dict) -> None:
+    from ftl.generate import Generation
+
     if stats.get("new_tokens"):
-        decode = stats["total_s"] - stats["ttft_s"]
-        rate = (stats["new_tokens"] - 1) / decode if decode > 0 and stats["new_tokens"] > 1 else 0
+        rate = Generation(text="", **stats).decode_tokens_per_s
         console.print(f"[dim]{stats['new_tokens']} tokens, first after {stats['ttft_s'] * 1000:.0f} ms, "
                       f"{rate:.0f} tok/s[/]")
 

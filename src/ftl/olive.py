@@ -29,12 +29,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "olive_configs"
 
 
 def load_template(name: str) -> dict:
-    """A workflow template from ``olive_configs/`` (the repo's copy, or the packaged one)."""
-    for base in (CONFIG_DIR, Path(__file__).parent / "olive_configs"):
-        path = base / name
-        if path.is_file():
-            return json.loads(path.read_text())
-    raise FileNotFoundError(f"Olive workflow template {name} not found in {CONFIG_DIR}")
+    """A workflow template from the repo's ``olive_configs/``, which ftl fills in."""
+    return json.loads((CONFIG_DIR / name).read_text())
 
 
 def isolated_env(work_dir: Path) -> dict[str, str]:

@@ -26,3 +26,12 @@ def task_progress(description: str, total: int | None = None):
     with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as progress:
         task = progress.add_task(description, total=total, info="")
         yield progress, task
+
+
+def run_with_progress(label: str, work):
+    """Run ``work(on_progress)`` under a bar fed with (step, total, loss) updates."""
+    with task_progress(label, total=None) as (progress, task):
+        def on_progress(step, total, loss):
+            progress.update(task, total=total, completed=step if step is not None else None,
+                            info=f"loss {loss:.4f}" if loss is not None else "")
+        return work(on_progress)

@@ -57,6 +57,7 @@ class _Plan:
     token_counts: list[int]
     steps: int
     logging_steps: int
+    data_hashes: list[str]
     fingerprint: str
 
 
@@ -78,9 +79,10 @@ def plan(config: FinetuneConfig) -> _Plan:
     logging_steps = config.logging_steps or max(1, steps // 100)
     base = model_identity(model_dir)
     params = config.model_dump(mode="json", exclude={"force", "output"})
-    fingerprint = manifest.sha256_json({"base": base["sha256"], "data": [manifest.sha256_file(f) for f in config.data_files],
+    data_hashes = [manifest.sha256_file(f) for f in config.data_files]
+    fingerprint = manifest.sha256_json({"base": base["sha256"], "data": data_hashes,
                                         "params": params, "format": fmt.model_dump()})
-    return _Plan(model_dir, base, fmt, examples, token_counts, steps, logging_steps, fingerprint)
+    return _Plan(model_dir, base, fmt, examples, token_counts, steps, logging_steps, data_hashes, fingerprint)
 
 
 def build_olive_config(config: FinetuneConfig, p: _Plan, out: Path) -> dict:
@@ -241,7 +243,7 @@ def _write_prepared(path: Path, p: _Plan) -> None:
 
 
 def _inputs(config: FinetuneConfig, p: _Plan) -> dict:
-    data = [{"path": str(Path(f).resolve()), "sha256": manifest.sha256_file(f)} for f in config.data_files]
+    data = [{"path": str(Path(f).resolve()), "sha256": h} for f, h in zip(config.data_files, p.data_hashes)]
     return {"base_model": p.base, "data": data[0] if len(data) == 1 else data}
 
 

@@ -41,6 +41,11 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
+def _stop_ids(folder: Path) -> set[int]:
+    eos = json.loads((Path(folder) / "genai_config.json").read_text()).get("model", {}).get("eos_token_id", [])
+    return set(eos if isinstance(eos, list) else [eos])
+
+
 def load_og_model(folder: Path, threads: int | None = None):
     """An ``onnxruntime_genai.Model`` with an explicit intra-op thread count.
 
@@ -77,6 +82,7 @@ class OnnxChatModel:
             self.format = self.format.model_copy(update={"system_prompt": system_prompt})
         self._og = og
         self.model, self.threads = load_og_model(folder, threads)
+        self.stop_ids = _stop_ids(folder)
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = None
         adapter = adapter or _bundled_adapter(folder, record)
@@ -115,7 +121,7 @@ class OnnxChatModel:
             new_tokens += 1
             if ttft is None:
                 ttft = time.perf_counter() - started
-            if generator.is_done() and token in self._stop_ids():
+            if generator.is_done() and token in self.stop_ids:
                 break
             yield decoder.decode(token)
         if stats is not None:
@@ -129,13 +135,6 @@ class OnnxChatModel:
 
     def ask(self, question: str, **kwargs) -> Generation:
         return self.generate(self.format.conversation(question), **kwargs)
-
-    def _stop_ids(self) -> set[int]:
-        if not hasattr(self, "_stops"):
-            config = json.loads((self.folder / "genai_config.json").read_text())
-            eos = config.get("model", {}).get("eos_token_id", [])
-            self._stops = set(eos if isinstance(eos, list) else [eos])
-        return self._stops
 
 
 def _bundled_adapter(folder: Path, record: dict) -> Path | None:

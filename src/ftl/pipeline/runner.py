@@ -21,7 +21,7 @@ from rich.table import Table
 
 from ftl import manifest
 from ftl.errors import ConfigError, DataError, OutputExistsError
-from ftl.progress import console, task_progress
+from ftl.progress import console, run_with_progress, task_progress
 
 
 class ImportStage(BaseModel):
@@ -140,8 +140,6 @@ def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> li
                                    str(ex_config.output)))
         _summary(spec, reports, write=False)  # a plan must not replace the last real run's summary
         return reports
-
-    from ftl.cli import run_with_progress
 
     if distill_config:
         reports.append(_distill(distill_config))
