@@ -23,6 +23,7 @@ from rich.table import Table
 from ftl import manifest, metrics
 from ftl.chat import PromptFormat
 from ftl.generate import OnnxChatModel
+from ftl.system import decode_rate, folder_size_mb
 
 console = Console(width=160)
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "self-instruct"
@@ -64,7 +65,7 @@ def time_onnx(folder: Path, prompts: list[list[dict]], new_tokens: int) -> dict:
         done = time.perf_counter()
         if i:
             ttfts.append(first - started)
-            rates.append((count - 1) / (done - first))
+            rates.append(decode_rate(count, first, done))
     return {"ttft_ms": 1000 * statistics.median(ttfts), "tok_s": statistics.median(rates)}
 
 
@@ -85,7 +86,7 @@ def time_torch(model, tokenizer, fmt: PromptFormat, prompts: list[list[dict]], n
             done = time.perf_counter()
         if i:
             ttfts.append(first - started)
-            rates.append((new_tokens - 1) / (done - first))
+            rates.append(decode_rate(new_tokens, first, done))
     return {"ttft_ms": 1000 * statistics.median(ttfts), "tok_s": statistics.median(rates)}
 
 
@@ -94,11 +95,10 @@ def time_llama_cpp(prompts: list[str], new_tokens: int) -> dict | None:
         from llama_cpp import Llama
     except ImportError:
         return None
-    import os
-
     from ftl.models.store import builtin_gguf
+    from ftl.system import default_threads
 
-    llm = Llama(model_path=str(builtin_gguf("smollm2-135m")), n_ctx=2048, n_threads=os.cpu_count(), verbose=False)
+    llm = Llama(model_path=str(builtin_gguf("smollm2-135m")), n_ctx=2048, n_threads=default_threads(), verbose=False)
     rates, ttfts = [], []
     for i, prompt in enumerate([prompts[0]] + prompts):
         started = time.perf_counter()
@@ -110,13 +110,8 @@ def time_llama_cpp(prompts: list[str], new_tokens: int) -> dict | None:
         done = time.perf_counter()
         if i and count > 1:
             ttfts.append(first - started)
-            rates.append((count - 1) / (done - first))
+            rates.append(decode_rate(count, first, done))
     return {"ttft_ms": 1000 * statistics.median(ttfts), "tok_s": statistics.median(rates)}
-
-
-def folder_mb(folder: Path) -> float:
-    return sum(f.stat().st_size for f in Path(folder).iterdir()
-               if f.suffix in (".onnx", ".data", ".onnx_adapter")) / 1e6
 
 
 def main() -> None:
@@ -140,14 +135,15 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.export[0])
     ppl_rows = load_rows(args.ppl_data if args.ppl_data.exists() else Path("data/quickstart/test.jsonl"),
                          args.ppl_samples)
-    sequences = [tokenizer(fmt.render_example(fmt.conversation(r["Question"], r["Answer"]), r),
+    sequences = [tokenizer(fmt.render_example(fmt.conversation(r["Question"], r["Answer"])),
                            add_special_tokens=False)["input_ids"] for r in ppl_rows]
     prompts = [fmt.conversation(r["Question"]) for r in ppl_rows[: args.prompts]]
 
     import torch
 
-    from ftl.generate import default_threads
+    from ftl.system import default_threads
 
+    torch.set_num_threads(default_threads())  # the same cores as onnxruntime-genai, for a fair ratio
     console.print(f"[bold]hardware:[/] {manifest.hardware()}; threads: onnxruntime-genai {default_threads()}, "
                   f"torch {torch.get_num_threads()}")
     console.print(f"base {base}, adapter {adapter.get('path')}, {len(prompts)} prompts × "
@@ -168,7 +164,7 @@ def main() -> None:
         speed = time_onnx(folder, prompts, args.max_new_tokens)
         ppl = metrics.onnx_perplexity(folder, sequences)
         ratio = f"{speed['tok_s'] / torch_speed['tok_s']:.2f}" if torch_speed else "—"
-        table.add_row(f"ONNX {folder}", f"{folder_mb(folder):.1f}", f"{speed['tok_s']:.1f}",
+        table.add_row(f"ONNX {folder}", f"{folder_size_mb(folder):.1f}", f"{speed['tok_s']:.1f}",
                       f"{speed['ttft_ms']:.0f}", ratio, f"{ppl:.3f}", f"{ppl / torch_ppl:.3f}")
     llama = time_llama_cpp([fmt.render_prompt(p) for p in prompts], args.max_new_tokens)
     if llama:

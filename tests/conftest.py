@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -53,20 +54,38 @@ def qa_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("data") / "qa.jsonl", QA)
 
 
+@contextmanager
+def working_directory(path: Path):
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield path
+    finally:
+        os.chdir(previous)
+
+
 @pytest.fixture(scope="session")
-def tiny_finetune(tmp_path_factory, tiny_model, qa_file) -> Path:
+def session_cwd(tmp_path_factory) -> Path:
+    """The working directory the session fixtures run their stages from (checked to stay empty)."""
+    return tmp_path_factory.mktemp("cwd")
+
+
+@pytest.fixture(scope="session")
+def tiny_finetune(tmp_path_factory, tiny_model, qa_file, session_cwd) -> Path:
     from ftl.finetune import FinetuneConfig, finetune
 
     out = tmp_path_factory.mktemp("runs") / "finetune"
-    finetune(FinetuneConfig(model=str(tiny_model), data=qa_file, output=out, max_steps=4, batch_size=2,
-                            save_steps=2, learning_rate=1e-2))
+    with working_directory(session_cwd):
+        finetune(FinetuneConfig(model=str(tiny_model), data=qa_file, output=out, max_steps=4, batch_size=2,
+                                save_steps=2, learning_rate=1e-2))
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory, tiny_finetune) -> Path:
+def tiny_export(tmp_path_factory, tiny_finetune, session_cwd) -> Path:
     from ftl.export import ExportConfig, export_onnx
 
     out = tmp_path_factory.mktemp("runs") / "export"
-    export_onnx(ExportConfig(adapter=tiny_finetune, output=out))
+    with working_directory(session_cwd):
+        export_onnx(ExportConfig(adapter=tiny_finetune, output=out))
     return out

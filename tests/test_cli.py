@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import write_jsonl
 
 
@@ -36,10 +38,10 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_qlora_on_cpu_is_one_line_error(tmp_path, tiny_model):
     import torch
 
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so QLoRA is allowed")
     data = write_jsonl(tmp_path / "ok.jsonl", [{"Question": "a", "Answer": "b"}])
     out = ftl("finetune", "--model", tiny_model, "--data", data, "--output", tmp_path / "ft", "--method", "qlora")
-    if torch.cuda.is_available():
-        return
     assert out.returncode == 1 and "needs a CUDA GPU" in out.stderr and "--method lora" in out.stderr
 
 
@@ -57,3 +59,47 @@ def test_models_list_json_and_save_config(tmp_path, tiny_finetune):
                 tmp_path / "wf.json")
     assert saved.returncode == 0, saved.stderr
     assert json.loads((tmp_path / "wf.json").read_text())["passes"]["builder"]["type"] == "ModelBuilder"
+
+
+def error_lines(out) -> list[str]:
+    return [line for line in out.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_option_typos_and_bad_values_name_the_flag_and_list_every_problem(tmp_path):
+    typo = ftl("finetune", "--model", "m", "--data", "d", "--output", tmp_path / "o", "--max-step", "5")
+    assert typo.returncode == 2 and len(error_lines(typo)) == 1
+    assert "--max-steps" in typo.stderr and "ftl finetune --help" in typo.stderr and "Usage:" not in typo.stderr
+    bad = ftl("finetune", "--model", "m", "--data", "d", "--output", tmp_path / "o", "--lora-r", "0",
+              "--lora-dropout", "2")
+    [line] = error_lines(bad)
+    assert bad.returncode == 1 and "2 invalid settings" in line and "--lora-r" in line and "--lora-dropout" in line
+    assert " r:" not in line and "dropout:" not in line.replace("--lora-dropout:", "")
+
+
+def test_unexpected_errors_are_one_line_with_a_debug_hint(tmp_path):
+    # A model folder whose config.json is not JSON: nothing ftl checks for, so it is "unexpected".
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    data = write_jsonl(tmp_path / "ok.jsonl", [{"Question": "a", "Answer": "b"}])
+    out = ftl("finetune", "--model", broken, "--data", data, "--output", tmp_path / "ft")
+    [line] = error_lines(out)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert line.startswith("error: unexpected") and "--debug shows the traceback" in line
+
+
+def test_third_party_warnings_go_to_the_log_not_the_terminal(tmp_path, tiny_model, monkeypatch):
+    log = tmp_path / "ftl.log"
+    monkeypatch.setenv("FTL_LOG", str(log))
+    # A command that makes the same noise as bitsandbytes' CPU backend and transformers' deprecations.
+    code = ("import logging, warnings, click; from ftl.cli import cli, main\n"
+            "@cli.command()\n"
+            "def noisy():\n"
+            "    logging.getLogger('bitsandbytes.backends.cpu.ops').warning('Failed to load CPU gemm_4bit_forward')\n"
+            "    warnings.warn('`foo` is deprecated', FutureWarning)\n"
+            "    click.echo('done')\n"
+            "main()")
+    out = subprocess.run([sys.executable, "-c", code, "noisy"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "done\n", out.stderr
+    assert "gemm_4bit_forward" not in out.stderr and "deprecated" not in out.stderr
+    assert "gemm_4bit_forward" in log.read_text() and "deprecated" in log.read_text()

@@ -50,7 +50,7 @@ def test_smollm2_finetune_export_generate(smollm2, tmp_path):
     assert type(model.model).__module__.startswith("onnxruntime_genai")
 
     fmt = model.format
-    sequences = [tokenizer(fmt.render_example(fmt.conversation(r["Question"], r["Answer"]), r),
+    sequences = [tokenizer(fmt.render_example(fmt.conversation(r["Question"], r["Answer"])),
                            add_special_tokens=False)["input_ids"] for r in held_out]
     torch_ppl = metrics.torch_perplexity(metrics.load_merged_torch(smollm2, tmp_path / "ft" / "adapter"), sequences)
     onnx_ppl = metrics.onnx_perplexity(exported.output, sequences)

@@ -32,7 +32,7 @@ def test_perplexity_equals_exp_mean_cross_entropy_of_the_answer(evaluated, tiny_
     for row in QA:
         messages = fmt.conversation(row["Question"], row["Answer"])
         prompt = tokenizer(fmt.render_prompt(messages[:-1]), add_special_tokens=False)["input_ids"]
-        full = tokenizer(fmt.render_example(messages, {}), add_special_tokens=False)["input_ids"]
+        full = tokenizer(fmt.render_example(messages), add_special_tokens=False)["input_ids"]
         labels = torch.tensor([[-100] * len(prompt) + full[len(prompt):]])
         with torch.no_grad():
             loss = model(torch.tensor([full]), labels=labels).loss  # mean CE over the answer tokens
@@ -62,12 +62,19 @@ def test_every_output_file_is_written_and_parses(evaluated):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_rouge_of_identical_strings_is_one():
-    from rouge_score import rouge_scorer
+def test_rouge_is_scored_with_stemming_and_summarised_as_the_mean(evaluated):
+    from ftl.eval.stage import rouge_scorer, rouge_scores
 
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    scores = scorer.score("The capital of France is Paris.", "The capital of France is Paris.")
-    assert all(s.fmeasure == 1.0 for s in scores.values())
+    scorer = rouge_scorer()
+    # "cat sits" vs "the cats sit": 2 of 2 and 2 of 3 unigrams match, only with stemming → F1 = 0.8.
+    assert rouge_scores(scorer, "the cats sit", "cat sits")["rouge1"] == pytest.approx(0.8)
+    assert rouge_scores(scorer, "a b c d", "a b")["rouge2"] == pytest.approx(2 * (1 / 3) * 1 / (1 / 3 + 1))
+    details = json.loads((evaluated.output / "detailed_results.json").read_text())["samples"]
+    for label, stats in evaluated.summary["models"].items():
+        per_sample = [rouge_scores(scorer, d["reference"], d["models"][label]["answer"]) for d in details]
+        for key in ("rouge1", "rouge2", "rougeL"):
+            assert [d["models"][label][key] for d in details] == pytest.approx([p[key] for p in per_sample])
+            assert stats[key] == pytest.approx(sum(p[key] for p in per_sample) / len(per_sample))
 
 
 def test_compare_with_an_earlier_run(evaluated, tiny_finetune, qa_file, tmp_path):
@@ -87,6 +94,24 @@ def test_bad_inputs(tmp_path, tiny_model, evaluated, qa_file):
         evaluate(EvalConfig(models=[f"torch:{tiny_model}"], data=str(no_ref), output=tmp_path / "x"))
     with pytest.raises(OutputExistsError, match="--force"):
         evaluate(EvalConfig(models=[f"torch:{tiny_model}"], data=str(qa_file), output=evaluated.output))
+
+
+def test_force_with_a_typo_keeps_the_old_report(tmp_path, tiny_model, qa_file):
+    from ftl.errors import ConfigError, ModelNotFoundError
+
+    out = tmp_path / "report"
+    evaluate(EvalConfig(models=[f"torch:{tiny_model}"], data=str(qa_file), output=out, max_new_tokens=2,
+                        memory=False, limit=2))
+    before = sorted(p.name for p in out.iterdir())
+    for typo in (f"torhc:{tiny_model}", f"onnx:{tiny_model}", "torch:no/such/model"):
+        with pytest.raises((ConfigError, ModelNotFoundError)):
+            evaluate(EvalConfig(models=[typo], data=str(qa_file), output=out, force=True))
+    assert sorted(p.name for p in out.iterdir()) == before and (out / "report.html").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no staging folder left behind
+    evaluate(EvalConfig(models=[f"torch:{tiny_model}"], data=str(qa_file), output=out, max_new_tokens=2,
+                        memory=False, limit=1, force=True))
+    assert json.loads((out / "metrics_summary.json").read_text())["samples"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
 
 
 def test_gsm8k_final_number():

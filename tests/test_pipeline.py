@@ -52,16 +52,57 @@ def test_pipeline_chains_stages_and_skips_unchanged_ones(tmp_path, tiny_model, q
     assert manifest.read(work / "finetune")["metrics"]["steps"] == 3
 
 
-def test_dry_run_validates_and_writes_the_olive_workflow_only(tmp_path, tiny_model, qa_file):
+@pytest.mark.parametrize("imported", [True, False], ids=["after-import", "fresh"])
+def test_dry_run_plans_every_stage_and_writes_both_olive_workflows(tmp_path, tiny_model, qa_file, imported):
     from ftl.models import import_model
 
     path = _pipeline(tmp_path, tiny_model, qa_file)
-    import_model(str(tiny_model), name="tiny")
+    if imported:
+        import_model(str(tiny_model), name="tiny")
     reports = run(load_pipeline(path), dry_run=True)
     work = tmp_path / "runs" / "tiny"
-    assert [r.status for r in reports] == ["planned"] * 3
-    assert json.loads((work / "finetune.olive_config.json").read_text())["passes"]["lora"]["type"] == "LoRA"
-    assert not (work / "finetune").exists() and not (work / "pipeline_summary.json").exists()
+    assert [(r.stage, r.status) for r in reports] == [
+        ("import", "planned"), ("finetune", "planned"), ("export", "planned"), ("generate", "planned"),
+        ("eval", "planned")]
+    finetune_flow = json.loads((work / "finetune.olive_config.json").read_text())
+    assert finetune_flow["passes"]["lora"]["type"] == "LoRA"
+    assert finetune_flow["passes"]["lora"]["training_args"]["max_steps"] == 2
+    export_flow = json.loads((work / "export.olive_config.json").read_text())
+    assert list(export_flow["passes"]) == ["merge", "builder"]
+    assert export_flow["input_model"]["adapter_path"] == str((work / "finetune" / "adapter").resolve())
+    assert sorted(p.name for p in work.iterdir()) == ["export.olive_config.json", "finetune.olive_config.json"]
+
+
+def test_typos_in_any_stage_are_all_reported_before_anything_runs(tmp_path, tiny_model, qa_file):
+    path = _pipeline(tmp_path, tiny_model, qa_file)
+    spec = yaml.safe_load(path.read_text())
+    spec["stages"]["finetune"]["max_step"] = 5
+    spec["stages"]["export"]["blocksize"] = 64
+    spec["stages"]["eval"]["limt"] = 2
+    spec["stages"]["generate"]["max_new_token"] = 4
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(path)
+    message = str(info.value)
+    for key, hint in (("stages.finetune.max_step", "max_steps"), ("stages.export.blocksize", "block_size"),
+                      ("stages.eval.limt", "limit"), ("stages.generate.max_new_token", "max_new_tokens")):
+        assert f"{key}: unknown key (did you mean {hint}?)" in message
+    assert "4 invalid settings" in message and str(path) in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_values_and_missing_files_in_late_stages_fail_before_the_first_stage(tmp_path, tiny_model, qa_file):
+    path = _pipeline(tmp_path, tiny_model, qa_file)
+    with pytest.raises(ConfigError, match="stages.export.block_size"):
+        load_pipeline(path, ["export.block_size=33"])
+    with pytest.raises(ConfigError, match="stages.finetune"):
+        load_pipeline(path, ["finetune.question_field=Answer"])
+    from ftl.errors import DataError
+
+    with pytest.raises(DataError, match="no-such-test.jsonl"):
+        run(load_pipeline(path, [f"eval.data={tmp_path / 'no-such-test.jsonl'}"]))
+    assert not (tmp_path / "runs" / "tiny" / "finetune").exists()
+    assert not (tmp_path / "models").exists()  # not even the import ran
 
 
 def test_override_must_be_key_value(tmp_path, tiny_model, qa_file):
@@ -77,7 +118,14 @@ def test_invalid_yaml_names_the_line(tmp_path):
     assert str(path) in str(info.value)
 
 
-def test_quickstart_pipeline_is_valid():
-    spec = load_pipeline(REPO / "pipelines" / "quickstart.yaml")
-    assert spec.import_.source == "smollm2-135m"
-    assert (REPO / spec.finetune["data"]).is_file()
+def test_quickstart_pipeline_is_valid(monkeypatch):
+    """Every stage config of the shipped quickstart is built and checked: a typo there fails here."""
+    from ftl.pipeline import check
+
+    monkeypatch.chdir(REPO)
+    plan = load_pipeline(REPO / "pipelines" / "quickstart.yaml")
+    assert plan.spec.stages.import_.source == "smollm2-135m"
+    assert plan.finetune.max_steps == 40 and plan.export.int4_algo == "k_quant" and plan.eval.limit == 8
+    reports = check(plan)
+    assert [r.stage for r in reports] == ["import", "distill", "finetune", "export", "generate", "eval"]
+    assert all(r.status == "planned" for r in reports)

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from ftl.errors import ConfigError, DataError
 
@@ -26,7 +26,15 @@ Message = dict[str, str]
 
 
 class PromptFormat(BaseModel):
-    """How a conversation becomes model text: the model's chat template, or a str.format template."""
+    """How a conversation becomes model text: the model's chat template, or a str.format template.
+
+    The contract: for every conversation, the training text is the inference prompt of everything
+    before the last answer, followed by that answer. :meth:`render_example` is built from
+    :meth:`render_prompt` for text templates, so the two cannot drift apart; for chat templates
+    both come from the model's own template, with and without the generation prompt.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["chat", "text"]
     chat_template: str | None = None
@@ -40,54 +48,69 @@ class PromptFormat(BaseModel):
     def eos_token(self) -> str:
         return self.special_tokens.get("eos_token", "")
 
-    # -- training ---------------------------------------------------------------------------
-    def render_example(self, messages: list[Message], row: dict) -> str:
-        """Full training text for one row: prompt, answer and end-of-turn marker."""
-        if self.kind == "chat":
-            return _render_chat(self.chat_template, messages, False, self.special_tokens)
-        values = {**row, self.question_field: messages_question(messages), self.answer_field: messages[-1]["content"]}
-        return self.text_template.format(**values) + self.eos_token
+    def conversation(self, question: str, answer: str | None = None) -> list[Message]:
+        """A one-turn conversation, with the system prompt the model was trained with."""
+        messages = [{"role": "user", "content": question}]
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
+        return with_system(messages, self.system_prompt)
 
     # -- inference ---------------------------------------------------------------------------
     def render_prompt(self, messages: list[Message]) -> str:
-        """Prompt text for the next assistant turn, exactly as training saw it before the answer."""
+        """Prompt text for the next assistant turn: ``messages`` end with the user's turn."""
         if self.kind == "chat":
             return _render_chat(self.chat_template, messages, True, self.special_tokens)
+        system, turns = _split_system(messages)
+        text = f"{system}\n\n" if system else ""
+        for user, assistant in zip(turns[0:-1:2], turns[1:-1:2]):
+            text += self._head(user["content"]) + self._tail(assistant["content"])
+        return text + self._head(turns[-1]["content"])
+
+    # -- training ----------------------------------------------------------------------------
+    def render_example(self, messages: list[Message]) -> str:
+        """Training text: the prompt for everything before the last answer, then the answer."""
+        if self.kind == "chat":
+            return _render_chat(self.chat_template, messages, False, self.special_tokens)
+        return self.render_prompt(messages[:-1]) + self._tail(messages[-1]["content"])
+
+    def check_messages(self, messages: list[Message], where: str) -> None:
+        """A text template renders strict user/assistant pairs; anything else cannot be trained
+        the way it will be prompted."""
+        if self.kind != "text":
+            return
+        _, turns = _split_system(messages)
+        roles = [m["role"] for m in turns]
+        expected = ["user", "assistant"] * (len(roles) // 2)
+        if roles != expected or any(m["role"] == "system" for m in turns):
+            raise DataError("with --text-template, a conversation must be one optional system message, then "
+                            "user/assistant turns in pairs", where, "fix the roles, or train with the chat template")
+
+    def _head(self, question: str) -> str:
         head = self.text_template.split("{" + self.answer_field + "}", 1)[0]
-        text = ""
-        turns = [m for m in messages if m["role"] != "system"]
-        for user, assistant in zip(turns[0::2], turns[1::2]):
-            text += self.text_template.format(
-                **{self.question_field: user["content"], self.answer_field: assistant["content"]}
-            ) + self.eos_token
-        return text + head.format(**{self.question_field: turns[-1]["content"]})
+        return head.format(**{self.question_field: question})
 
-    def conversation(self, question: str, answer: str | None = None) -> list[Message]:
-        messages: list[Message] = []
-        if self.system_prompt:
-            messages.append({"role": "system", "content": self.system_prompt})
-        messages.append({"role": "user", "content": question})
-        if answer is not None:
-            messages.append({"role": "assistant", "content": answer})
-        return messages
-
-    def check_text_template(self, row: dict, where: str) -> None:
-        missing = [f for f in template_fields(self.text_template) if f not in row]
-        if missing:
-            raise DataError(
-                f"row has no field {missing[0]!r} that --text-template uses",
-                where,
-                f"fields present: {', '.join(sorted(row)) or 'none'}; fix the template or the data",
-            )
+    def _tail(self, answer: str) -> str:
+        tail = "{" + self.answer_field + "}" + self.text_template.split("{" + self.answer_field + "}", 1)[1]
+        return tail.format(**{self.answer_field: answer}) + self.eos_token
 
 
-def messages_question(messages: list[Message]) -> str:
-    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+def with_system(messages: list[Message], system_prompt: str | None) -> list[Message]:
+    """Add the system prompt unless the conversation brings its own: the same rule for Q/A rows,
+    chat rows and inference."""
+    if not system_prompt or (messages and messages[0]["role"] == "system"):
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def _split_system(messages: list[Message]) -> tuple[str | None, list[Message]]:
+    if messages and messages[0]["role"] == "system":
+        return messages[0]["content"], list(messages[1:])
+    return None, list(messages)
 
 
 def template_fields(template: str) -> list[str]:
     try:
-        return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+        return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as exc:
         raise ConfigError(f"--text-template is not a valid format string: {exc}", None,
                           "use {Field} placeholders and double braces {{ }} for literal braces") from exc
@@ -136,6 +159,14 @@ def prompt_format_for(
             f"--text-template must contain {{{question_field}}} and {{{answer_field}}}",
             f"template: {text_template!r}",
             "add both placeholders, or map your fields with --question-field/--answer-field",
+        )
+    extra = [f for f in fields if f not in (question_field, answer_field)]
+    if extra or fields.count(question_field) > 1 or fields.count(answer_field) > 1:
+        name = extra[0] if extra else (question_field if fields.count(question_field) > 1 else answer_field)
+        raise ConfigError(
+            f"--text-template uses {{{name}}}, which inference cannot fill",
+            f"template: {text_template!r}",
+            f"use {{{question_field}}} and {{{answer_field}}} once each; put other row fields into the question",
         )
     if not text_template.rstrip().endswith("{" + answer_field + "}"):
         raise ConfigError(

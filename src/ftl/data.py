@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftl.chat import with_system
 from ftl.errors import DataError
 
 ROLES = {"system", "user", "assistant"}
@@ -64,7 +65,7 @@ def load_examples(path: Path, fields: Fields = Fields(), system_prompt: str | No
 def _to_example(path: Path, number: int, row: dict, fields: Fields, system_prompt: str | None) -> Example:
     where = f"{path}:{number}"
     if fields.messages in row:
-        return Example(number, row, _check_messages(row[fields.messages], where))
+        return Example(number, row, with_system(_check_messages(row[fields.messages], where), system_prompt))
     for name, option in ((fields.question, "--question-field"), (fields.answer, "--answer-field")):
         value = row.get(name)
         if not isinstance(value, str) or not value.strip():
@@ -73,9 +74,7 @@ def _to_example(path: Path, number: int, row: dict, fields: Fields, system_promp
             raise DataError(problem, where, f"fields present: {present}; map yours with {option}")
     messages = [{"role": "user", "content": row[fields.question]},
                 {"role": "assistant", "content": row[fields.answer]}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return Example(number, row, messages)
+    return Example(number, row, with_system(messages, system_prompt))
 
 
 def _check_messages(messages, where: str) -> list[dict]:

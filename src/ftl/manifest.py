@@ -14,17 +14,20 @@ import json
 import os
 import platform
 import shutil
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from ftl import __version__
 from ftl.errors import OutputExistsError
+from ftl.system import model_files
 
 MANIFEST = "manifest.json"
+# What marks a manifest as ftl's own: only a folder holding one is ever replaced or resumed.
+WRITTEN_BY = "ftl"
+SCHEMA = 1
 _TRACKED_PACKAGES = ("olive-ai", "onnxruntime", "onnxruntime-genai", "transformers", "peft", "torch")
-# Files that define a model's behaviour; logs and manifests are left out of its hash.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx", ".data", ".onnx_adapter", ".gguf", ".json", ".jinja", ".model")
 
 
 def versions() -> dict[str, str | None]:
@@ -61,17 +64,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 def sha256_dir(path: Path) -> str:
     """Hash of the files that define a model or adapter, independent of timestamps and logs."""
     digest = hashlib.sha256()
-    files = sorted(
-        p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST and p.suffix in _WEIGHT_SUFFIXES
-    )
-    for file in files:
+    for file in model_files(path):
         digest.update(str(file.relative_to(path)).encode())
         digest.update(sha256_file(file).encode())
     return digest.hexdigest()
-
-
-def sha256_path(path: Path) -> str:
-    return sha256_dir(path) if path.is_dir() else sha256_file(path)
 
 
 def sha256_json(value: Any) -> str:
@@ -100,6 +96,8 @@ def write(folder: Path, manifest: dict[str, Any]) -> Path:
 
 def new(stage: str, *, inputs: dict, params: dict, fingerprint: str) -> dict[str, Any]:
     return {
+        "written_by": WRITTEN_BY,
+        "schema": SCHEMA,
         "stage": stage,
         "status": "running",
         "fingerprint": fingerprint,
@@ -111,38 +109,68 @@ def new(stage: str, *, inputs: dict, params: dict, fingerprint: str) -> dict[str
     }
 
 
+def is_ftl(record: dict | None) -> bool:
+    """A manifest ftl wrote: its marker, a schema version and a stage. A web app's or another tool's
+    ``manifest.json`` is not one, so its folder is never replaced or resumed."""
+    return bool(record) and record.get("written_by") == WRITTEN_BY and isinstance(record.get("schema"), int) \
+        and isinstance(record.get("stage"), str)
+
+
 def is_complete(folder: Path, fingerprint: str | None = None) -> bool:
     found = read(folder)
-    if not found or found.get("status") != "complete":
+    if not is_ftl(found) or found.get("status") != "complete":
         return False
     return fingerprint is None or found.get("fingerprint") == fingerprint
 
 
-def prepare_output(folder: Path, *, force: bool, stage: str, resumable: bool = False) -> bool:
-    """Make ``folder`` ready for a stage's outputs. Returns True when an unfinished run is resumed.
+def check_output(folder: Path, *, force: bool, stage: str, resumable: bool = False) -> str:
+    """Decide what may happen to ``folder`` without touching it: "new", "resume" or "replace".
 
-    Finished results are never overwritten without ``force``; a folder ftl did not write is never
-    deleted, even with ``force``.
+    - A folder ftl did not write is never replaced, even with ``force``.
+    - A finished result, or an unfinished folder of another stage, is replaced only with ``force``.
+    - An unfinished folder of the same stage is resumed when the stage can resume, else restarted.
     """
     folder = Path(folder)
-    if not folder.exists() or not any(folder.iterdir()):
-        folder.mkdir(parents=True, exist_ok=True)
-        return False
+    if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
+        return "new"
     found = read(folder)
-    if found is None:
-        raise OutputExistsError(
-            "output folder exists and was not written by ftl",
-            str(folder),
-            "choose a new --output path, or empty that folder yourself",
-        )
-    if found.get("status") == "complete" and not force:
-        raise OutputExistsError(
-            f"output folder already holds a finished {found.get('stage', stage)} result",
-            str(folder),
-            "pass --force to replace it, or choose a new --output path",
-        )
-    if found.get("status") != "complete" and resumable and not force:
-        return True
-    shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    return False
+    if not folder.is_dir() or not is_ftl(found):
+        raise OutputExistsError("output folder exists and was not written by ftl", str(folder),
+                                "choose a new --output path, or empty that folder yourself")
+    other = found["stage"] != stage
+    if found.get("status") == "complete" or other:
+        if force:
+            return "replace"
+        what = f"a finished {found['stage']} result" if found.get("status") == "complete" else \
+            f"an unfinished {found['stage']} run"
+        raise OutputExistsError(f"output folder already holds {what}", str(folder),
+                                "pass --force to replace it, or choose a new --output path")
+    return "resume" if resumable and not force else "replace"
+
+
+def prepare_output(folder: Path, *, force: bool, stage: str, resumable: bool = False) -> bool:
+    """Make ``folder`` ready for a stage's outputs (see :func:`check_output`). True when resuming."""
+    folder = Path(folder)
+    decision = check_output(folder, force=force, stage=stage, resumable=resumable)
+    if decision == "replace":
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return decision == "resume"
+
+
+def staging_folder(final: Path) -> Path:
+    """A fresh sibling folder to build a replacement in, so the old result survives a failure."""
+    final = Path(final)
+    staging = final.with_name(f".{final.name}.new-{uuid.uuid4().hex[:8]}")
+    staging.mkdir(parents=True)
+    return staging
+
+
+def swap_in(staging: Path, final: Path) -> None:
+    """Put a finished ``staging`` folder in place of ``final``; the old one goes last."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)

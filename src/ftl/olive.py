@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from collections import deque
+from importlib import resources
 from pathlib import Path
 from typing import Callable
 
@@ -25,12 +26,14 @@ from ftl.errors import OliveRunError
 
 CACHE_DIR = ".olive-cache"
 LOG_NAME = "olive.log"
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "olive_configs"
+# The repo's top-level olive_configs/, installed as this package (pyproject.toml maps it), so the
+# templates are found from a wheel as well as from an editable install.
+TEMPLATES_PACKAGE = "ftl.olive_configs"
 
 
 def load_template(name: str) -> dict:
-    """A workflow template from the repo's ``olive_configs/``, which ftl fills in."""
-    return json.loads((CONFIG_DIR / name).read_text())
+    """A workflow template from ``olive_configs/`` (package ``ftl.olive_configs``), which ftl fills in."""
+    return json.loads(resources.files(TEMPLATES_PACKAGE).joinpath(name).read_text(encoding="utf-8"))
 
 
 def isolated_env(work_dir: Path) -> dict[str, str]:

@@ -1,15 +1,25 @@
-"""Seed questions from JSONL, CSV, plain text or a ``datasets`` dataset; checked row by row."""
+"""Seed questions from a file, a ``datasets`` folder or a Hub dataset; checked row by row.
+
+The format is taken from the file's suffix (and, for .json, its content), never guessed from
+lines of text: a misread file would otherwise be sent to a paid teacher line by line.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import json
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ftl.errors import DataError
 
 QUESTION_GUESSES = ("Question", "question", "instruction", "prompt", "input")
+ACCEPTED = (".jsonl, .json (an array of objects, or JSON lines), .csv, .tsv, .parquet, .txt or no suffix "
+            "(a question a line), a datasets folder, or a Hub dataset name")
 
 
 @dataclass
@@ -30,24 +40,149 @@ def load_seeds(config) -> list[Seed]:
 
 def _rows(config) -> list[tuple[str, dict]]:
     path = Path(config.seeds)
-    if path.is_file() and path.suffix == ".jsonl":
-        from ftl.data import read_jsonl
-
-        return [(f"{path}:{n}", row) for n, row in read_jsonl(path)]
-    if path.is_file() and path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            return [(f"{path}:{n}", row) for n, row in enumerate(csv.DictReader(handle), start=2)]
+    if path.is_dir():
+        return _folder_rows(path, config.dataset_split or "train")
     if path.is_file():
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return [(f"{path}:{n}", {"question": line.strip()}) for n, line in enumerate(lines, 1) if line.strip()]
-    try:
-        import datasets
+        reader = _READERS.get(path.suffix.lower())
+        if reader is None:
+            raise DataError(f"unsupported seed file format {path.suffix!r}", str(path), f"accepted: {ACCEPTED}")
+        return reader(path)
+    if path.is_absolute() or config.seeds.startswith(".") or (path.suffix and path.suffix.lower() in _READERS):
+        raise DataError("seed file not found", config.seeds, "check the path")
+    return _hub_rows(config.seeds, config.dataset_split or "train")  # only works online
 
-        data = datasets.load_dataset(str(path) if path.exists() else config.seeds, split=config.dataset_split or "train")
-    except Exception as exc:  # FileNotFoundError, DatasetNotFoundError, ConnectionError, …
-        raise DataError(f"cannot read seeds: {str(exc).splitlines()[0][:200]}", config.seeds,
-                        "give a .jsonl/.csv/.txt file, a local dataset folder, or a Hub dataset when online") from None
-    return [(f"{config.seeds}[{i}]", dict(row)) for i, row in enumerate(data)]
+
+def _decoded(path: Path) -> str:
+    """The file as text; a binary file is refused here, with the line, rather than sent as questions."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError("not UTF-8 text", f"{path}:{line}",
+                        "save it as UTF-8, or give a .parquet file or a datasets folder") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError("binary data (a NUL byte) in a text file", f"{path}:{line}", f"give one of: {ACCEPTED}")
+    return text
+
+
+def _lines(text: str) -> list[str]:
+    # split on newlines only: str.splitlines() would also split inside a JSON string holding U+2028
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
+def _jsonl(path: Path) -> list[tuple[str, dict]]:
+    return [(f"{path}:{n}", _json_object(line, f"{path}:{n}"))
+            for n, line in enumerate(_lines(_decoded(path)), 1) if line.strip()]
+
+
+def _json_object(line: str, where: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", where,
+                        "each line must be one complete JSON object") from None
+    return _must_be_object(row, where)
+
+
+def _must_be_object(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"expected a JSON object, got {type(row).__name__}", where,
+                        'give one object per seed, e.g. {"question": ...}')
+    return row
+
+
+def _json(path: Path) -> list[tuple[str, dict]]:
+    """A JSON array of objects (or one object); JSON lines saved as .json are common too, told apart by content."""
+    text = _decoded(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return [(f"{path}:{n}", _json_object(line, f"{path}:{n}")) for n, line in enumerate(_lines(text), 1)
+                if line.strip()]
+    items = data if isinstance(data, list) else [data]
+    return [(f"{path}[{i}]", _must_be_object(item, f"{path}[{i}]")) for i, item in enumerate(items)]
+
+
+def _delimited(path: Path, delimiter: str) -> list[tuple[str, dict]]:
+    reader = csv.DictReader(io.StringIO(_decoded(path), newline=""), delimiter=delimiter, restkey="(extra columns)")
+    try:
+        return [(f"{path}:{reader.line_num}", row) for row in reader]
+    except csv.Error as exc:
+        raise DataError(f"malformed {path.suffix[1:]}: {exc}", f"{path}:{reader.line_num}",
+                        "fix the quoting on that line") from None
+
+
+def _text(path: Path) -> list[tuple[str, dict]]:
+    return [(f"{path}:{n}", {"question": line.strip()}) for n, line in enumerate(_lines(_decoded(path)), 1)
+            if line.strip()]
+
+
+def _parquet(path: Path) -> list[tuple[str, dict]]:
+    return _datasets_rows(str(path), "parquet", data_files=str(path), split="train")
+
+
+def _folder_rows(folder: Path, split: str) -> list[tuple[str, dict]]:
+    """A folder from ``save_to_disk``, or data files ``load_dataset`` recognises."""
+    if not ((folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()):
+        return _datasets_rows(str(folder), str(folder), split=split)
+    datasets = _datasets()
+    data = _call(str(folder), datasets.load_from_disk, str(folder))
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"no split {split!r}", str(folder), f"choose one of {', '.join(data)} with --dataset-split")
+        data = data[split]
+    return [(f"{folder}[{i}]", dict(row)) for i, row in enumerate(data)]
+
+
+def _hub_rows(name: str, split: str) -> list[tuple[str, dict]]:
+    """A Hub dataset goes to the user's usual datasets cache: it is a download worth keeping."""
+    datasets = _datasets()
+    with _no_progress_bars(datasets):
+        data = _call(name, datasets.load_dataset, name, split=split)
+    return [(f"{name}[{i}]", dict(row)) for i, row in enumerate(data)]
+
+
+def _datasets_rows(where: str, *args, **kwargs) -> list[tuple[str, dict]]:
+    """``load_dataset`` on local files, its arrow copy in a temp dir: the user's cache is not filled
+    with a copy of every seed file (nor the output's folder with stray files)."""
+    datasets = _datasets()
+    with tempfile.TemporaryDirectory(prefix="ftl-seeds-", ignore_cleanup_errors=True) as cache, \
+            _no_progress_bars(datasets):
+        data = _call(where, datasets.load_dataset, *args, cache_dir=cache, **kwargs)
+        return [(f"{where}[{i}]", dict(row)) for i, row in enumerate(data)]
+
+
+def _call(where: str, function, *args, **kwargs):
+    try:
+        return function(*args, **kwargs)
+    except Exception as exc:  # FileNotFoundError, DatasetNotFoundError, ConnectionError, ArrowInvalid, …
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"cannot read seeds: {first}", where, f"give one of: {ACCEPTED} (a Hub name only when "
+                        "online)") from None
+
+
+def _datasets():
+    import datasets
+
+    return datasets
+
+
+@contextlib.contextmanager
+def _no_progress_bars(datasets):
+    """datasets' own bars would tear through the CLI's progress line."""
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+
+
+_READERS = {".jsonl": _jsonl, ".json": _json, ".csv": lambda p: _delimited(p, ","),
+            ".tsv": lambda p: _delimited(p, "\t"), ".parquet": _parquet, ".txt": _text, "": _text}
 
 
 def _seed(where: str, row: dict, config) -> Seed:

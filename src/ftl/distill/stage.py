@@ -2,8 +2,13 @@
 teacher concurrently within the rate budgets → append each answer the moment it arrives.
 
 Nothing paid for is lost: every accepted answer is one complete JSON line, flushed, before the
-next is written; a torn last line (kill -9 mid-write) is cut off on the next run; failures go to
-``<output>.rejects.jsonl`` with the reason, and ``retry_rejects`` asks for them again.
+next is written; a torn last line (kill -9 mid-write) is cut off on the next run.
+
+Each seed ends a run answered, rejected or pending. Rejected is permanent (an empty, refused or
+truncated answer, or a 4xx such as context_length_exceeded): written to ``<output>.rejects.jsonl``
+with the reason, not asked again unless ``retry_rejects`` names that reason. Pending is a transient
+failure that outlasted the retries (429, 5xx, timeout, dropped connection, malformed body): written
+nowhere, so re-running the same command asks again. Only a refused key or a missing model stops the run.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ from ftl import manifest
 from ftl.distill.config import DistillConfig
 from ftl.distill.seeds import Seed, drop_duplicates, load_seeds
 from ftl.distill.teachers import Completion, TeacherError, create
+from ftl.distill.teachers.base import TRANSIENT_KINDS
 from ftl.errors import ConfigError, FtlError
 
 REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|i cannot|i can'?t|as an ai\b|i'?m unable|i am unable)", re.I)
 
 
 class TeacherFailed(FtlError):
-    """The teacher refused the credentials or the request itself; retrying cannot help."""
+    """The teacher refused the credentials or has no such model: every request would fail alike."""
 
 
 @dataclass
@@ -37,7 +43,8 @@ class DistillResult:
     rejects: Path
     answered: int = 0
     already_done: int = 0
-    rejected: Counter = field(default_factory=Counter)
+    rejected: Counter = field(default_factory=Counter)  # by reason, this run; written to the rejects file
+    pending: Counter = field(default_factory=Counter)  # by failure kind, this run; a re-run asks again
     duplicates_exact: int = 0
     duplicates_near: int = 0
     retries: Counter = field(default_factory=Counter)
@@ -82,10 +89,7 @@ def distill(config: DistillConfig, on_progress=None) -> DistillResult:
     seeds, result.duplicates_exact, result.duplicates_near = drop_duplicates(seeds, config.dedup_threshold)
     keyed = [(seed_key(s, config), s) for s in seeds]
     done = _read_keys(output, repair=True)
-    rejected = _read_keys(result.rejects, repair=True)
-    if config.retry_rejects:
-        _drop_lines(result.rejects, {k for k, _ in keyed})
-        rejected = set()
+    rejected = _settle_rejects(result.rejects, {k for k, _ in keyed}, config.retry_rejects)
     pending = [(k, s) for k, s in keyed if k not in done and k not in rejected]
     result.already_done = sum(1 for k, _ in keyed if k in done)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -111,22 +115,10 @@ async def _run_all(teacher, pending, config, result, on_progress) -> None:
                 if fatal:
                     return
                 outcome = await _ask(teacher, seed, config, limiter, result)
-            if isinstance(outcome, TeacherError):
-                if outcome.fatal or (first and outcome.kind == "connection"):
-                    fatal.append(outcome)
-                    return
-                _append(rej, {"key": key, "Question": seed.question, "where": seed.where,
-                              "reason": outcome.kind, "detail": outcome.message})
-                result.rejected[outcome.kind] += 1
-            else:
-                row, reason = _accept(outcome, seed, key, teacher, config)
-                if reason:
-                    _append(rej, {"key": key, "Question": seed.question, "where": seed.where, "reason": reason,
-                                  "detail": outcome.choices[0].text[:200] if outcome.choices else ""})
-                    result.rejected[reason] += 1
-                else:
-                    _append(out, row)
-                    result.answered += 1
+            if isinstance(outcome, TeacherError) and (outcome.fatal or (first and outcome.kind == "connection")):
+                fatal.append(outcome)
+                return
+            _record(outcome, key, seed, teacher, config, result, out, rej)
             if on_progress:
                 on_progress(result)
 
@@ -145,6 +137,24 @@ async def _run_all(teacher, pending, config, result, on_progress) -> None:
         raise TeacherFailed(f"teacher {teacher.name} failed: {error.message}", config.base_url or config.endpoint
                             or teacher.model, "check the endpoint, model name and key (the key is never printed); "
                             "finished answers are kept")
+
+
+def _record(outcome, key: str, seed: Seed, teacher, config, result: DistillResult, out, rej) -> None:
+    """Answered → output; permanent failure → rejects; transient → counted only, so a re-run asks again."""
+    if isinstance(outcome, TeacherError):
+        if outcome.transient:
+            result.pending[outcome.kind] += 1
+            return
+        reason, detail = outcome.reason, outcome.message
+    else:
+        row, reason = _accept(outcome, seed, key, teacher, config)
+        if reason is None:
+            _append(out, row)
+            result.answered += 1
+            return
+        detail = outcome.choices[0].text[:200] if outcome.choices else ""
+    _append(rej, {"key": key, "Question": seed.question, "where": seed.where, "reason": reason, "detail": detail})
+    result.rejected[reason] += 1
 
 
 async def _ask(teacher, seed: Seed, config: DistillConfig, limiter, result) -> Completion | TeacherError:
@@ -166,7 +176,7 @@ async def _ask(teacher, seed: Seed, config: DistillConfig, limiter, result) -> C
             last = TeacherError("timeout", f"no answer in {config.timeout * 1.5:.0f}s")
         except TeacherError as exc:
             last = exc
-            if exc.fatal:
+            if not exc.transient:  # the same request would fail the same way: do not pay for it again
                 return exc
         if attempt < config.max_retries:
             result.retries[last.kind] += 1
@@ -182,12 +192,14 @@ def _delay(error: TeacherError, attempt: int, backoff: float) -> float:
 
 
 def _accept(completion: Completion, seed: Seed, key: str, teacher, config) -> tuple[dict | None, str | None]:
-    """Keep the best usable choice: finished, non-empty, not a refusal; the longest of those."""
+    """Keep the best usable choice: finished, non-empty, not a refusal, not filtered; the longest of those."""
     reasons = []
     usable = []
     for choice in completion.choices:
         text = choice.text.strip()
-        if not text:
+        if choice.finish_reason == "content_filter":  # withheld or cut by the filter, even if some text came
+            reasons.append("content_filter")
+        elif not text:
             reasons.append("empty")
         elif REFUSAL.match(text):
             reasons.append("refusal")
@@ -211,16 +223,34 @@ def _accept(completion: Completion, seed: Seed, key: str, teacher, config) -> tu
 
 
 def _append(handle, row: dict) -> None:
-    # flush, not fsync: the line reaches the OS at once, so a killed process loses nothing; fsync
-    # (power loss) cost 130 ms a request on this disk at concurrency 16.
+    # flush, not fsync: the line reaches the OS at once, so a killed process loses nothing. fsync
+    # would also survive power loss, but it waits for the disk on every answer.
     handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     handle.flush()
 
 
 def _read_keys(path: Path, repair: bool) -> set[str]:
-    """Keys of complete lines. A torn last line (killed mid-write) is cut off so appends stay valid."""
+    return {row["key"] for row in _read_rows(path, repair)}
+
+
+def _settle_rejects(path: Path, keys: set[str], retry: list[str] | None) -> set[str]:
+    """Keys that stay rejected. Lines to ask again are dropped first: the reasons in ``retry`` (or
+    all), and transient failures an older ftl wrote there, which are pending now, not rejects."""
+    rows = _read_rows(path, repair=True)
+    again = {row["key"] for row in rows if row["key"] in keys and _ask_again(row.get("reason"), retry)}
+    if again:
+        _drop_lines(path, again)
+    return {row["key"] for row in rows} - again
+
+
+def _ask_again(reason: str | None, retry: list[str] | None) -> bool:
+    return reason in TRANSIENT_KINDS or (bool(retry) and ("all" in retry or reason in retry))
+
+
+def _read_rows(path: Path, repair: bool) -> list[dict]:
+    """Complete lines. A torn last line (killed mid-write) is cut off so appends stay valid."""
     if not path.is_file():
-        return set()
+        return []
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
         cut = data.rfind(b"\n") + 1
@@ -228,16 +258,22 @@ def _read_keys(path: Path, repair: bool) -> set[str]:
             with open(path, "r+b") as handle:
                 handle.truncate(cut)
         data = data[:cut]
-    keys = set()
-    for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            keys.add(json.loads(line)["key"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ConfigError("existing output has a line ftl did not write", f"{path}:{number}",
-                              "distil into a new --output file") from None
-    return keys
+    rows = []
+    for number, line in enumerate(data.splitlines(), 1):
+        if line.strip():
+            rows.append(_own_line(line, f"{path}:{number}"))
+    return rows
+
+
+def _own_line(line: bytes, where: str) -> dict:
+    """A line ftl wrote: a JSON object with a key. Anything else means --output names someone else's file."""
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        row = None
+    if not isinstance(row, dict) or not isinstance(row.get("key"), str):
+        raise ConfigError("existing output has a line ftl did not write", where, "distil into a new --output file")
+    return row
 
 
 def _drop_lines(path: Path, keys: set[str]) -> None:
@@ -269,7 +305,7 @@ def _write_manifest(config: DistillConfig, result: DistillResult, teacher, seeds
                           params=config.model_dump(mode="json"))
     record.update(status="complete", teacher={"name": teacher.name, "model": teacher.model}, metrics={
         "seeds_after_dedup": seeds, "rows_in_output": total_rows, "answered_this_run": result.answered,
-        "already_done": result.already_done, "rejected": dict(result.rejected),
+        "already_done": result.already_done, "rejected": dict(result.rejected), "pending": dict(result.pending),
         "duplicates_exact": result.duplicates_exact, "duplicates_near": result.duplicates_near,
         "retries": dict(result.retries), "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens, "estimated_cost": result.cost, "split": result.split},

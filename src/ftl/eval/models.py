@@ -5,7 +5,6 @@ or adapter_config.json)."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ import numpy as np
 from ftl import manifest
 from ftl.chat import PromptFormat, prompt_format_for
 from ftl.errors import ConfigError, ModelNotFoundError
+from ftl.lineage import adapter_dir_of, base_of_adapter, export_source, prompt_format_record
+from ftl.system import default_threads, folder_size_mb
 
 
 @dataclass
@@ -41,7 +42,8 @@ class EvalModel:
         raise NotImplementedError
 
     def size_mb(self) -> float:
-        raise NotImplementedError
+        """The model's files on disk (ftl.system.folder_size_mb), the same measure for every kind."""
+        return folder_size_mb(*self.files)
 
 
 class OnnxEvalModel(EvalModel):
@@ -55,12 +57,8 @@ class OnnxEvalModel(EvalModel):
         self.path, self.label = path, f"onnx:{path}"
         self.chat = OnnxChatModel(path)
         self.format, self.tokenizer_dir, self.threads = self.chat.format, path, self.chat.threads
-        record = manifest.read(path) or {}
-        inputs = record.get("inputs", {})
-        self.lineage = {"base": inputs.get("base_model", {}).get("sha256"),
-                        "adapter": (inputs.get("adapter") or {}).get("sha256"),
-                        "base_path": inputs.get("base_model", {}).get("path"),
-                        "adapter_path": (inputs.get("adapter") or {}).get("path")}
+        self.lineage = export_source(manifest.read(path) or {})
+        self.files = [path]
 
     def logits(self, ids):
         from ftl.metrics import onnx_logits
@@ -71,8 +69,6 @@ class OnnxEvalModel(EvalModel):
         result = self.chat.generate(messages, max_new_tokens=max_new_tokens)
         return Timed(result.text, result.new_tokens, result.ttft_s, result.total_s)
 
-    def size_mb(self):
-        return round(sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()) / 1e6, 1)
 
 
 class TorchEvalModel(EvalModel):
@@ -81,29 +77,17 @@ class TorchEvalModel(EvalModel):
     def __init__(self, path: Path):
         import torch
 
-        from ftl.finetune.stage import adapter_dir_of
         from ftl.metrics import load_merged_torch
-        from ftl.models import model_identity, resolve_model
+        from ftl.models import model_identity
 
         self.path, self.label = path, f"torch:{path}"
-        record = manifest.read(path) or {}
-        adapter = None
-        if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-            base = path
-        else:
-            adapter = adapter_dir_of(path)
-            record = record or manifest.read(adapter.parent) or {}
-            base_path = record.get("inputs", {}).get("base_model", {}).get("path") or json.loads(
-                (adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not base_path:
-                raise ConfigError("cannot tell the adapter's base model", str(path), "use a finetune output folder")
-            base = resolve_model(base_path)
+        base, adapter = torch_parts(path)
+        # The same cores as onnxruntime-genai gets, so the latency columns compare like with like.
+        torch.set_num_threads(default_threads())
         self.model = load_merged_torch(base, adapter)
         self.base = base
-        if record.get("prompt_format"):
-            self.format = PromptFormat(**record["prompt_format"])
-        else:
-            self.format = prompt_format_for(base)
+        recorded = prompt_format_record(path) or (prompt_format_record(adapter.parent) if adapter else None)
+        self.format = PromptFormat(**recorded) if recorded else prompt_format_for(base)
         from transformers import AutoTokenizer
 
         self.tokenizer_dir = base
@@ -111,7 +95,7 @@ class TorchEvalModel(EvalModel):
         self.lineage = {"base": model_identity(base)["sha256"],
                         "adapter": manifest.sha256_dir(adapter) if adapter else None}
         self.threads = torch.get_num_threads()
-        self._size = sum(p.numel() * p.element_size() for p in self.model.parameters()) / 1e6
+        self.files = [base, adapter]
 
     def logits(self, ids):
         from ftl.metrics import torch_logits
@@ -129,22 +113,33 @@ class TorchEvalModel(EvalModel):
             started = time.perf_counter()
             out = self.model(ids, use_cache=True)
             token = int(out.logits[0, -1].argmax())
-            ttft = time.perf_counter() - started
+            ttft = last = time.perf_counter() - started
             past = out.past_key_values
             while token not in stops and len(out_ids) < max_new_tokens:
                 out_ids.append(token)
+                last = time.perf_counter() - started
                 if len(out_ids) == max_new_tokens:
                     break
                 out = self.model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, int(out.logits[0, -1].argmax())
-            total = time.perf_counter() - started
-        return Timed(self.tokenizer.decode(out_ids, skip_special_tokens=True), max(1, len(out_ids)), ttft, total)
-
-    def size_mb(self):
-        return round(self._size, 1)
+        return Timed(self.tokenizer.decode(out_ids, skip_special_tokens=True), len(out_ids), ttft, last)
 
 
-def load(spec: str) -> EvalModel:
+def torch_parts(path: Path) -> tuple[Path, Path | None]:
+    """(base model folder, adapter folder or None) for a torch:PATH spec."""
+    from ftl.models import resolve_model
+
+    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        return path, None
+    adapter = adapter_dir_of(path)
+    base = base_of_adapter(adapter)
+    if not base:
+        raise ConfigError("cannot tell the adapter's base model", str(path), "use a finetune output folder")
+    return resolve_model(base), adapter
+
+
+def check_spec(spec: str) -> tuple[str, Path]:
+    """Validate a model spec without loading any weights: its kind, its path, its files."""
     kind, sep, path = spec.partition(":")
     if not sep or kind not in ("onnx", "torch"):
         raise ConfigError(f"model spec {spec!r} needs a kind", "--model", "use onnx:PATH or torch:PATH")
@@ -153,4 +148,13 @@ def load(spec: str) -> EvalModel:
         from ftl.models import resolve_model
 
         target = resolve_model(path)
+    if kind == "onnx" and not (target / "genai_config.json").is_file():
+        raise ModelNotFoundError("not an onnxruntime-genai folder", str(target), "give an ftl export-onnx output")
+    if kind == "torch":
+        torch_parts(target)
+    return kind, target
+
+
+def load(spec: str) -> EvalModel:
+    kind, target = check_spec(spec)
     return OnnxEvalModel(target) if kind == "onnx" else TorchEvalModel(target)

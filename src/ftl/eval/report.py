@@ -7,7 +7,7 @@ from pathlib import Path
 
 COLUMNS = [
     ("size MB", lambda m: m["size_mb"], "{:.1f}"),
-    ("peak RSS MB", lambda m: m.get("peak_rss_mb"), "{:.0f}"),
+    ("peak RSS MiB", lambda m: m.get("peak_rss_mib"), "{:.0f}"),
     ("ppl (answer)", lambda m: m["perplexity_answer"], "{:.3f}"),
     ("ppl (full)", lambda m: m["perplexity_full"], "{:.3f}"),
     ("NLL/byte", lambda m: m["nll_per_byte"], "{:.4f}"),

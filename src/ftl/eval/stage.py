@@ -20,29 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, Field
-
 from ftl import manifest
 from ftl.errors import ConfigError, DataError
-from ftl.eval.models import EvalModel, TorchEvalModel, load
+from ftl.eval.config import EvalConfig
+from ftl.eval.models import EvalModel, TorchEvalModel, check_spec, load
 from ftl.metrics import token_nll
+from ftl.system import decode_rate
 
 NUMBER = re.compile(r"-?\d[\d,]*\.?\d*")
-
-
-class EvalConfig(BaseModel):
-    models: list[str] = Field(min_length=1, description="onnx:PATH / torch:PATH, compared side by side")
-    data: str
-    output: Path
-    question_field: str = "Question"
-    answer_field: str = "Answer"
-    limit: int | None = Field(None, gt=0)
-    max_new_tokens: int = Field(128, gt=0)
-    numeric: bool | None = Field(None, description="GSM8K-style '#### n' check; default: on when references have it")
-    warmup: int = Field(1, ge=0)
-    memory: bool = Field(True, description="Measure peak RSS of each model in a child process")
-    compare: Path | None = None
-    force: bool = False
 
 
 @dataclass
@@ -83,21 +68,39 @@ def load_test_set(config: EvalConfig) -> list[dict]:
 
 
 def evaluate(config: EvalConfig, on_progress=None, fingerprint: str = "") -> EvalResult:
+    """Validate everything first (output, test set, model specs), score into a staging folder beside
+    the output, and swap it in last: a typo or a crash never costs the previous report."""
     started = time.perf_counter()
-    samples = load_test_set(config)
     out = Path(config.output)
-    manifest.prepare_output(out, force=config.force, stage="eval")
+    manifest.check_output(out, force=config.force, stage="eval")
+    samples = load_test_set(config)
+    for spec in config.models:
+        check_spec(spec)
+    if config.compare and not Path(config.compare).is_file():
+        raise ConfigError("nothing to compare with", str(config.compare), "give an earlier metrics_summary.json")
+    models = [load(spec) for spec in config.models]
+    staging = manifest.staging_folder(out)
+    try:
+        result = _evaluate(config, samples, models, staging, fingerprint, on_progress, started)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    manifest.swap_in(staging, out)
+    result.output = out
+    return result
+
+
+def _evaluate(config, samples, models, out: Path, fingerprint: str, on_progress, started: float) -> EvalResult:
     record = manifest.new("eval", inputs={"data": config.data, "models": config.models},
                           params=config.model_dump(mode="json", exclude={"force"}), fingerprint=fingerprint)
     manifest.write(out, record)
-    models = [load(spec) for spec in config.models]
     sources = _quantization_sources(models)
     same_tokens = _tokenizers_agree(models)
     numeric = config.numeric if config.numeric is not None else all("####" in s["reference"] for s in samples)
 
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scorer = rouge_scorer()
     for model in models:
         for _ in range(config.warmup):  # warm-up runs are not timed
             model.generate(model.format.conversation(samples[0]["question"]), min(16, config.max_new_tokens))
@@ -131,7 +134,7 @@ def _ids(model: EvalModel, sample: dict) -> tuple[list[int], int]:
     tokenizer = _tokenizer(model)
     messages = model.format.conversation(sample["question"], sample["reference"])
     prompt = tokenizer(model.format.render_prompt(messages[:-1]), add_special_tokens=False)["input_ids"]
-    full = tokenizer(model.format.render_example(messages, {}), add_special_tokens=False)["input_ids"]
+    full = tokenizer(model.format.render_example(messages), add_special_tokens=False)["input_ids"]
     start = len(prompt)
     while start > 1 and full[:start] != prompt[:start]:  # a merge across the boundary: back off
         start -= 1
@@ -150,20 +153,32 @@ def _score(model: EvalModel, sample: dict, scorer, config: EvalConfig, numeric: 
     nll_answer, n_answer = token_nll(logits, ids, start)
     nll_full, n_full = token_nll(logits, ids, 1)
     timed = model.generate(model.format.conversation(sample["question"]), config.max_new_tokens)
-    rouge = scorer.score(sample["reference"], timed.text)
+    rouge = rouge_scores(scorer, sample["reference"], timed.text)
     answer_bytes = max(1, len(sample["reference"].encode("utf-8")))
     scores = {
         "answer": timed.text, "nll_answer": nll_answer, "answer_tokens": n_answer, "nll_full": nll_full,
         "full_tokens": n_full, "nll_per_byte": nll_answer / answer_bytes,
-        "rouge1": rouge["rouge1"].fmeasure, "rouge2": rouge["rouge2"].fmeasure, "rougeL": rouge["rougeL"].fmeasure,
+        **rouge,
         "exact_match": float(timed.text.strip() == sample["reference"].strip()),
         "ttft_s": timed.ttft_s, "latency_s": timed.total_s, "new_tokens": timed.new_tokens,
-        "decode_tokens_per_s": (timed.new_tokens - 1) / (timed.total_s - timed.ttft_s)
-        if timed.new_tokens > 1 and timed.total_s > timed.ttft_s else None,
+        "decode_tokens_per_s": decode_rate(timed.new_tokens, timed.ttft_s, timed.total_s),
     }
     if numeric:
         scores["numeric_correct"] = float(_final_number(timed.text) == _final_number(sample["reference"]))
     return scores
+
+
+def rouge_scorer():
+    """ROUGE as the field computes it (Google's rouge-score, Porter stemming)."""
+    from rouge_score import rouge_scorer as rs
+
+    return rs.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+
+
+def rouge_scores(scorer, reference: str, prediction: str) -> dict[str, float]:
+    """F-measures of ``prediction`` against ``reference`` (rouge-score takes the target first)."""
+    scores = scorer.score(reference, prediction)
+    return {key: scores[key].fmeasure for key in ("rouge1", "rouge2", "rougeL")}
 
 
 def _damage(onnx: np.ndarray, reference: np.ndarray, start: int) -> dict:
@@ -259,7 +274,7 @@ def _summarise(models, details, sources, same_tokens, numeric, config) -> dict:
             stats["kl_divergence"] = sum(r["kl_sum"] for r in rows) / positions
             stats["top1_agreement"] = sum(r["top1_agree"] for r in rows) / positions
         if config.memory:
-            stats["peak_rss_mb"] = _peak_rss(model.label)
+            stats["peak_rss_mib"] = _peak_rss(model.label)
         summary["models"][model.label] = stats
     return summary
 
@@ -267,15 +282,12 @@ def _summarise(models, details, sources, same_tokens, numeric, config) -> dict:
 def _peak_rss(spec: str) -> float | None:
     run = subprocess.run([sys.executable, "-m", "ftl.eval.probe", spec], capture_output=True, text=True)
     try:
-        return round(json.loads(run.stdout.strip().splitlines()[-1])["peak_rss_mb"], 1)
+        return round(json.loads(run.stdout.strip().splitlines()[-1])["peak_rss_mib"], 1)
     except (IndexError, KeyError, json.JSONDecodeError):
         return None
 
 
 def _compare(summary: dict, old_path: Path) -> list[dict]:
-    old_path = Path(old_path)
-    if not old_path.is_file():
-        raise ConfigError("nothing to compare with", str(old_path), "give an earlier metrics_summary.json")
     old = json.loads(old_path.read_text()).get("models", {})
     rows = []
     for label, now in summary["models"].items():

@@ -1,7 +1,7 @@
 """The export recipe: resolve base + adapter → Olive (MergeAdapterWeights → ModelBuilder int4) → check.
 
 Merge before export: a separate adapter makes the int4 MatMuls non-constant, so onnxruntime cannot
-pre-pack them and decode is about 7x slower (29 vs 210 tok/s on SmolLM2-135M here). The separate
+pre-pack them and decode is several times slower (bench/decode.py measures it). The separate
 layout is still offered (``keep_adapter_separate``) for multi-LoRA serving, with a warning.
 """
 
@@ -11,38 +11,20 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, Field
 
 from ftl import manifest, olive
 from ftl.chat import PromptFormat, prompt_format_for
 from ftl.errors import ConfigError
-from ftl.finetune.stage import adapter_dir_of, check_adapter_base
+from ftl.export.config import ExportConfig
+from ftl.lineage import adapter_dir_of, check_adapter_base, require_base, training_record
 from ftl.models import model_identity, resolve_model
+from ftl.system import folder_size_mb
 
 OLIVE_OUT = "olive-output"
 GENAI_FILES = ["genai_config.json", "model.onnx", "tokenizer.json"]
 _OLIVE_EXTRAS = ["footprint.json", "output_footprint.json", "run_history.txt"]
 SLOW_ADAPTER_WARNING = ("the adapter stays a separate runtime input: int4 MatMuls cannot be pre-packed and decode "
-                        "is about 7x slower than a merged export; use it for multi-LoRA serving only")
-
-
-class ExportConfig(BaseModel):
-    adapter: Path | None = Field(None, description="A finetune output folder or a peft adapter folder")
-    model: str | None = Field(None, description="Base model; default: the one the adapter was trained on")
-    output: Path
-    precision: str = "int4"
-    block_size: int = Field(32, description="int4 quantization block size (16/32/64/128/256)")
-    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gather"],
-                                description="Ops quantized to int4; Gather covers the (tied) embedding")
-    # k_quant by default: on SmolLM2-135M (weights already Q4_1 from the GGUF) plain RTN int4 cost +22%
-    # perplexity vs fp32, k_quant (int8 lm_head) +7.5%, at 210 vs 108 MB and the same decode speed
-    # (bench/decode.py). "default" (RTN, shared int4 embedding) is the small option.
-    int4_algo: Literal["default", "rtn", "k_quant", "k_quant_mixed", "k_quant_last"] = "k_quant"
-    accuracy_level: int | None = Field(None, description="MatMulNBits accuracy level; None lets ORT choose")
-    keep_adapter_separate: bool = False
-    force: bool = False
+                        "is several times slower than a merged export; use it for multi-LoRA serving only")
 
 
 @dataclass
@@ -66,9 +48,16 @@ class _Plan:
 
 
 def plan(config: ExportConfig) -> _Plan:
+    if config.keep_adapter_separate and not config.adapter:
+        raise ConfigError("--keep-adapter-separate needs an adapter", None, "pass --adapter, or drop the flag")
     adapter = adapter_dir_of(config.adapter) if config.adapter else None
-    trained = (manifest.read(adapter) or manifest.read(adapter.parent)) if adapter else None
-    model_ref = config.model or _trained_base(trained, config)
+    trained = training_record(adapter) if adapter else None
+    if adapter:
+        model_ref = require_base(adapter, config.model)
+    elif config.model:
+        model_ref = config.model
+    else:
+        raise ConfigError("nothing to export", None, "pass --adapter (a finetune output) and/or --model")
     model_dir = resolve_model(model_ref)
     base = model_identity(model_dir)
     if adapter:
@@ -77,10 +66,6 @@ def plan(config: ExportConfig) -> _Plan:
         fmt = PromptFormat(**trained["prompt_format"])
     else:
         fmt = prompt_format_for(model_dir)
-    if config.keep_adapter_separate and not adapter:
-        raise ConfigError("--keep-adapter-separate needs an adapter", None, "pass --adapter, or drop the flag")
-    if config.block_size not in (16, 32, 64, 128, 256):
-        raise ConfigError(f"block size {config.block_size} is not supported", None, "use 16, 32, 64, 128 or 256")
     fingerprint = manifest.sha256_json({
         "base": base["sha256"], "adapter": manifest.sha256_dir(adapter) if adapter else None,
         "params": config.model_dump(mode="json", exclude={"force", "output", "adapter", "model"}),
@@ -89,19 +74,24 @@ def plan(config: ExportConfig) -> _Plan:
 
 
 def build_olive_config(config: ExportConfig, p: _Plan, out: Path) -> dict:
+    return olive_workflow(config, out, model_dir=p.model_dir, adapter=p.adapter)
+
+
+def olive_workflow(config: ExportConfig, out: Path, *, model_dir: Path, adapter: Path | None) -> dict:
+    """The Olive export workflow; a dry run builds it before the adapter exists."""
     workflow = olive.workflow("export_int4.json", work_dir=out, output_dir=out / OLIVE_OUT)
-    workflow["input_model"]["model_path"] = str(p.model_dir.resolve())
+    workflow["input_model"]["model_path"] = str(Path(model_dir).resolve())
     passes = workflow["passes"]
     builder = passes["builder"]
-    builder.update(precision=config.precision, int4_block_size=config.block_size,
+    builder.update(precision="int4", int4_block_size=config.block_size,
                    int4_op_types_to_quantize=config.op_types, int4_algo_config=config.int4_algo)
     if config.accuracy_level is not None:
         builder["int4_accuracy_level"] = config.accuracy_level
-    if p.adapter is None:
+    if adapter is None:
         del workflow["input_model"]["adapter_path"]
         del passes["merge"]
     else:
-        workflow["input_model"]["adapter_path"] = str(p.adapter.resolve())
+        workflow["input_model"]["adapter_path"] = str(Path(adapter).resolve())
         if config.keep_adapter_separate:
             # ModelBuilder's k_quant tries to quantize the rank-r LoRA MatMuls too and fails on their
             # shapes; RTN leaves them alone, and ExtractAdapters then turns them into inputs.
@@ -145,7 +135,7 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
     olive.clean_cache(out)
 
     seconds = time.perf_counter() - started
-    size_mb = _size_mb(out)
+    size_mb = folder_size_mb(out)
     record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics={"size_mb": size_mb},
                   warnings=warnings)
     record["outputs"] = {"adapter_file": _adapter_file(out).name if _adapter_file(out) else None}
@@ -153,20 +143,6 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
     return ExportResult(out, size_mb, seconds, _adapter_file(out), warnings)
 
 
-def _trained_base(trained: dict | None, config: ExportConfig) -> str:
-    if trained and trained.get("inputs", {}).get("base_model", {}).get("path"):
-        return trained["inputs"]["base_model"]["path"]
-    if config.adapter:
-        raise ConfigError("cannot tell which base model the adapter belongs to", str(config.adapter),
-                          "pass --model with the base model it was trained on")
-    raise ConfigError("nothing to export", None, "pass --adapter (a finetune output) and/or --model")
-
-
 def _adapter_file(out: Path) -> Path | None:
     found = sorted(out.glob("*.onnx_adapter"))
     return found[0] if found else None
-
-
-def _size_mb(folder: Path) -> float:
-    return round(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()
-                     and f.suffix in (".onnx", ".data", ".onnx_adapter", ".json", ".jinja")) / 1e6, 1)

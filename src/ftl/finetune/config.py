@@ -5,38 +5,49 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from ftl.config import StrictModel
 
 
-class FinetuneConfig(BaseModel):
+class FinetuneConfig(StrictModel):
     model: str = Field(description="Base model: a folder, or a name under models/ (e.g. smollm2-135m)")
-    data: Path | list[Path] = Field(description="Training data: JSONL with Question/Answer fields or chat "
+    data: list[Path] = Field(min_length=1, description="Training data: JSONL with Question/Answer fields or chat "
                                                 "messages; several files are concatenated in order")
     output: Path = Field(description="Folder for the adapter, manifest and logs")
-    question_field: str = "Question"
-    answer_field: str = "Answer"
-    messages_field: str = "messages"
-    system_prompt: str | None = None
-    text_template: str | None = Field(None, description="str.format template instead of the chat template")
-    method: Literal["lora", "qlora"] = "lora"
-    r: int = Field(16, gt=0)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | None = None
-    epochs: float = Field(1.0, gt=0)
+    question_field: str = Field("Question", description="Field with the question in Q/A rows")
+    answer_field: str = Field("Answer", description="Field with the answer in Q/A rows")
+    messages_field: str = Field("messages", description="Field with chat messages in conversation rows")
+    system_prompt: str | None = Field(None, description="System message for every conversation that has none; "
+                                                        "inference adds the same one")
+    text_template: str | None = Field(None, description="A str.format template with {Question} and {Answer} "
+                                                        "(ending with {Answer}) instead of the chat template")
+    method: Literal["lora", "qlora"] = Field("lora", description="qlora: 4-bit base with bitsandbytes, needs CUDA")
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA alpha")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] | None = Field(None, description="Module names to adapt (default: peft's for the "
+                                                               "model type)")
+    epochs: float = Field(1.0, gt=0, description="Passes over the data")
     max_steps: int | None = Field(None, gt=0, description="Overrides epochs when set")
-    batch_size: int = Field(4, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
+    batch_size: int = Field(4, gt=0, description="Rows per step")
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (cosine schedule)")
     max_seq_len: int = Field(1024, gt=8, description="A row longer than this is an error, never truncated")
     logging_steps: int | None = Field(None, gt=0, description="Default: about 100 loss points per run")
     save_steps: int = Field(10, gt=0, description="Checkpoint interval, for resume after an interruption")
-    seed: int = 42
-    force: bool = False
+    seed: int = Field(42, description="Random seed for LoRA init and data order")
+    force: bool = Field(False, description="Replace a finished result in the output folder")
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        # One file or several: the same settings, so the same fingerprint either way.
+        return [value] if isinstance(value, (str, Path)) else value
 
     @property
     def data_files(self) -> list[Path]:
-        return list(self.data) if isinstance(self.data, list) else [self.data]
+        return list(self.data)
 
     @model_validator(mode="after")
     def _fields_differ(self):

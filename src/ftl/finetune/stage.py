@@ -20,13 +20,13 @@ from pathlib import Path
 from ftl import manifest, olive
 from ftl.chat import PromptFormat, prompt_format_for
 from ftl.data import Example, Fields, load_examples
-from ftl.errors import AdapterMismatchError, DataError, DeviceError, OutputExistsError
+from ftl.errors import DataError, DeviceError, OutputExistsError
 from ftl.finetune.config import FinetuneConfig
+from ftl.lineage import ADAPTER
 from ftl.models import model_identity, resolve_model
 
 PREPARED = "train.prepared.jsonl"
 CHECKPOINTS = "checkpoints"
-ADAPTER = "adapter"
 _STEP = re.compile(r"(\d+)/(\d+) \[")
 _LOSS = re.compile(r"'loss': '?([0-9.]+(?:e-?\d+)?)")
 
@@ -66,17 +66,13 @@ def plan(config: FinetuneConfig) -> _Plan:
     if config.method == "qlora":
         _require_cuda()
     model_dir = resolve_model(config.model)
-    fields = Fields(config.question_field, config.answer_field, config.messages_field)
-    examples = [e for path in config.data_files for e in load_examples(path, fields, config.system_prompt)]
+    examples = load_training_rows(config)
     fmt = prompt_format_for(model_dir, text_template=config.text_template, question_field=config.question_field,
                             answer_field=config.answer_field, system_prompt=config.system_prompt)
-    if fmt.kind == "text":
-        for example in examples:
-            fmt.check_text_template(example.row, f"{example.source}:{example.line}")
+    for example in examples:
+        fmt.check_messages(example.messages, f"{example.source}:{example.line}")
     token_counts = _count_tokens(model_dir, fmt, examples, config)
-    per_step = config.batch_size * config.grad_accum
-    steps = config.max_steps or max(1, math.ceil(math.ceil(len(examples) / per_step) * config.epochs))
-    logging_steps = config.logging_steps or max(1, steps // 100)
+    steps, logging_steps = steps_for(config, len(examples))
     base = model_identity(model_dir)
     params = config.model_dump(mode="json", exclude={"force", "output"})
     data_hashes = [manifest.sha256_file(f) for f in config.data_files]
@@ -85,12 +81,32 @@ def plan(config: FinetuneConfig) -> _Plan:
     return _Plan(model_dir, base, fmt, examples, token_counts, steps, logging_steps, data_hashes, fingerprint)
 
 
+def load_training_rows(config: FinetuneConfig) -> list[Example]:
+    """Every row of every data file, checked; needs no model, so a dry run can call it first."""
+    fields = Fields(config.question_field, config.answer_field, config.messages_field)
+    return [e for path in config.data_files for e in load_examples(path, fields, config.system_prompt)]
+
+
 def build_olive_config(config: FinetuneConfig, p: _Plan, out: Path) -> dict:
+    return olive_workflow(config, out, model_dir=p.model_dir, max_seq_len=max(p.token_counts), steps=p.steps,
+                          logging_steps=p.logging_steps)
+
+
+def steps_for(config: FinetuneConfig, rows: int) -> tuple[int, int]:
+    """Training steps and the logging interval (about 100 loss points per run)."""
+    per_step = config.batch_size * config.grad_accum
+    steps = config.max_steps or max(1, math.ceil(math.ceil(rows / per_step) * config.epochs))
+    return steps, config.logging_steps or max(1, steps // 100)
+
+
+def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_seq_len: int, steps: int,
+                   logging_steps: int) -> dict:
+    """The Olive LoRA workflow for these settings; a dry run builds it before the base model exists."""
     workflow = olive.workflow("finetune_lora.json", work_dir=out, output_dir=out / "olive-output")
-    workflow["input_model"]["model_path"] = str(p.model_dir.resolve())
+    workflow["input_model"]["model_path"] = str(Path(model_dir).resolve())
     data = workflow["data_configs"][0]
     data["load_dataset_config"]["data_files"] = str((out / PREPARED).resolve())
-    data["pre_process_data_config"]["max_seq_len"] = max(p.token_counts)
+    data["pre_process_data_config"]["max_seq_len"] = max_seq_len
     lora = workflow["passes"]["lora"]
     lora.update(r=config.r, alpha=config.alpha, lora_dropout=config.dropout)
     if config.target_modules:
@@ -102,8 +118,8 @@ def build_olive_config(config: FinetuneConfig, p: _Plan, out: Path) -> dict:
         "per_device_train_batch_size": config.batch_size,
         "gradient_accumulation_steps": config.grad_accum,
         "learning_rate": config.learning_rate,
-        "max_steps": p.steps,
-        "logging_steps": p.logging_steps,
+        "max_steps": steps,
+        "logging_steps": logging_steps,
         "save_steps": config.save_steps,
         "save_total_limit": 2,
         "seed": config.seed,
@@ -157,52 +173,6 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
                           record["metrics"]["final_loss"], curve, seconds, resumed)
 
 
-def check_adapter_base(adapter_dir: Path, base: dict) -> None:
-    """Refuse an adapter trained on another base model.
-
-    An ftl finetune folder records its base model's hash; a bare peft adapter is checked by the
-    shapes of its LoRA matrices against the base model's hidden size.
-    """
-    adapter_dir = Path(adapter_dir)
-    record = manifest.read(adapter_dir) or manifest.read(adapter_dir.parent) or {}
-    trained_on = record.get("inputs", {}).get("base_model", {})
-    if trained_on.get("sha256"):
-        if trained_on["sha256"] != base["sha256"]:
-            raise AdapterMismatchError(
-                f"adapter was trained on {trained_on.get('name', '?')}, not on {base['name']}",
-                str(adapter_dir), f"export with --model {trained_on.get('path', 'the base it was trained on')}")
-        return
-    _check_adapter_shapes(adapter_dir, base)
-
-
-def adapter_dir_of(path: Path) -> Path:
-    """Accept a finetune output folder or the adapter folder itself."""
-    path = Path(path)
-    if (path / ADAPTER / "adapter_config.json").is_file():
-        return path / ADAPTER
-    if (path / "adapter_config.json").is_file():
-        return path
-    raise DataError("no LoRA adapter found", str(path), "give a finetune output folder or a folder with "
-                    "adapter_config.json")
-
-
-def _check_adapter_shapes(adapter_dir: Path, base: dict) -> None:
-    from safetensors import safe_open
-
-    weights = adapter_dir / "adapter_model.safetensors"
-    if not weights.is_file():
-        return
-    with safe_open(str(weights), "pt") as handle:
-        for key in handle.keys():
-            if "lora_A" in key and any(m in key for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
-                width = handle.get_slice(key).get_shape()[1]
-                if width != base["hidden_size"]:
-                    raise AdapterMismatchError(
-                        f"adapter expects hidden size {width}, base model {base['name']} has {base['hidden_size']}",
-                        str(adapter_dir), "use the base model the adapter was trained on")
-                return
-
-
 def _require_cuda() -> None:
     import torch
 
@@ -215,7 +185,7 @@ def _count_tokens(model_dir: Path, fmt: PromptFormat, examples: list[Example], c
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = [fmt.render_example(e.messages, e.row) for e in examples]
+    texts = [fmt.render_example(e.messages) for e in examples]
     counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     for example, count in zip(examples, counts):
         if count > config.max_seq_len:
@@ -238,7 +208,7 @@ def _drop_partial_checkpoints(checkpoints: Path) -> None:
 def _write_prepared(path: Path, p: _Plan) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for example in p.examples:
-            handle.write(json.dumps({"text": p.fmt.render_example(example.messages, example.row)},
+            handle.write(json.dumps({"text": p.fmt.render_example(example.messages)},
                                     ensure_ascii=False) + "\n")
 
 

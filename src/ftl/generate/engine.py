@@ -8,7 +8,6 @@ the model was fine-tuned on.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,46 +16,37 @@ from typing import Iterator
 from ftl import manifest
 from ftl.chat import Message, PromptFormat, prompt_format_for
 from ftl.errors import ConfigError, ModelNotFoundError
+from ftl.lineage import prompt_format_record
+from ftl.system import decode_rate, default_threads
 
 
 @dataclass
 class Generation:
     text: str
     prompt_tokens: int
-    new_tokens: int
+    new_tokens: int  # the answer's tokens; the end-of-sequence step is not one of them
     ttft_s: float
-    total_s: float
+    total_s: float  # until the last answer token arrived
 
     @property
-    def decode_tokens_per_s(self) -> float:
-        decode_time = self.total_s - self.ttft_s
-        return (self.new_tokens - 1) / decode_time if self.new_tokens > 1 and decode_time > 0 else 0.0
+    def decode_tokens_per_s(self) -> float | None:
+        return decode_rate(self.new_tokens, self.ttft_s, self.total_s)
 
 
-def default_threads() -> int:
-    """CPU cores this process may use (container limits included)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _stop_ids(folder: Path) -> set[int]:
-    eos = json.loads((Path(folder) / "genai_config.json").read_text()).get("model", {}).get("eos_token_id", [])
-    return set(eos if isinstance(eos, list) else [eos])
+def _genai_config(folder: Path) -> dict:
+    return json.loads((Path(folder) / "genai_config.json").read_text())
 
 
 def load_og_model(folder: Path, threads: int | None = None):
     """An ``onnxruntime_genai.Model`` with an explicit intra-op thread count.
 
-    Left unset, onnxruntime-genai decoded SmolLM2 int4 at ~100 tok/s on a 2-core machine here;
-    with the thread count set to the cores available, ~140 tok/s. A value already in
-    genai_config.json wins unless ``threads`` is given.
+    Left unset, onnxruntime-genai uses the physical cores, which is 1 on some VMs; ftl passes
+    :func:`ftl.system.default_threads`. A value already in genai_config.json wins unless
+    ``threads`` is given.
     """
     import onnxruntime_genai as og
 
-    config_path = Path(folder) / "genai_config.json"
-    session = json.loads(config_path.read_text()).get("model", {}).get("decoder", {}).get("session_options", {})
+    session = _genai_config(folder).get("model", {}).get("decoder", {}).get("session_options", {})
     if threads is None and "intra_op_num_threads" in session:
         return og.Model(str(folder)), session["intra_op_num_threads"]
     threads = threads or default_threads()
@@ -74,15 +64,18 @@ class OnnxChatModel:
         if not (folder / "genai_config.json").is_file():
             raise ModelNotFoundError("not an onnxruntime-genai folder (no genai_config.json)", str(folder),
                                      "give the output folder of `ftl export-onnx`")
-        record = manifest.read(folder) or {}
+        record = manifest.read(folder) if manifest.is_ftl(manifest.read(folder)) else {}
         self.folder = folder
-        self.format = PromptFormat(**record["prompt_format"]) if record.get("prompt_format") else \
-            prompt_format_for(folder)
+        recorded = prompt_format_record(folder)
+        self.format = PromptFormat(**recorded) if recorded else prompt_format_for(folder)
         if system_prompt is not None:
             self.format = self.format.model_copy(update={"system_prompt": system_prompt})
         self._og = og
         self.model, self.threads = load_og_model(folder, threads)
-        self.stop_ids = _stop_ids(folder)
+        model_config = _genai_config(folder).get("model", {})
+        eos = model_config.get("eos_token_id", [])
+        self.stop_ids = set(eos if isinstance(eos, list) else [eos])
+        self.context_length = int(model_config.get("context_length") or 2048)
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = None
         adapter = adapter or _bundled_adapter(folder, record)
@@ -96,11 +89,29 @@ class OnnxChatModel:
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         return self.encode(self.format.render_prompt(messages))
 
+    def fit(self, messages: list[Message], max_new_tokens: int) -> tuple[list[Message], int]:
+        """Drop the oldest user/assistant turns (never the system prompt or the last question) until
+        the prompt plus ``max_new_tokens`` fits the context. Returns the messages and turns dropped."""
+        system = messages[:1] if messages and messages[0]["role"] == "system" else []
+        turns = messages[len(system):]
+        dropped = 0
+        while len(turns) > 1 and len(self.prompt_ids(system + turns)) + max_new_tokens > self.context_length:
+            turns = turns[2:] if len(turns) > 2 else turns[-1:]
+            dropped += 1
+        return system + turns, dropped
+
+    def check_fits(self, ids: list[int], max_new_tokens: int) -> None:
+        if len(ids) + max_new_tokens > self.context_length:
+            raise ConfigError(f"the prompt has {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it "
+                              f"exceeds the model's {self.context_length}-token context", str(self.folder),
+                              "shorten the prompt or lower --max-new-tokens")
+
     def stream(self, messages: list[Message], *, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, stats: dict | None = None) -> Iterator[str]:
         """Yield text pieces as tokens arrive. ``stats`` (if given) receives timing and counts."""
         og = self._og
         ids = self.prompt_ids(messages)
+        self.check_fits(ids, max_new_tokens)
         params = og.GeneratorParams(self.model)
         options = {"max_length": len(ids) + max_new_tokens}
         if temperature > 0:
@@ -114,19 +125,19 @@ class OnnxChatModel:
             generator.set_active_adapter(self.adapters, "default")
         generator.append_tokens(ids)
         decoder = self.tokenizer.create_stream()
-        new_tokens, ttft = 0, None
+        new_tokens, first, last = 0, None, None
         while not generator.is_done():
             generator.generate_next_token()
             token = generator.get_next_tokens()[0]
-            new_tokens += 1
-            if ttft is None:
-                ttft = time.perf_counter() - started
+            now = time.perf_counter() - started
+            first = now if first is None else first
             if generator.is_done() and token in self.stop_ids:
-                break
+                break  # the end-of-sequence step is not an answer token (see ftl.system.decode_rate)
+            new_tokens, last = new_tokens + 1, now
             yield decoder.decode(token)
         if stats is not None:
-            stats.update(prompt_tokens=len(ids), new_tokens=new_tokens, ttft_s=ttft or 0.0,
-                         total_s=time.perf_counter() - started)
+            stats.update(prompt_tokens=len(ids), new_tokens=new_tokens, ttft_s=first or 0.0,
+                         total_s=last if last is not None else (first or 0.0))
 
     def generate(self, messages: list[Message], **kwargs) -> Generation:
         stats: dict = {}

@@ -10,4 +10,5 @@ from ftl.models.store import (
     resolve_model,
 )
 
-__all__ = ["BUILTIN", "ImportResult", "default_models_dir", "import_model", "list_models", "model_identity", "resolve_model"]
+__all__ = ["BUILTIN", "ImportResult", "default_models_dir", "import_model", "list_models", "model_identity",
+           "resolve_model"]

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ftl import manifest
 from ftl.errors import ModelNotFoundError
+from ftl.system import folder_size_mb
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,6 @@ BUILTIN = {
         "SmolLM2-135M-Instruct (embedded GGUF, offline default)",
     ),
 }
-DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass
@@ -108,9 +108,9 @@ def list_models(models_dir: Path | None = None) -> list[dict]:
         record = manifest.read(folder) or {}
         if not is_hf_folder(folder) and not record:
             continue
-        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        record = record if manifest.is_ftl(record) else {}
         found.append({"name": folder.name, "path": str(folder), "status": record.get("status", "unmanaged"),
-                      "source": record.get("inputs", {}).get("source", "?"), "size_mb": round(size / 1e6, 1),
+                      "source": record.get("inputs", {}).get("source", "?"), "size_mb": folder_size_mb(folder),
                       "parameters": record.get("outputs", {}).get("parameters")})
     for name, entry in BUILTIN.items():
         if not any(m["name"] == name for m in found):
@@ -173,7 +173,7 @@ def model_identity(path: Path) -> dict:
 
     path = Path(path)
     record = manifest.read(path) or {}
-    digest = record.get("outputs", {}).get("sha256") if record.get("status") == "complete" else None
+    digest = record.get("outputs", {}).get("sha256") if manifest.is_complete(path) else None
     config = json.loads((path / "config.json").read_text())
     return {
         "path": str(path.resolve()),

@@ -11,41 +11,70 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
-from rich.table import Table
+from pydantic import Field, ValidationError, create_model
 
 from ftl import manifest
+from ftl.config import StrictModel, settings_error
+from ftl.distill.config import DistillConfig
 from ftl.errors import ConfigError, DataError, OutputExistsError
+from ftl.eval.config import EvalConfig
+from ftl.export.config import ExportConfig
+from ftl.finetune.config import FinetuneConfig
 from ftl.progress import console, run_with_progress, task_progress
+from rich.table import Table
+
+STAGES = ("import", "distill", "finetune", "export", "generate", "eval")
+# The models an eval stage compares by default, by stage name.
+EVAL_MODELS = ["export", "finetune", "base"]
 
 
-class ImportStage(BaseModel):
-    source: str = "smollm2-135m"
-    name: str | None = None
+class ImportStage(StrictModel):
+    source: str = Field("smollm2-135m", description="A built-in name, a .gguf file, an HF folder or a Hub id")
+    name: str | None = Field(None, description="Folder name under the models dir (default: from the source)")
 
 
-class GenerateStage(BaseModel):
+class GenerateStage(StrictModel):
     questions: list[str] | Path = Field(description="A list, or a text/JSONL file of questions")
-    question_field: str = "Question"
-    max_new_tokens: int = 128
-    temperature: float = 0.0
+    question_field: str = Field("Question", description="Field with the question in a JSONL file")
+    max_new_tokens: int = Field(128, gt=0, description="Tokens generated per answer")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy")
 
 
-class PipelineSpec(BaseModel):
+def _stage_model(config: type[StrictModel], filled: tuple[str, ...], **overrides) -> type[StrictModel]:
+    """A stage block: the stage's own config (its fields, defaults and validators), except the
+    paths the pipeline fills in by chaining, which the block may not set (see :func:`_build`)."""
+    fields = {name: (config.model_fields[name].annotation | None, None) for name in filled}
+    model = create_model(f"{config.__name__.removesuffix('Config')}Stage", __base__=config, **fields, **overrides)
+    model.filled = filled
+    return model
+
+
+DistillStage = _stage_model(DistillConfig, ("output",))
+FinetuneStage = _stage_model(FinetuneConfig, ("model", "output", "force"))
+ExportStage = _stage_model(ExportConfig, ("adapter", "model", "output", "force"))
+EvalStage = _stage_model(EvalConfig, ("output", "force"), models=(list[str], Field(
+    default_factory=lambda: list(EVAL_MODELS), description="export, finetune, base (the stages' models), or "
+                                                           "onnx:PATH / torch:PATH")))
+
+
+class Stages(StrictModel):
+    import_: ImportStage = Field(default_factory=ImportStage, alias="import")
+    distill: DistillStage | None = None
+    finetune: FinetuneStage
+    export: ExportStage = Field(default_factory=ExportStage)
+    generate: GenerateStage | None = None
+    eval: EvalStage | None = None
+
+
+class PipelineSpec(StrictModel):
     name: str
     workdir: Path
-    models_dir: Path | None = None  # default: ./models or $FTL_MODELS_DIR, as for ftl models
-    import_: ImportStage = Field(default_factory=ImportStage, alias="import")
-    distill: dict[str, Any] | None = None
-    finetune: dict[str, Any]
-    export: dict[str, Any] = Field(default_factory=dict)
-    generate: GenerateStage | None = None
-    eval: dict[str, Any] | None = None
+    models_dir: Path | None = Field(None, description="Default: ./models or $FTL_MODELS_DIR, as for ftl models")
+    stages: Stages
 
 
 @dataclass
@@ -55,10 +84,27 @@ class StageReport:
     seconds: float
     detail: str
     output: str = ""
-    extra: dict = field(default_factory=dict)
 
 
-def load_pipeline(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> PipelineSpec:
+@dataclass
+class PipelinePlan:
+    """Every stage's own config, built and checked before anything runs."""
+
+    spec: PipelineSpec
+    source: str
+    work: Path
+    models_dir: Path
+    model_dir: Path
+    distill: DistillConfig | None
+    finetune: FinetuneConfig
+    export: ExportConfig
+    generate: GenerateStage | None
+    eval: EvalConfig | None
+
+
+def load_pipeline(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> PipelinePlan:
+    """Read, override, validate every stage block and build every stage's config, or raise one
+    ConfigError that lists every problem by its YAML key."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as exc:
@@ -67,102 +113,168 @@ def load_pipeline(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> Pi
         raise ConfigError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where, "fix the syntax") from None
     if not isinstance(raw, dict):
         raise ConfigError("a pipeline must be a YAML mapping", str(path), "see pipelines/quickstart.yaml")
-    stages = raw.get("stages", {})
-    flat = {"name": raw.get("name", Path(path).stem), "workdir": raw.get("workdir", f"runs/{Path(path).stem}"),
-            "models_dir": raw.get("models_dir"), **stages}
+    raw.setdefault("name", Path(path).stem)
+    raw.setdefault("workdir", f"runs/{raw['name']}")
     for item in overrides:
-        _apply_override(flat, item)
+        _apply_override(raw, item)
     try:
-        return PipelineSpec.model_validate(flat)
-    except ValidationError as exc:  # → one line naming the key
-        errors = exc.errors()
-        loc = ".".join(str(p) for p in errors[0]["loc"])
-        raise ConfigError(f"invalid pipeline setting: {errors[0]['msg']}", f"{path}: {loc}",
-                          "see pipelines/quickstart.yaml for the expected keys") from None
+        spec = PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise settings_error(exc, source=str(path), model=PipelineSpec,
+                             fix="see pipelines/quickstart.yaml for the keys each stage takes") from None
+    return _build(spec, str(path))
 
 
-def run(spec: PipelineSpec, *, force: bool = False, dry_run: bool = False) -> list[StageReport]:
-    """Setup, then each stage top to bottom, then a summary table. Returns the stage reports."""
-    from ftl.export import ExportConfig, export_onnx
-    from ftl.finetune import FinetuneConfig, finetune
-    from ftl.models import import_model
-
-    work = Path(spec.workdir)
-    work.mkdir(parents=True, exist_ok=True)
-    reports: list[StageReport] = []
-    console.rule(f"[bold]pipeline {spec.name}[/] → {work}")
-
-    started = time.perf_counter()
+def _build(spec: PipelineSpec, source: str) -> PipelinePlan:
     from ftl.models import default_models_dir
 
+    work = Path(spec.workdir)
+    stages = spec.stages
     models_dir = spec.models_dir or default_models_dir()
-    name = spec.import_.name or spec.import_.source
-    model_dir = models_dir / name
-    if dry_run:
-        reports.append(StageReport("import", "planned", 0.0, f"{spec.import_.source} → {model_dir}"))
-    else:
-        with task_progress(f"import {spec.import_.source}"):
-            imported = _replacing(lambda f: import_model(spec.import_.source, name=name, models_dir=models_dir,
-                                                         force=f), force)
-        reports.append(StageReport("import", "skipped" if imported.skipped else "ran",
-                                   time.perf_counter() - started, f"{imported.parameters / 1e6:.0f}M params",
-                                   str(imported.path)))
+    model_dir = models_dir / (stages.import_.name or stages.import_.source)
+    built, problems = {}, []
+    for name in ("distill", "finetune", "export", "eval"):
+        block = getattr(stages, name)
+        for key in sorted(set(getattr(block, "filled", ())) & (block.model_fields_set if block else set())):
+            problems.append(f"stages.{name}.{key}: set by the pipeline from workdir and the stage before, not here")
 
-    finetune_settings = dict(spec.finetune)
-    distill_config = None
-    if spec.distill is not None:
-        from ftl.distill import DistillConfig
+    def make(name: str, config: type, values: dict):
+        try:
+            built[name] = config(**values)
+        except ValidationError as exc:
+            problems.append(settings_error(exc, source=source, key_name=lambda loc: ".".join(
+                ["stages", name, *map(str, loc)])).what)
 
+    if stages.distill is not None:
         # The distilled Q/A is trained on after the finetune stage's own data files.
-        distill_config = DistillConfig(**{"model": str(model_dir), "output": work / "distill" / "qa.jsonl",
-                                          **spec.distill})
-        own = finetune_settings.get("data", [])
-        finetune_settings["data"] = (own if isinstance(own, list) else [own]) + [distill_config.output]
-    ft_config = FinetuneConfig(**{"model": str(model_dir), "output": work / "finetune", **finetune_settings})
-    ex_config = ExportConfig(**{"adapter": work / "finetune", "output": work / "export", **spec.export})
+        make("distill", DistillConfig, {"model": str(model_dir), **_set(stages.distill),
+                                        "output": work / "distill" / "qa.jsonl"})
+    finetune = _set(stages.finetune)
+    if "distill" in built:
+        own = finetune.get("data", [])
+        finetune["data"] = (own if isinstance(own, list) else [own]) + [built["distill"].output]
+    make("finetune", FinetuneConfig, {**finetune, "model": str(model_dir), "output": work / "finetune"})
+    make("export", ExportConfig, {**_set(stages.export), "adapter": work / "finetune", "output": work / "export"})
+    if stages.eval is not None:
+        named = {"export": f"onnx:{work / 'export'}", "finetune": f"torch:{work / 'finetune'}",
+                 "base": f"torch:{model_dir}"}
+        settings = stages.eval.model_dump(exclude_unset=True)
+        settings["models"] = [named.get(m, m) for m in stages.eval.models]
+        make("eval", EvalConfig, {**settings, "output": work / "eval"})
+    if problems:
+        raise ConfigError("; ".join(problems), source, "see pipelines/quickstart.yaml for the keys each stage takes")
+    return PipelinePlan(spec, source, work, models_dir, model_dir, built.get("distill"), built["finetune"],
+                        built["export"], stages.generate, built.get("eval"))
+
+
+def _set(block) -> dict:
+    """Only the keys the YAML set: the stage config's own defaults apply to the rest."""
+    return block.model_dump(exclude_unset=True, by_alias=False)
+
+
+def check(plan: PipelinePlan) -> list[StageReport]:
+    """Each stage's own checks, before anything runs: data files line by line, templates, seeds,
+    the eval set and the generate questions. Returns one 'planned' report per stage."""
+    from ftl.distill.seeds import load_seeds
+    from ftl.distill.stage import build_messages
+    from ftl.eval.stage import load_test_set
+    from ftl.finetune.stage import load_training_rows
+
+    reports = [StageReport("import", "planned", 0.0, f"{plan.spec.stages.import_.source} → {plan.model_dir}",
+                           str(plan.model_dir))]
+    distilled = None
+    if plan.distill:
+        seeds = load_seeds(plan.distill)
+        build_messages(seeds[0], plan.distill)  # a wrong template placeholder fails here, not mid-run
+        distilled = plan.distill.output
+        reports.append(StageReport("distill", "planned", 0.0, f"{len(seeds)} seeds valid", str(distilled)))
+    own = plan.finetune.model_copy(update={"data": [f for f in plan.finetune.data_files if f != distilled]})
+    rows = load_training_rows(own) if own.data else []
+    reports.append(StageReport("finetune", "planned", 0.0, f"{len(rows)} rows valid"
+                               + (" + the distilled ones" if distilled else ""), str(plan.finetune.output)))
+    reports.append(StageReport("export", "planned", 0.0, "MergeAdapterWeights → ModelBuilder int4",
+                               str(plan.export.output)))
+    if plan.generate:
+        questions = _questions(plan.generate)
+        reports.append(StageReport("generate", "planned", 0.0, f"{len(questions)} questions",
+                                   str(plan.work / "generate")))
+    if plan.eval:
+        samples = load_test_set(plan.eval)
+        reports.append(StageReport("eval", "planned", 0.0, f"{len(samples)} samples, "
+                                   f"{len(plan.eval.models)} models", str(plan.eval.output)))
+    return reports
+
+
+def write_workflows(plan: PipelinePlan, reports: list[StageReport]) -> None:
+    """A dry run writes the exact Olive workflows the finetune and export stages will run."""
+    from ftl.export.stage import olive_workflow as export_workflow
+    from ftl.finetune.stage import finetune, olive_workflow, steps_for
+    from ftl import olive
+
+    by_stage = {r.stage: r for r in reports}
+    path = plan.work / "finetune.olive_config.json"
+    if (plan.model_dir / "config.json").is_file() and all(Path(f).is_file() for f in plan.finetune.data_files):
+        finetune(plan.finetune, save_config=path)
+    else:  # before the import or the distil has run: the row count and length limit from the settings
+        rows = len(load_rows_safely(plan.finetune))
+        steps, logging_steps = steps_for(plan.finetune, rows)
+        olive.save_config(olive_workflow(plan.finetune, plan.finetune.output, model_dir=plan.model_dir,
+                                         max_seq_len=plan.finetune.max_seq_len, steps=steps,
+                                         logging_steps=logging_steps), path)
+    by_stage["finetune"].detail += f"; Olive workflow → {path}"
+    path = plan.work / "export.olive_config.json"
+    olive.save_config(export_workflow(plan.export, plan.export.output, model_dir=plan.model_dir,
+                                      adapter=plan.finetune.output / "adapter"), path)
+    by_stage["export"].detail += f"; Olive workflow → {path}"
+
+
+def load_rows_safely(config: FinetuneConfig) -> list:
+    from ftl.finetune.stage import load_training_rows
+
+    existing = [f for f in config.data_files if Path(f).is_file()]
+    return load_training_rows(config.model_copy(update={"data": existing})) if existing else []
+
+
+def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False) -> list[StageReport]:
+    """Check every stage, then run each top to bottom, then a summary table. Returns the reports."""
+    from ftl.export import export_onnx
+    from ftl.finetune import finetune
+    from ftl.models import import_model
+
+    planned = check(plan)
+    work = plan.work
+    console.rule(f"[bold]pipeline {plan.spec.name}[/] → {work}")
     if dry_run:
-        from ftl.data import Fields, load_examples
-
-        if distill_config:
-            from ftl.distill.seeds import load_seeds
-
-            seeds = load_seeds(distill_config)
-            reports.append(StageReport("distill", "planned", 0.0, f"{len(seeds)} seeds valid",
-                                       str(distill_config.output)))
-        fields = Fields(ft_config.question_field, ft_config.answer_field, ft_config.messages_field)
-        existing = [f for f in ft_config.data_files if Path(f).is_file()]
-        rows = [e for f in existing for e in load_examples(f, fields)]
-        reports.append(StageReport("finetune", "planned", 0.0, f"{len(rows)} rows valid", str(ft_config.output)))
-        if (model_dir / "config.json").is_file() and len(existing) == len(ft_config.data_files):
-            finetune(ft_config, save_config=work / "finetune.olive_config.json")
-            reports[-1].detail += f"; Olive workflow → {work / 'finetune.olive_config.json'}"
-        reports.append(StageReport("export", "planned", 0.0, "MergeAdapterWeights → ModelBuilder int4",
-                                   str(ex_config.output)))
-        _summary(spec, reports, write=False)  # a plan must not replace the last real run's summary
-        return reports
-
-    if distill_config:
-        reports.append(_distill(distill_config))
+        write_workflows(plan, planned)
+        _summary(plan, planned, write=False)  # a plan must not replace the last real run's summary
+        return planned
+    work.mkdir(parents=True, exist_ok=True)
+    reports: list[StageReport] = []
+    started = time.perf_counter()
+    source = plan.spec.stages.import_.source
+    with task_progress(f"import {source}"):
+        imported = _replacing(lambda f: import_model(source, name=plan.model_dir.name, models_dir=plan.models_dir,
+                                                     force=f), force)
+    reports.append(StageReport("import", "skipped" if imported.skipped else "ran", time.perf_counter() - started,
+                               f"{imported.parameters / 1e6:.0f}M params", str(imported.path)))
+    if plan.distill:
+        reports.append(_distill(plan.distill))
     started = time.perf_counter()
     tuned = run_with_progress("finetune (Olive LoRA)", lambda cb: _replacing(
-        lambda f: finetune(ft_config.model_copy(update={"force": f or ft_config.force}), on_progress=cb), force))
+        lambda f: finetune(plan.finetune.model_copy(update={"force": f}), on_progress=cb), force))
     reports.append(StageReport("finetune", _status(tuned), time.perf_counter() - started,
                                f"{tuned.rows} rows, {tuned.tokens} tokens, {tuned.steps} steps, final loss "
                                f"{tuned.final_loss if tuned.final_loss is not None else '—'}", str(tuned.output)))
-
     started = time.perf_counter()
     with task_progress("export int4 ONNX (Olive)"):
-        exported = _replacing(lambda f: export_onnx(ex_config.model_copy(update={"force": f or ex_config.force})),
-                              force)
+        exported = _replacing(lambda f: export_onnx(plan.export.model_copy(update={"force": f})), force)
     reports.append(StageReport("export", _status(exported), time.perf_counter() - started,
                                f"{exported.size_mb} MB", str(exported.output)))
-
-    if spec.generate:
-        reports.append(_generate(spec.generate, exported.output, work / "generate", force))
-    if spec.eval is not None:
-        reports.append(_eval(spec.eval, {"export": f"onnx:{exported.output}", "finetune": f"torch:{tuned.output}",
-                                         "base": f"torch:{model_dir}"}, work / "eval", force))
-    _summary(spec, reports)
+    if plan.generate:
+        reports.append(_generate(plan.generate, exported.output, work / "generate", force))
+    if plan.eval:
+        reports.append(_eval(plan.eval, force))
+    _summary(plan, reports)
     return reports
 
 
@@ -174,22 +286,22 @@ def _distill(config) -> StageReport:
     with task_progress(f"distill ({config.teacher} teacher)") as (progress, task):
         result = distill(config, on_progress=lambda r: progress.update(task, info=f"{r.answered} answered"))
     fresh = result.answered + sum(result.rejected.values())
-    status = "skipped" if fresh == 0 and result.already_done else ("resumed" if result.already_done else "ran")
-    rejected = sum(result.rejected.values())
-    return StageReport("distill", status, time.perf_counter() - started,
-                       f"{result.answered + result.already_done} Q/A, {rejected} rejected this run",
-                       str(result.output))
+    status = "skipped" if fresh == 0 and result.already_done and not result.pending else (
+        "resumed" if result.already_done else "ran")
+    rejected, pending = sum(result.rejected.values()), sum(result.pending.values())
+    detail = f"{result.answered + result.already_done} Q/A, {rejected} rejected this run"
+    if pending:
+        detail += f", {pending} pending (run again to ask for them)"
+    return StageReport("distill", status, time.perf_counter() - started, detail, str(result.output))
 
 
-def _eval(settings: dict, named: dict[str, str], out: Path, force: bool) -> StageReport:
+def _eval(config: EvalConfig, force: bool) -> StageReport:
     """Compare the stages' own models (by default export vs finetune vs base) on held-out data."""
-    from ftl.eval import EvalConfig, evaluate
+    from ftl.eval import evaluate
 
     started = time.perf_counter()
-    settings = dict(settings)
-    models = [named.get(m, m) for m in settings.pop("models", ["export", "finetune", "base"])]
-    config = EvalConfig(models=models, output=out, **settings)
-    lineage = [manifest.read(Path(m.split(":", 1)[1])) or {} for m in models]
+    out = Path(config.output)
+    lineage = [manifest.read(Path(m.split(":", 1)[1])) or {} for m in config.models]
     fingerprint = manifest.sha256_json({"models": [r.get("fingerprint") or r.get("outputs") for r in lineage],
                                         "settings": config.model_dump(mode="json", exclude={"force"})})
     if manifest.is_complete(out, fingerprint):
@@ -285,23 +397,28 @@ def _status(result) -> str:
     return "skipped" if result.skipped else ("resumed" if getattr(result, "resumed", False) else "ran")
 
 
-def _apply_override(flat: dict, item: str) -> None:
+def _apply_override(raw: dict, item: str) -> None:
+    """``finetune.max_steps=5`` (a stage key) or ``workdir=runs/x`` (a top-level key); values are YAML."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not key=value", None, "e.g. finetune.max_steps=5")
     key, value = item.split("=", 1)
-    target = flat
     parts = key.split(".")
+    if parts[0] in STAGES:
+        parts = ["stages", *parts]
+    target = raw
     for part in parts[:-1]:
-        target = target.setdefault(part, {})
+        target = target.setdefault(part, {}) if isinstance(target.get(part, {}), dict) else None
+        if target is None:
+            raise ConfigError(f"override {key!r} does not name a setting", None, "e.g. finetune.max_steps=5")
     target[parts[-1]] = yaml.safe_load(value)
 
 
-def _summary(spec: PipelineSpec, reports: list[StageReport], write: bool = True) -> None:
-    table = Table("stage", "status", "time", "result", "output", title=f"pipeline {spec.name}")
+def _summary(plan: PipelinePlan, reports: list[StageReport], write: bool = True) -> None:
+    table = Table("stage", "status", "time", "result", "output", title=f"pipeline {plan.spec.name}")
     for r in reports:
         colour = {"ran": "green", "resumed": "green", "skipped": "cyan"}.get(r.status, "white")
         table.add_row(r.stage, f"[{colour}]{r.status}[/]", f"{r.seconds:.1f}s", r.detail, r.output)
     console.print(table)
     if write:
         summary = [vars(r) for r in reports]
-        (Path(spec.workdir) / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        (plan.work / "pipeline_summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -38,14 +38,21 @@ class OpenAICompatibleTeacher:
 
 
 def _status_error(exc) -> TeacherError:
+    """Only a refused key and a missing model stop the run: they fail every request alike. Any other
+    4xx is about this one request (too long a prompt, a content filter), so only its seed is rejected."""
     status = exc.status_code
     if status in (401, 403):
         return TeacherError("auth", f"{status}: the endpoint refused the credentials", status=status)
     if status == 404:
-        return TeacherError("client", "404: no such model or deployment at this endpoint", status=status)
-    if status >= 500:
+        return TeacherError("not_found", "404: no such model or deployment at this endpoint", status=status)
+    if status == 408:  # the server gave up waiting: as transient as a timeout here (the SDK retries it too)
+        return TeacherError("timeout", "408 request timeout", _retry_after(exc.response), status)
+    if status == 409 or status >= 500:  # 409: a conflict the SDK retries too
         return TeacherError("server", f"{status} server error", _retry_after(exc.response), status)
-    return TeacherError("client", f"{status}: {str(exc.message)[:200]}", status=status)
+    body = exc.body if isinstance(exc.body, dict) else {}
+    label = f"{status} {exc.code}" if exc.code else str(status)
+    return TeacherError("client", f"{label}: {str(body.get('message') or exc.message)[:200]}", status=status,
+                        code=exc.code)
 
 
 def _retry_after(response) -> float | None:
@@ -68,9 +75,12 @@ def _completion(response) -> Completion:
     for choice in response.choices:
         message = getattr(choice, "message", None)
         text = getattr(message, "content", None)
+        finish = getattr(choice, "finish_reason", None)
+        if text is None and finish == "content_filter":  # Azure withheld the answer: a verdict, not a bad body
+            text = ""
         if not isinstance(text, str):
             raise TeacherError("bad_response", "choice without text content")
-        choices.append(Choice(text, getattr(choice, "finish_reason", None)))
+        choices.append(Choice(text, finish))
     usage = getattr(response, "usage", None)
     return Completion(choices, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
 

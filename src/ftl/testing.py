@@ -1,8 +1,30 @@
-"""A real OpenAI-compatible HTTP endpoint on 127.0.0.1, for tests and benchmarks.
+"""A fault-injecting, OpenAI-compatible teacher on 127.0.0.1, for testing ``ftl distill`` setups.
 
-It answers ``POST /v1/chat/completions`` through a real local model (or an echo, for timing), and
-injects scripted faults: markers in a question such as ``[429]``, ``[500x2]``, ``[hang]``,
-``[reset]``, ``[garbage]``, ``[empty]``, ``[refuse]`` or ``[long]``, or random 429/500 rates.
+A real HTTP endpoint (``POST /v1/chat/completions``), so a distil run, a benchmark or your own
+client exercises the same code paths as against a paid service, with no key and no network::
+
+    from ftl.testing import TeacherServer
+    from ftl.distill import DistillConfig, distill
+
+    with TeacherServer() as server:                  # answers "Answer: " + the question reversed
+        result = distill(DistillConfig(seeds="seeds.jsonl", output="qa.jsonl", teacher="openai",
+                                       base_url=server.url, model="any"))
+        print(server.requests, server.statuses)      # what reached the server, by HTTP status
+
+Put a marker in a question to script a fault for it:
+
+- ``[429]`` rate limited (with Retry-After), ``[500]`` server error, ``[hang]`` no answer for
+  ``hang_s`` seconds, ``[reset]`` connection dropped: the first attempt only, or the first N with
+  ``[500x3]``;
+- ``[garbage]`` a truncated JSON body, ``[empty]`` an answer with no text, ``[refuse]`` a refusal,
+  ``[long]`` an answer cut by the length limit, ``[400]`` HTTP 400 ``context_length_exceeded``,
+  ``[filter]`` HTTP 400 ``content_filter`` (Azure's prompt filter), ``[filtered]`` an answer
+  withheld by the output filter (``finish_reason: content_filter``): every attempt, or the first
+  N with ``[longx1]``.
+
+``rate_429`` / ``rate_500`` add random faults. ``onnx_answerer(folder)`` answers through a real
+exported model. From a shell, ``python -m ftl.testing [--model EXPORT_DIR] [--delay S]`` prints
+the URL and serves until interrupted.
 """
 
 from __future__ import annotations
@@ -16,28 +38,44 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-_MARK = re.compile(r"\[(429|500|hang|reset|garbage|empty|refuse|long)(?:x(\d+))?\]")
+_MARK = re.compile(r"\[(429|500|400|hang|reset|garbage|empty|refuse|long|filter|filtered)(?:x(\d+))?\]")
+# Faults a real service repeats on every attempt (the question itself causes them) unless a count is given.
+_PERMANENT = ("400", "garbage", "empty", "refuse", "long", "filter", "filtered")
+_CLIENT_ERRORS = {
+    "400": b'{"error": {"code": "context_length_exceeded", "type": "invalid_request_error", "param": "messages",'
+           b' "message": "This model\'s maximum context length is 4096 tokens."}}',
+    "filter": b'{"error": {"code": "content_filter", "param": "prompt", "status": 400, "message": "The response'
+              b' was filtered due to the prompt triggering the content management policy."}}',
+}
 
 
 class _Server(ThreadingHTTPServer):
     # The default listen backlog of 5 drops connections when many clients connect at once, and a
-    # dropped SYN costs a 1 s retransmit: that, not ftl, was half the time at concurrency 16.
+    # dropped SYN waits for a TCP retransmit: the benchmark would measure that, not ftl.
     request_queue_size = 256
     daemon_threads = True
 
 
 class TeacherServer:
+    """Serves on a free port from ``__enter__`` to ``__exit__``; counts what it was asked and answered.
+
+    ``requests``: POSTs received; ``statuses``: responses sent, by HTTP status (a dropped connection
+    sends none); ``attempts``: requests per question; ``paths`` and ``auth_headers``, in order.
+    ``models``: when given, any other model name is answered 404, as a wrong name or deployment is.
+    """
+
     def __init__(self, answer: Callable[[list[dict]], str] | None = None, *, delay: float = 0.0,
                  api_key: str | None = None, rate_429: float = 0.0, rate_500: float = 0.0, hang_s: float = 3.0,
-                 seed: int = 0):
+                 seed: int = 0, models: set[str] | None = None):
         self.answer = answer or (lambda messages: "Answer: " + messages[-1]["content"][::-1])
         self.delay, self.api_key, self.hang_s = delay, api_key, hang_s
-        self.rate_429, self.rate_500 = rate_429, rate_500
+        self.rate_429, self.rate_500, self.models = rate_429, rate_500, models
         self.random = random.Random(seed)
         self.attempts: Counter = Counter()
         self.paths: list[str] = []
         self.auth_headers: list[str | None] = []
         self.statuses: Counter = Counter()
+        self.requests = 0
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -63,7 +101,7 @@ class TeacherServer:
         mark = _MARK.search(question)
         if mark:
             kind, times = mark.group(1), int(mark.group(2) or 1)
-            if kind in ("garbage", "empty", "refuse", "long") or attempt < times:
+            if (kind in _PERMANENT and mark.group(2) is None) or attempt < times:
                 return kind
             return None
         if roll < self.rate_429:
@@ -95,12 +133,16 @@ class TeacherServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
                 with server.lock:
+                    server.requests += 1
                     server.paths.append(self.path)
                     server.auth_headers.append(self.headers.get("api-key") or self.headers.get("Authorization"))
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     return self._send(401, b'{"error": {"message": "Incorrect API key provided"}}')
                 if not self.path.split("?", 1)[0].endswith("/chat/completions"):
                     return self._send(404, b'{"error": {"message": "not found"}}')
+                if server.models is not None and body.get("model") not in server.models:
+                    return self._send(404, json.dumps({"error": {"code": "model_not_found", "message": f"The model "
+                                                       f"{body.get('model')!r} does not exist"}}).encode())
                 messages = body.get("messages", [])
                 question = messages[-1]["content"] if messages else ""
                 fault = server._fault(question)
@@ -110,6 +152,8 @@ class TeacherServer:
                     return self._send(429, b'{"error": {"message": "rate limited"}}', {"Retry-After": "0.2"})
                 if fault == "500":
                     return self._send(500, b'{"error": {"message": "internal error"}}')
+                if fault in _CLIENT_ERRORS:
+                    return self._send(400, _CLIENT_ERRORS[fault])
                 if fault == "hang":
                     time.sleep(server.hang_s)
                     return self._send(500, b'{"error": {"message": "too late"}}')
@@ -121,7 +165,9 @@ class TeacherServer:
                     return self._send(200, b'{"choices": [{"message": {"content": "tru')
                 n = int(body.get("n", 1))
                 if fault == "empty":
-                    choices = []
+                    choices = [_choice(i, "", "stop") for i in range(n)]
+                elif fault == "filtered":
+                    choices = [_choice(i, None, "content_filter") for i in range(n)]
                 elif fault == "refuse":
                     choices = [_choice(i, "I'm sorry, but I can't help with that.", "stop") for i in range(n)]
                 elif fault == "long":
@@ -137,7 +183,7 @@ class TeacherServer:
         return Handler
 
 
-def _choice(index: int, text: str, finish: str) -> dict:
+def _choice(index: int, text: str | None, finish: str) -> dict:
     return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
 
 
@@ -156,14 +202,16 @@ def onnx_answerer(folder, max_new_tokens: int = 16) -> Callable[[list[dict]], st
     return answer
 
 
-def main() -> None:  # python -m ftl.distill.testserver --port 8000 [--model EXPORT_DIR]
+def main() -> None:
+    """``python -m ftl.testing``: print the URL, serve until Ctrl-C (a separate process, as a real endpoint is)."""
     import argparse
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model")
-    parser.add_argument("--delay", type=float, default=0.0)
-    parser.add_argument("--rate-429", type=float, default=0.0)
-    parser.add_argument("--rate-500", type=float, default=0.0)
+    parser = argparse.ArgumentParser(prog="python -m ftl.testing", description="A fault-injecting OpenAI-compatible "
+                                     "test server on 127.0.0.1; prints its base URL.")
+    parser.add_argument("--model", help="answer through this exported ONNX folder (default: an echo)")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds per request")
+    parser.add_argument("--rate-429", type=float, default=0.0, help="fraction of requests answered 429")
+    parser.add_argument("--rate-500", type=float, default=0.0, help="fraction of requests answered 500")
     args = parser.parse_args()
     server = TeacherServer(onnx_answerer(args.model) if args.model else None, delay=args.delay,
                            rate_429=args.rate_429, rate_500=args.rate_500, seed=1)

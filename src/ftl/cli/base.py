@@ -1,0 +1,77 @@
+"""What every command shares: options that read their default and help from the config model,
+one place that builds a config from options (naming the flag in any error), and one place that
+prints a result (``emit``), as a table for people or as JSON for scripts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+from pydantic import BaseModel, ValidationError
+
+from ftl.config import settings_error
+
+
+def option(model: type[BaseModel], field: str, *decls: str, **kwargs) -> Callable:
+    """A click option whose default and help come from ``model.field``: each default has one home."""
+    info = model.model_fields[field]
+    kwargs.setdefault("help", info.description)
+    if info.is_required():
+        kwargs.setdefault("required", True)
+    elif not kwargs.get("is_flag"):
+        default = info.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(map(str, default))
+        kwargs.setdefault("default", default)
+        kwargs.setdefault("show_default", default is not None)
+    return click.option(*decls, field, **kwargs)
+
+
+def comma_list(value: str | None) -> list[str] | None:
+    return [part.strip() for part in value.split(",") if part.strip()] if value else None
+
+
+def build(config_class: type[BaseModel], /, **values):
+    """The config for these option values; a bad value is one line naming the flag, not the field."""
+    try:
+        return config_class(**values)
+    except ValidationError as exc:
+        ctx = click.get_current_context()
+        flags = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
+
+        def key_name(loc: tuple) -> str:
+            return flags.get(str(loc[0]), str(loc[0])) if loc else ""
+
+        raise settings_error(exc, source=f"ftl {ctx.command_path.split(' ', 1)[-1]}", model=config_class,
+                             key_name=key_name, fix="fix those options and run again") from None
+
+
+def plain(value: Any) -> Any:
+    """A result as JSON-ready data: dataclasses and models to dicts, paths to strings."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, BaseModel):
+        return plain(value.model_dump())
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def emit(result: Any, as_json: bool, show: Callable[[Any], None]) -> None:
+    """Print ``result``: one JSON document on stdout with ``--json``, else ``show(result)`` for people."""
+    if as_json:
+        click.echo(json.dumps(plain(result)))
+    else:
+        show(result)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+force_option = click.option("--force", is_flag=True, help="Replace a finished result in --output.")

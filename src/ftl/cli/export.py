@@ -1,0 +1,46 @@
+"""``ftl export-onnx``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ftl.cli.base import build, comma_list, emit, force_option, json_option, option
+from ftl.export.config import ExportConfig as C
+from ftl.progress import console, task_progress
+
+
+@click.command("export-onnx")
+@option(C, "adapter", "--adapter", type=click.Path(path_type=Path))
+@option(C, "model", "--model")
+@option(C, "output", "--output", type=click.Path(path_type=Path))
+@option(C, "block_size", "--block-size", type=click.Choice(["16", "32", "64", "128", "256"]))
+@option(C, "op_types", "--op-types", help="Ops quantized to int4, comma-separated.")
+@option(C, "int4_algo", "--int4-algo", type=click.Choice(["default", "rtn", "k_quant", "k_quant_mixed",
+                                                          "k_quant_last"]))
+@option(C, "accuracy_level", "--accuracy-level", type=click.IntRange(1, 4))
+@option(C, "keep_adapter_separate", "--keep-adapter-separate", is_flag=True)
+@click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
+@force_option
+@json_option
+def export_onnx(save_config: Path | None, as_json: bool, **options) -> None:
+    """Merge the adapter and build an int4 onnxruntime-genai folder for CPU, through Olive."""
+    from ftl.export import export_onnx as run_export
+
+    options["op_types"] = comma_list(options["op_types"])
+    options["block_size"] = int(options["block_size"])
+    config = build(C, **options)
+    with task_progress("exporting int4 ONNX (Olive)"):
+        result = run_export(config, save_config=save_config)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    emit(result, as_json, show_export)
+
+
+def show_export(result) -> None:
+    if result.config_only:
+        console.print("[green]✓[/] Olive workflow written; nothing was exported")
+        return
+    note = " (unchanged, skipped)" if result.skipped else ""
+    console.print(f"[green]✓[/] int4 model → {result.output} ({result.size_mb} MB, {result.seconds:.0f}s{note})")

@@ -1,0 +1,68 @@
+"""``ftl finetune``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.table import Table
+
+from ftl.cli.base import build, comma_list, emit, force_option, json_option, option
+from ftl.finetune.config import FinetuneConfig as C
+from ftl.progress import console, run_with_progress
+
+
+@click.command()
+@option(C, "model", "--model")
+@option(C, "data", "--data", multiple=True, type=click.Path(path_type=Path),
+        help="Q/A JSONL or chat messages JSONL; repeat to train on several files.")
+@option(C, "output", "--output", type=click.Path(path_type=Path))
+@option(C, "question_field", "--question-field")
+@option(C, "answer_field", "--answer-field")
+@option(C, "messages_field", "--messages-field")
+@option(C, "system_prompt", "--system-prompt")
+@option(C, "text_template", "--text-template", help="e.g. '### Q: {Question}\\n### A: {Answer}' instead of "
+                                                    "the chat template; only those two placeholders.")
+@option(C, "method", "--method", type=click.Choice(["lora", "qlora"]))
+@option(C, "r", "--lora-r", type=int)
+@option(C, "alpha", "--lora-alpha", type=float)
+@option(C, "dropout", "--lora-dropout", type=float)
+@option(C, "target_modules", "--target-modules", help="Comma-separated module names (default: peft's for the "
+                                                      "model type).")
+@option(C, "epochs", "--epochs", type=float)
+@option(C, "max_steps", "--max-steps", type=int)
+@option(C, "batch_size", "--batch-size", type=int)
+@option(C, "grad_accum", "--grad-accum", type=int)
+@option(C, "learning_rate", "--learning-rate", type=float)
+@option(C, "max_seq_len", "--max-seq-len", type=int)
+@option(C, "logging_steps", "--logging-steps", type=int)
+@option(C, "save_steps", "--save-steps", type=int)
+@option(C, "seed", "--seed", type=int)
+@click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
+@force_option
+@json_option
+def finetune(save_config: Path | None, as_json: bool, **options) -> None:
+    """LoRA fine-tuning through Olive. Every row is used; the loss goes to the manifest."""
+    from ftl.finetune import finetune as run_finetune
+
+    options["data"] = list(options["data"])
+    options["target_modules"] = comma_list(options["target_modules"])
+    config = build(C, **options)
+    result = run_with_progress("fine-tuning", lambda cb: run_finetune(config, save_config=save_config,
+                                                                        on_progress=cb))
+    emit(result, as_json, show_finetune)
+
+
+def show_finetune(result) -> None:
+    if result.config_only:
+        console.print(f"[green]✓[/] Olive workflow written ({result.rows} rows, {result.tokens} tokens, "
+                      f"{result.steps} steps); nothing was trained")
+        return
+    table = Table("rows", "tokens", "steps", "first loss", "final loss", "time", title="finetune")
+    first = f"{result.loss_curve[0]['loss']:.4f}" if result.loss_curve else "—"
+    final = f"{result.final_loss:.4f}" if result.final_loss is not None else "—"
+    note = " (unchanged, skipped)" if result.skipped else " (resumed)" if result.resumed else ""
+    table.add_row(str(result.rows), str(result.tokens), str(result.steps), first, final,
+                  f"{result.seconds:.0f}s{note}")
+    console.print(table)
+    console.print(f"[green]✓[/] adapter → {result.adapter}")

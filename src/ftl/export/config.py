@@ -1,0 +1,30 @@
+"""Typed settings for ``ftl export-onnx``; validated before any weights load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from ftl.config import StrictModel
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+class ExportConfig(StrictModel):
+    adapter: Path | None = Field(None, description="A finetune output folder or a peft adapter folder")
+    model: str | None = Field(None, description="Base model (default: the one the adapter was trained on)")
+    output: Path = Field(description="Folder for the onnxruntime-genai model")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 quantization block size")
+    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gather"],
+                                description="Ops quantized to int4; Gather covers the (tied) embedding")
+    # k_quant by default: it keeps the head in int8, which measured far closer to fp32 than RTN on the
+    # GGUF-derived default model (bench/decode.py and README's figures); "default" is the smallest.
+    int4_algo: Literal["default", "rtn", "k_quant", "k_quant_mixed", "k_quant_last"] = Field(
+        "k_quant", description="ModelBuilder int4 algorithm; 'default' is the smallest, k_quant more accurate")
+    accuracy_level: Literal[1, 2, 3, 4] | None = Field(
+        None, description="MatMulNBits accuracy level (1 fp32 … 4 int8); default: onnxruntime's choice")
+    keep_adapter_separate: bool = Field(False, description="Export base + .onnx_adapter for multi-LoRA serving "
+                                                           "(much slower decode than a merged export)")
+    force: bool = Field(False, description="Replace a finished result in the output folder")
