@@ -103,3 +103,15 @@ def test_third_party_warnings_go_to_the_log_not_the_terminal(tmp_path, tiny_mode
     assert out.returncode == 0 and out.stdout == "done\n", out.stderr
     assert "gemm_4bit_forward" not in out.stderr and "deprecated" not in out.stderr
     assert "gemm_4bit_forward" in log.read_text() and "deprecated" in log.read_text()
+
+
+def test_error_text_is_not_read_as_markup(tmp_path):
+    folder = tmp_path / "[exp]" / "[/answer]"
+    out = ftl("generate", folder, "hi")
+    [line] = error_lines(out)
+    assert out.returncode == 1 and str(folder) in line and "Traceback" not in out.stderr
+
+
+def test_bare_group_prints_its_help():
+    out = ftl("models")
+    assert "Commands:" in out.stdout + out.stderr and "error:" not in out.stderr

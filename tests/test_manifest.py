@@ -94,3 +94,14 @@ def test_swap_in_replaces_last(tmp_path):
     manifest.swap_in(staging, final)
     assert [p.name for p in final.iterdir()] == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_manifests_from_before_the_marker_are_still_ftls(tmp_path):
+    out = tmp_path / "old-run"
+    old = {k: v for k, v in manifest.new("finetune", inputs={}, params={}, fingerprint="f").items()
+           if k not in ("written_by", "schema")}
+    manifest.write(out, {**old, "status": "complete"})
+    with pytest.raises(OutputExistsError, match="finished finetune"):
+        manifest.prepare_output(out, force=False, stage="finetune")
+    assert manifest.prepare_output(out, force=True, stage="finetune") is False
+    assert not manifest.is_ftl(["not", "a", "dict"])

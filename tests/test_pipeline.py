@@ -17,7 +17,8 @@ def _pipeline(tmp_path, tiny_model, qa_file):
             "import": {"source": str(tiny_model), "name": "tiny"},
             "finetune": {"data": str(qa_file), "max_steps": 2, "batch_size": 2, "save_steps": 1},
             "export": {"int4_algo": "default"},
-            "generate": {"questions": ["What is 2 + 3?", "Name a colour."], "max_new_tokens": 4},
+            # one token: an answer too short to have a decode rate must not break the stage
+            "generate": {"questions": ["What is 2 + 3?", "Name a colour."], "max_new_tokens": 1},
             "eval": {"data": str(qa_file), "max_new_tokens": 4, "memory": False, "limit": 3},
         },
     }
@@ -81,6 +82,9 @@ def test_typos_in_any_stage_are_all_reported_before_anything_runs(tmp_path, tiny
     spec["stages"]["eval"]["limt"] = 2
     spec["stages"]["generate"]["max_new_token"] = 4
     path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="unknown model 'exprot' \\(did you mean export\\?\\)"):
+        load_pipeline(_pipeline(tmp_path, tiny_model, qa_file), ["eval.models=[exprot, base]"])
+    path.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError) as info:
         load_pipeline(path)
     message = str(info.value)
@@ -103,6 +107,20 @@ def test_bad_values_and_missing_files_in_late_stages_fail_before_the_first_stage
         run(load_pipeline(path, [f"eval.data={tmp_path / 'no-such-test.jsonl'}"]))
     assert not (tmp_path / "runs" / "tiny" / "finetune").exists()
     assert not (tmp_path / "models").exists()  # not even the import ran
+
+
+def test_a_distil_stage_can_be_the_only_training_data(tmp_path, tiny_model, qa_file):
+    spec = yaml.safe_load(_pipeline(tmp_path, tiny_model, qa_file).read_text())
+    del spec["stages"]["finetune"]["data"]
+    spec["stages"]["distill"] = {"seeds": str(qa_file), "question_field": "Question", "teacher": "local"}
+    path = tmp_path / "distil-only.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    plan = load_pipeline(path)
+    assert plan.finetune.data_files == [plan.distill.output]
+    del spec["stages"]["distill"]
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="stages.finetune.data"):
+        load_pipeline(path)
 
 
 def test_override_must_be_key_value(tmp_path, tiny_model, qa_file):

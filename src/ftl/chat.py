@@ -153,6 +153,14 @@ def prompt_format_for(
     if text_template is None:
         text_template = DEFAULT_TEXT_TEMPLATE.replace("{Question}", "{" + question_field + "}").replace(
             "{Answer}", "{" + answer_field + "}")
+    check_text_template(text_template, question_field, answer_field)
+    return PromptFormat(kind="text", text_template=text_template, question_field=question_field,
+                        answer_field=answer_field, system_prompt=system_prompt, special_tokens=tokens)
+
+
+def check_text_template(text_template: str, question_field: str = "Question", answer_field: str = "Answer") -> None:
+    """A text template inference can fill: both placeholders once each, nothing else, answer last.
+    Needs no model, so a pipeline checks it before any stage runs."""
     fields = template_fields(text_template)
     if answer_field not in fields or question_field not in fields:
         raise ConfigError(
@@ -174,8 +182,6 @@ def prompt_format_for(
             f"template: {text_template!r}",
             "the answer is what the model learns to generate, so it comes last",
         )
-    return PromptFormat(kind="text", text_template=text_template, question_field=question_field,
-                        answer_field=answer_field, system_prompt=system_prompt, special_tokens=tokens)
 
 
 @lru_cache(maxsize=8)

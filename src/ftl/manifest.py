@@ -111,9 +111,18 @@ def new(stage: str, *, inputs: dict, params: dict, fingerprint: str) -> dict[str
 
 def is_ftl(record: dict | None) -> bool:
     """A manifest ftl wrote: its marker, a schema version and a stage. A web app's or another tool's
-    ``manifest.json`` is not one, so its folder is never replaced or resumed."""
-    return bool(record) and record.get("written_by") == WRITTEN_BY and isinstance(record.get("schema"), int) \
-        and isinstance(record.get("stage"), str)
+    ``manifest.json`` is not one, so its folder is never replaced or resumed.
+
+    Manifests from before the marker (schema 0) are recognised by the ftl version every ftl
+    manifest recorded under ``versions``, so earlier runs can still be resumed or replaced.
+    """
+    if not isinstance(record, dict) or not isinstance(record.get("stage"), str):
+        return False
+    if record.get("written_by") == WRITTEN_BY and isinstance(record.get("schema"), int):
+        return True
+    versions = record.get("versions")
+    return "schema" not in record and isinstance(versions, dict) and isinstance(versions.get("ftl"), str) \
+        and isinstance(record.get("hardware"), str)
 
 
 def is_complete(folder: Path, fingerprint: str | None = None) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 from pydantic import ValidationError
+from rich.markup import escape
 
 from ftl.cli.distill import distill
 from ftl.cli.eval import eval_command
@@ -78,15 +79,19 @@ def main() -> None:
         _fail(exc, exc.one_line())
     except ValidationError as exc:  # a config built outside ftl.cli.base.build
         _fail(exc, settings_error(exc, source="options").one_line())
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare `ftl` or `ftl models`: the help, as always
+        exc.show()
+        sys.exit(exc.exit_code)
     except click.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "ftl"
         _fail(exc, f"{exc.format_message()} ({command}) — see `{command} --help`", code=exc.exit_code)
     except click.ClickException as exc:
         _fail(exc, exc.format_message(), code=exc.exit_code)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, KeyboardInterrupt) as exc:
+        # click turns Ctrl-C into Abort when it is not in standalone mode
+        if isinstance(exc, KeyboardInterrupt) or isinstance(exc.__context__, KeyboardInterrupt):
+            _fail(None, "interrupted — finished work is kept; run the same command again to resume", code=130)
         _fail(None, "aborted")
-    except KeyboardInterrupt:
-        _fail(None, "interrupted — finished work is kept; run the same command again to resume", code=130)
     except Exception as exc:  # noqa: BLE001 — the last guard: one line, never a traceback by surprise
         detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
         _fail(exc, f"unexpected {type(exc).__name__}: {detail} — --debug shows the traceback")
@@ -95,5 +100,6 @@ def main() -> None:
 def _fail(exc: BaseException | None, line: str, code: int = 1) -> None:
     if _DEBUG["on"] and exc is not None:
         console.print_exception()
-    console.print(f"[bold red]error:[/] {line}", highlight=False, soft_wrap=True, markup=True)
+    # The line is the user's text (paths like runs/[exp]): never read it as rich markup.
+    console.print("[bold red]error:[/] " + escape(line), highlight=False, soft_wrap=True)
     sys.exit(code)

@@ -11,7 +11,6 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ftl.distill.teachers.base import CLIENT_ERROR_CODES
-from ftl.errors import ConfigError
 
 # Permanent outcomes, the only ones written to <output>.rejects.jsonl (transient failures stay pending).
 REJECT_REASONS = ("empty", "refusal", "truncated", *CLIENT_ERROR_CODES)
@@ -60,6 +59,7 @@ class DistillConfig(BaseModel):
         """A misspelt reason would retry nothing and say nothing, so it is refused by name."""
         for reason in reasons or []:
             if reason != "all" and reason not in REJECT_REASONS and not _CLIENT_ERROR.fullmatch(reason):
-                raise ConfigError(f"unknown reject reason {reason!r}", "--retry-rejects",
-                                  f"choose from: all, {', '.join(REJECT_REASONS)}, client_error_<status>")
+                # A ValueError, so pydantic reports it with every other problem, under the key or flag.
+                raise ValueError(f"unknown reject reason {reason!r}; choose from: all, "
+                                 f"{', '.join(REJECT_REASONS)}, client_error_<status>")
         return reasons or None

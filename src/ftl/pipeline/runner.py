@@ -9,6 +9,7 @@ Relative paths in the YAML are relative to the current directory.
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from pydantic import Field, ValidationError, create_model
 from ftl import manifest
 from ftl.config import StrictModel, settings_error
 from ftl.distill.config import DistillConfig
-from ftl.errors import ConfigError, DataError, OutputExistsError
+from ftl.errors import ConfigError, DataError, FtlError, OutputExistsError
 from ftl.eval.config import EvalConfig
 from ftl.export.config import ExportConfig
 from ftl.finetune.config import FinetuneConfig
@@ -30,6 +31,10 @@ from rich.table import Table
 STAGES = ("import", "distill", "finetune", "export", "generate", "eval")
 # The models an eval stage compares by default, by stage name.
 EVAL_MODELS = ["export", "finetune", "base"]
+
+
+class DistillPending(FtlError):
+    """Some seeds failed past their retries; the pipeline stops before training on part of the data."""
 
 
 class ImportStage(StrictModel):
@@ -54,7 +59,10 @@ def _stage_model(config: type[StrictModel], filled: tuple[str, ...], **overrides
 
 
 DistillStage = _stage_model(DistillConfig, ("output",))
-FinetuneStage = _stage_model(FinetuneConfig, ("model", "output", "force"))
+# data may be left out when a distil stage supplies it; FinetuneConfig checks the joined list.
+FinetuneStage = _stage_model(FinetuneConfig, ("model", "output", "force"),
+                             data=(list[Path] | None, Field(None, description=FinetuneConfig.model_fields[
+                                 "data"].description)))
 ExportStage = _stage_model(ExportConfig, ("adapter", "model", "output", "force"))
 EvalStage = _stage_model(EvalConfig, ("output", "force"), models=(list[str], Field(
     default_factory=lambda: list(EVAL_MODELS), description="export, finetune, base (the stages' models), or "
@@ -151,7 +159,7 @@ def _build(spec: PipelineSpec, source: str) -> PipelinePlan:
                                         "output": work / "distill" / "qa.jsonl"})
     finetune = _set(stages.finetune)
     if "distill" in built:
-        own = finetune.get("data", [])
+        own = finetune.get("data") or []
         finetune["data"] = (own if isinstance(own, list) else [own]) + [built["distill"].output]
     make("finetune", FinetuneConfig, {**finetune, "model": str(model_dir), "output": work / "finetune"})
     make("export", ExportConfig, {**_set(stages.export), "adapter": work / "finetune", "output": work / "export"})
@@ -160,6 +168,12 @@ def _build(spec: PipelineSpec, source: str) -> PipelinePlan:
                  "base": f"torch:{model_dir}"}
         settings = stages.eval.model_dump(exclude_unset=True)
         settings["models"] = [named.get(m, m) for m in stages.eval.models]
+        for model in stages.eval.models:
+            if model not in named and ":" not in model:
+                close = difflib.get_close_matches(model, list(named), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"stages.eval.models: unknown model {model!r}{hint}; use export, finetune, base, "
+                                "onnx:PATH or torch:PATH")
         make("eval", EvalConfig, {**settings, "output": work / "eval"})
     if problems:
         raise ConfigError("; ".join(problems), source, "see pipelines/quickstart.yaml for the keys each stage takes")
@@ -177,8 +191,9 @@ def check(plan: PipelinePlan) -> list[StageReport]:
     the eval set and the generate questions. Returns one 'planned' report per stage."""
     from ftl.distill.seeds import load_seeds
     from ftl.distill.stage import build_messages
+    from ftl.chat import check_text_template
+    from ftl.eval.models import check_spec
     from ftl.eval.stage import load_test_set
-    from ftl.finetune.stage import load_training_rows
 
     reports = [StageReport("import", "planned", 0.0, f"{plan.spec.stages.import_.source} → {plan.model_dir}",
                            str(plan.model_dir))]
@@ -188,8 +203,15 @@ def check(plan: PipelinePlan) -> list[StageReport]:
         build_messages(seeds[0], plan.distill)  # a wrong template placeholder fails here, not mid-run
         distilled = plan.distill.output
         reports.append(StageReport("distill", "planned", 0.0, f"{len(seeds)} seeds valid", str(distilled)))
-    own = plan.finetune.model_copy(update={"data": [f for f in plan.finetune.data_files if f != distilled]})
-    rows = load_training_rows(own) if own.data else []
+    if plan.finetune.text_template:
+        try:
+            check_text_template(plan.finetune.text_template, plan.finetune.question_field,
+                                plan.finetune.answer_field)
+        except ConfigError as exc:  # name the YAML key, not the flag
+            raise ConfigError(exc.what.replace("--text-template", "stages.finetune.text_template"), plan.source,
+                              exc.fix) from None
+    rows = load_rows_safely(plan.finetune.model_copy(
+        update={"data": [f for f in plan.finetune.data_files if f != distilled]}))
     reports.append(StageReport("finetune", "planned", 0.0, f"{len(rows)} rows valid"
                                + (" + the distilled ones" if distilled else ""), str(plan.finetune.output)))
     reports.append(StageReport("export", "planned", 0.0, "MergeAdapterWeights → ModelBuilder int4",
@@ -200,6 +222,10 @@ def check(plan: PipelinePlan) -> list[StageReport]:
                                    str(plan.work / "generate")))
     if plan.eval:
         samples = load_test_set(plan.eval)
+        produced = {f"onnx:{plan.export.output}", f"torch:{plan.finetune.output}", f"torch:{plan.model_dir}"}
+        for spec in plan.eval.models:
+            if spec not in produced:  # a model from outside the pipeline must exist now
+                check_spec(spec)
         reports.append(StageReport("eval", "planned", 0.0, f"{len(samples)} samples, "
                                    f"{len(plan.eval.models)} models", str(plan.eval.output)))
     return reports
@@ -259,6 +285,10 @@ def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False) -> li
                                f"{imported.parameters / 1e6:.0f}M params", str(imported.path)))
     if plan.distill:
         reports.append(_distill(plan.distill))
+        if "pending" in reports[-1].detail:  # training now would need --force once they are answered
+            _summary(plan, reports)
+            raise DistillPending(f"the distil left seeds pending ({reports[-1].detail})", str(plan.distill.output),
+                                 "run the same command again to ask for them; finished answers are kept")
     started = time.perf_counter()
     tuned = run_with_progress("finetune (Olive LoRA)", lambda cb: _replacing(
         lambda f: finetune(plan.finetune.model_copy(update={"force": f}), on_progress=cb), force))
@@ -359,15 +389,17 @@ def _generate(stage: GenerateStage, export_dir: Path, out: Path, force: bool) ->
             rates.append(result.decode_tokens_per_s)
             handle.write(json.dumps({"Question": question, "Answer": result.text, "new_tokens": result.new_tokens,
                                      "ttft_s": round(result.ttft_s, 4),
-                                     "decode_tokens_per_s": round(result.decode_tokens_per_s, 1)}) + "\n")
+                                     "decode_tokens_per_s": result.decode_tokens_per_s}) + "\n")
             handle.flush()
             progress.advance(task)
             console.print(f"[bold]Q:[/] {question}\n[bold]A:[/] {result.text.strip()}\n", highlight=False)
-    mean_rate = sum(rates) / len(rates)
+    rates = [r for r in rates if r is not None]  # an answer of under two tokens has no decode rate
+    mean_rate = sum(rates) / len(rates) if rates else None
     record.update(status="complete", metrics={"answers": len(questions), "mean_decode_tokens_per_s": mean_rate})
     manifest.write(out, record)
     return StageReport("generate", "ran", time.perf_counter() - started,
-                       f"{len(questions)} answers, {mean_rate:.0f} tok/s decode", str(answers_path))
+                       f"{len(questions)} answers" + (f", {mean_rate:.0f} tok/s decode" if mean_rate else ""),
+                       str(answers_path))
 
 
 def _questions(stage: GenerateStage) -> list[str]:
