@@ -136,11 +136,14 @@ def test_retry_rejects_reasons_are_checked(tmp_path):
     assert DistillConfig(**base, retry_rejects=["truncated", "client_error_413"]).retry_rejects == [
         "truncated", "client_error_413"]
     assert DistillConfig(**base, retry_rejects=["all"]).retry_rejects == ["all"]
-    with pytest.raises(ConfigError, match="unknown reject reason 'truncatd'.*refusal, truncated") as info:
+    with pytest.raises(ValidationError, match="unknown reject reason 'truncatd'.*refusal, truncated"):
         DistillConfig(**base, retry_rejects=["truncatd"])
-    assert "\n" not in str(info.value)
-    with pytest.raises(ConfigError, match="server"):  # transient failures are pending, never rejects
+    with pytest.raises(ValidationError, match="server"):  # transient failures are pending, never rejects
         DistillConfig(**base, retry_rejects=["server"])
+    out = subprocess.run([sys.executable, "-m", "ftl.cli", "distill", "--seeds", "s.jsonl", "--output", "o.jsonl",
+                          "--retry-rejects", "truncated,truncatd"], capture_output=True, text=True, cwd=tmp_path)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and len(errors) == 1 and "--retry-rejects" in errors[0] and "'truncatd'" in errors[0]
     with pytest.raises(ValidationError):  # the old on/off form is not silently read as "all"
         DistillConfig(**base, retry_rejects=True)
 
