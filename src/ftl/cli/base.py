@@ -74,4 +74,3 @@ def emit(result: Any, as_json: bool, show: Callable[[Any], None]) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-force_option = click.option("--force", is_flag=True, help="Replace a finished result in --output.")

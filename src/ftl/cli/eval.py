@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ftl.cli.base import build, emit, force_option, json_option, option
+from ftl.cli.base import build, emit, json_option, option
 from ftl.eval.config import EvalConfig as C
 from ftl.progress import console, task_progress
 
@@ -27,7 +27,7 @@ _TERMINAL_COLUMNS = [0, 1, 3, 6, 7, 10, 12, 13, 14]
 @option(C, "numeric", "--numeric/--no-numeric", default=None)
 @click.option("--no-memory", is_flag=True, help="Skip the peak-RSS probe (one child process per model).")
 @option(C, "compare", "--compare", type=click.Path(path_type=Path))
-@force_option
+@option(C, "force", "--force", is_flag=True)
 @json_option
 def eval_command(no_memory: bool, as_json: bool, **options) -> None:
     """Compare models on perplexity, quantization damage (KL, top-1), ROUGE and latency."""

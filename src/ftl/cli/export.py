@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ftl.cli.base import build, comma_list, emit, force_option, json_option, option
+from ftl.cli.base import build, comma_list, emit, json_option, option
 from ftl.export.config import ExportConfig as C
 from ftl.progress import console, task_progress
 
@@ -22,7 +22,7 @@ from ftl.progress import console, task_progress
 @option(C, "accuracy_level", "--accuracy-level", type=click.IntRange(1, 4))
 @option(C, "keep_adapter_separate", "--keep-adapter-separate", is_flag=True)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
-@force_option
+@option(C, "force", "--force", is_flag=True)
 @json_option
 def export_onnx(save_config: Path | None, as_json: bool, **options) -> None:
     """Merge the adapter and build an int4 onnxruntime-genai folder for CPU, through Olive."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ftl.cli.base import build, comma_list, emit, force_option, json_option, option
+from ftl.cli.base import build, comma_list, emit, json_option, option
 from ftl.finetune.config import FinetuneConfig as C
 from ftl.progress import console, run_with_progress
 
@@ -39,7 +39,7 @@ from ftl.progress import console, run_with_progress
 @option(C, "save_steps", "--save-steps", type=int)
 @option(C, "seed", "--seed", type=int)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
-@force_option
+@option(C, "force", "--force", is_flag=True)
 @json_option
 def finetune(save_config: Path | None, as_json: bool, **options) -> None:
     """LoRA fine-tuning through Olive. Every row is used; the loss goes to the manifest."""
