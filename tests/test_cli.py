@@ -58,7 +58,7 @@ def test_models_list_json_and_save_config(tmp_path, tiny_finetune):
     saved = ftl("export-onnx", "--adapter", tiny_finetune, "--output", tmp_path / "x", "--save-config",
                 tmp_path / "wf.json")
     assert saved.returncode == 0, saved.stderr
-    assert json.loads((tmp_path / "wf.json").read_text())["passes"]["builder"]["type"] == "ModelBuilder"
+    assert json.loads((tmp_path / "wf.json").read_text())["passes"]["builder"]["type"] == "FtlGenaiBuilder"
 
 
 def error_lines(out) -> list[str]:

@@ -1,5 +1,9 @@
 import json
+import os
 import shutil
+import subprocess
+import sys
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -22,6 +26,11 @@ def test_merged_export_is_a_self_contained_genai_folder(tiny_export, tiny_finetu
     assert not (tiny_export / ".olive-cache").exists() and not (tiny_export / "olive-output").exists()
     workflow = json.loads((tiny_export / "olive_config.json").read_text())
     assert list(workflow["passes"]) == ["merge", "builder"]
+    assert workflow["passes"]["builder"]["type"] == "FtlGenaiBuilder"
+    # The default: an int8 embedding and head stored once (tied), an int4 body in blocks of 32.
+    assert record["outputs"]["layout"] == {"block_size": 32, "body_bits": [4], "head_bits": 8, "embedding_bits": 8,
+                                           "tied": True, "zero_points": True}
+    assert record["outputs"]["built_with_onnxruntime_genai"] == metadata.version("onnxruntime-genai")
 
 
 def test_onnx_logits_follow_the_merged_pytorch_model(tiny_export, tiny_finetune):
@@ -97,3 +106,69 @@ def test_export_refuses_a_folder_ftl_did_not_write_even_with_force(tiny_finetune
 def test_nothing_lands_in_the_working_directory(tiny_export, session_cwd):
     # session_cwd is the directory the finetune and export fixtures ran Olive from.
     assert list(session_cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("options", [{"int4_algo": "default", "symmetric": False},
+                                     {"int4_algo": "k_quant", "symmetric": False, "block_size": 64}])
+def test_combinations_that_build_broken_are_refused_before_anything_runs(tiny_finetune, tmp_path, options):
+    with pytest.raises(ConfigError, match="use --") as info:
+        export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "x", **options))
+    assert "\n" not in str(info.value) and not (tmp_path / "x").exists()
+
+
+def test_rtn_symmetric_block_64_is_built_as_asked(tiny_finetune, tmp_path):
+    result = export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "rtn", int4_algo="rtn", block_size=64))
+    layout = manifest.read(result.output)["outputs"]["layout"]
+    assert layout == {"block_size": 64, "body_bits": [4], "head_bits": 4, "embedding_bits": 4, "tied": True,
+                      "zero_points": False}
+
+
+def test_a_silently_ignored_builder_option_is_caught(tiny_model, tmp_path):
+    """og 0.18 ignores options under old names without a word; the graph check is what notices."""
+    from ftl.errors import OliveRunError
+    from ftl.export.builder import BuildOptions, build, verify
+
+    class OldNames(BuildOptions):  # what Olive 0.13's ModelBuilder pass sends
+        def extra_options(self):
+            return [option if option.startswith("filename") else "int4_" + option for option in super().extra_options()]
+
+    asked = OldNames(algo_config="rtn", block_size=64)
+    build(tiny_model, tmp_path / "out", asked, cache_dir=tmp_path / "cache")
+    with pytest.raises(OliveRunError, match="block size 32 \\(asked 64\\)"):
+        verify(tmp_path / "out", asked, tied_expected=True)
+
+
+def test_a_folder_from_a_newer_onnxruntime_genai_is_refused_in_one_line(tiny_export, tmp_path):
+    newer = tmp_path / "newer"
+    shutil.copytree(tiny_export, newer)
+    record = manifest.read(newer)
+    record["outputs"]["built_with_onnxruntime_genai"] = "99.0.0"
+    manifest.write(newer, record)
+    out = subprocess.run([sys.executable, "-m", "ftl.cli", "generate", str(newer), "Hi"], capture_output=True,
+                         text=True)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and len(errors) == 1 and "99.0.0" in errors[0] and "Traceback" not in out.stderr
+
+
+def test_a_folder_built_by_onnxruntime_genai_0_14_still_loads_and_generates(tiny_model, tmp_path):
+    """Folders exported before the move to 0.18 keep working: build one with og 0.14.1's own builder
+    (installed beside, in a folder of its own) and answer from it with the installed og."""
+    old = tmp_path / "og-0.14.1"
+    got = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(old),
+                          "onnxruntime-genai==0.14.1"], capture_output=True, text=True)
+    if got.returncode != 0:
+        pytest.skip(f"onnxruntime-genai 0.14.1 is not installable here: {got.stderr.strip()[-200:]}")
+    built = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tiny_model),
+                            "-o", str(tmp_path / "folder"), "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache")],
+                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(old)})
+    assert built.returncode == 0, built.stderr[-500:]
+    from ftl.export.builder import read_layout
+
+    assert not read_layout(tmp_path / "folder").tied  # 0.14's builder never ties: it is the old layout
+    model = OnnxChatModel(tmp_path / "folder")
+    answer = model.ask("What is 2 + 3?", max_new_tokens=4)
+    assert answer.prompt_tokens > 0
+    ids = [5, 17, 42, 99, 7, 64, 3]
+    onnx = metrics.onnx_logits(model.model, ids)
+    reference = metrics.torch_logits(metrics.load_merged_torch(tiny_model), ids)
+    assert np.corrcoef(onnx.ravel(), reference.ravel())[0, 1] > 0.9  # the same function, int4 noise

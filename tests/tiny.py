@@ -17,22 +17,60 @@ CORPUS = [
 ]
 
 
-def build_tiny_llama(folder: Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0,
-                     vocab_size: int = 512) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+GEMMA = (
+    "{{ bos_token }}{% for message in messages %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' "
+    "else message['role']) + '\n' + message['content'] + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 
-    folder = Path(folder)
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+def _bpe(specials: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(CORPUS * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                        pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    return bpe
+
+
+def build_tiny_gemma3(folder: Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random Gemma 3 (text): sliding-window and global layers, per-layer-type rope settings
+    as transformers 5 nests them, a <bos>-first chat template."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials, 512), bos_token="<bos>",
+                                        eos_token="<end_of_turn>", pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = GEMMA
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=512, sliding_window=32, layer_types=["sliding_attention", "full_attention"][:layers],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    model = Gemma3ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    return folder
+
+
+def build_tiny_llama(folder: Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0,
+                     vocab_size: int = 512) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials, vocab_size), bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -43,6 +43,9 @@ class PromptFormat(BaseModel):
     answer_field: str = "Answer"
     system_prompt: str | None = None
     special_tokens: dict[str, str] = {}
+    # Text templates on models whose tokenizer adds <bos> (Gemma): onnxruntime-genai's tokenizer does
+    # not add it and training tokenises without special tokens, so the rendered text carries it.
+    bos_first: bool = False
 
     @property
     def eos_token(self) -> str:
@@ -61,7 +64,8 @@ class PromptFormat(BaseModel):
         if self.kind == "chat":
             return _render_chat(self.chat_template, messages, True, self.special_tokens)
         system, turns = _split_system(messages)
-        text = f"{system}\n\n" if system else ""
+        text = self.special_tokens.get("bos_token", "") if self.bos_first else ""
+        text += f"{system}\n\n" if system else ""
         for user, assistant in zip(turns[0:-1:2], turns[1:-1:2]):
             text += self._head(user["content"]) + self._tail(assistant["content"])
         return text + self._head(turns[-1]["content"])
@@ -155,7 +159,8 @@ def prompt_format_for(
             "{Answer}", "{" + answer_field + "}")
     check_text_template(text_template, question_field, answer_field)
     return PromptFormat(kind="text", text_template=text_template, question_field=question_field,
-                        answer_field=answer_field, system_prompt=system_prompt, special_tokens=tokens)
+                        answer_field=answer_field, system_prompt=system_prompt, special_tokens=tokens,
+                        bos_first=bool(_adds_bos(model_dir) and tokens.get("bos_token")))
 
 
 def check_text_template(text_template: str, question_field: str = "Question", answer_field: str = "Answer") -> None:
@@ -182,6 +187,11 @@ def check_text_template(text_template: str, question_field: str = "Question", an
             f"template: {text_template!r}",
             "the answer is what the model learns to generate, so it comes last",
         )
+
+
+def _adds_bos(model_dir: Path) -> bool:
+    path = Path(model_dir) / "tokenizer_config.json"
+    return bool(json.loads(path.read_text()).get("add_bos_token")) if path.is_file() else False
 
 
 @lru_cache(maxsize=8)

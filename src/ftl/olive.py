@@ -36,12 +36,34 @@ def load_template(name: str) -> dict:
     return json.loads(resources.files(TEMPLATES_PACKAGE).joinpath(name).read_text(encoding="utf-8"))
 
 
+# ftl's own passes, added to Olive's package config (``olive run --package-config``).
+FTL_PASSES = {
+    "FtlGenaiBuilder": {"module_path": "ftl.export.genai_pass.FtlGenaiBuilder", "supported_providers": ["*"],
+                        "supported_accelerators": ["*"], "supported_precisions": ["*"], "supported_algorithms": [],
+                        "supported_quantization_encodings": []},
+}
+
+
+def package_config(work_dir: Path) -> Path:
+    """Olive's own package config plus ftl's passes, written into the stage's Olive cache."""
+    from olive.package_config import OlivePackageConfig
+
+    config = json.loads(Path(OlivePackageConfig.get_default_config_path()).read_text())
+    config["passes"].update(FTL_PASSES)
+    path = Path(work_dir) / CACHE_DIR / "package_config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2))
+    return path
+
+
 def isolated_env(work_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["CI"] = "1"  # the only switch that stops Olive's telemetry (see module docstring)
     env["OLIVE_DISABLE_TELEMETRY"] = "1"
     env["OLIVE_TELEMETRY_CACHE_DIR"] = str(work_dir / CACHE_DIR / "telemetry")
     env["HF_DATASETS_CACHE"] = str(work_dir / CACHE_DIR / "hf-datasets")
+    # Olive's ModelBuilder and the genai builder default to the Hub cache in the user's home.
+    env["HF_HUB_CACHE"] = str(work_dir / CACHE_DIR / "hf-hub")
     env["HF_HUB_DISABLE_TELEMETRY"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONUNBUFFERED"] = "1"
@@ -72,7 +94,8 @@ def run(config: dict, work_dir: Path, on_line: Callable[[str], None] | None = No
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "a", encoding="utf-8") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "olive", "run", "--config", str(config_path)],
+            [sys.executable, "-m", "olive", "run", "--config", str(config_path),
+             "--package-config", str(package_config(work_dir))],
             cwd=work_dir, env=isolated_env(work_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, bufsize=1,  # text mode splits on \r too, so tqdm updates arrive as lines
         )

@@ -19,6 +19,7 @@ from ftl.progress import console, task_progress
 @option(C, "op_types", "--op-types", help="Ops quantized to int4, comma-separated.")
 @option(C, "int4_algo", "--int4-algo", type=click.Choice(["default", "rtn", "k_quant", "k_quant_mixed",
                                                           "k_quant_last"]))
+@option(C, "symmetric", "--symmetric/--asymmetric")
 @option(C, "accuracy_level", "--accuracy-level", type=click.IntRange(1, 4))
 @option(C, "keep_adapter_separate", "--keep-adapter-separate", is_flag=True)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")

@@ -19,10 +19,13 @@ class ExportConfig(StrictModel):
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 quantization block size")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gather"],
                                 description="Ops quantized to int4; Gather covers the (tied) embedding")
-    # k_quant by default: it keeps the head in int8, which measured far closer to fp32 than RTN on the
-    # GGUF-derived default model (bench/decode.py and README's figures); "default" is the smallest.
+    # k_quant_last by default: an int8 embedding and head stored once (tied) and an int4 body; it
+    # measured at the quality of the old untied k_quant folder at half its size (bench/export_matrix.py).
     int4_algo: Literal["default", "rtn", "k_quant", "k_quant_mixed", "k_quant_last"] = Field(
-        "k_quant", description="ModelBuilder int4 algorithm; 'default' is the smallest, k_quant more accurate")
+        "k_quant_last", description="int4 algorithm of the onnxruntime-genai builder: k_quant_last keeps the "
+                                    "(tied) embedding and head in int8; default/rtn/k_quant are int4 throughout "
+                                    "(smaller, less accurate)")
+    symmetric: bool = Field(True, description="int4 without zero points (--asymmetric adds them)")
     accuracy_level: Literal[1, 2, 3, 4] | None = Field(
         None, description="MatMulNBits accuracy level (1 fp32 … 4 int8); default: onnxruntime's choice")
     keep_adapter_separate: bool = Field(False, description="Export base + .onnx_adapter for multi-LoRA serving "

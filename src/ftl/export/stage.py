@@ -1,4 +1,5 @@
-"""The export recipe: resolve base + adapter → Olive (MergeAdapterWeights → ModelBuilder int4) → check.
+"""The export recipe: resolve base + adapter → Olive (MergeAdapterWeights → ftl's genai builder
+pass, int4) → check the files and the graph → manifest.
 
 Merge before export: a separate adapter makes the int4 MatMuls non-constant, so onnxruntime cannot
 pre-pack them and decode is several times slower (bench/decode.py measures it). The separate
@@ -15,6 +16,7 @@ from pathlib import Path
 from ftl import manifest, olive
 from ftl.chat import PromptFormat, prompt_format_for
 from ftl.errors import ConfigError
+from ftl.export.builder import BuildOptions, check_options, verify
 from ftl.export.config import ExportConfig
 from ftl.lineage import adapter_dir_of, check_adapter_base, require_base, training_record
 from ftl.models import model_identity, resolve_model
@@ -59,6 +61,7 @@ def plan(config: ExportConfig) -> _Plan:
     else:
         raise ConfigError("nothing to export", None, "pass --adapter (a finetune output) and/or --model")
     model_dir = resolve_model(model_ref)
+    check_options(build_options(config))
     base = model_identity(model_dir)
     if adapter:
         check_adapter_base(adapter, base)
@@ -83,10 +86,11 @@ def olive_workflow(config: ExportConfig, out: Path, *, model_dir: Path, adapter:
     workflow["input_model"]["model_path"] = str(Path(model_dir).resolve())
     passes = workflow["passes"]
     builder = passes["builder"]
-    builder.update(precision="int4", int4_block_size=config.block_size,
-                   int4_op_types_to_quantize=config.op_types, int4_algo_config=config.int4_algo)
-    if config.accuracy_level is not None:
-        builder["int4_accuracy_level"] = config.accuracy_level
+    builder.update(build_options(config).__dict__)
+    builder.pop("adapter_path")  # Olive hands the builder its adapter through the model
+    builder["op_types_to_quantize"] = list(builder["op_types_to_quantize"])
+    if builder["accuracy_level"] is None:
+        del builder["accuracy_level"]
     if adapter is None:
         del workflow["input_model"]["adapter_path"]
         del passes["merge"]
@@ -95,10 +99,19 @@ def olive_workflow(config: ExportConfig, out: Path, *, model_dir: Path, adapter:
         if config.keep_adapter_separate:
             # ModelBuilder's k_quant tries to quantize the rank-r LoRA MatMuls too and fails on their
             # shapes; RTN leaves them alone, and ExtractAdapters then turns them into inputs.
-            builder["int4_algo_config"] = "default"
+            builder["algo_config"] = "default"
             del passes["merge"]
             passes["extract"] = {"type": "ExtractAdapters", "make_inputs": True, "save_format": "onnx_adapter"}
     return workflow
+
+
+def build_options(config: ExportConfig) -> BuildOptions:
+    """The builder options these settings ask for (what the built graph is checked against)."""
+    algo = "default" if config.keep_adapter_separate else config.int4_algo
+    return BuildOptions(precision="int4", algo_config=algo, block_size=config.block_size,
+                        is_symmetric=config.symmetric or config.keep_adapter_separate,
+                        accuracy_level=config.accuracy_level,
+                        op_types_to_quantize=tuple(config.op_types))
 
 
 def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_line=None) -> ExportResult:
@@ -133,14 +146,29 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
             shutil.move(str(item), out / item.name)
     shutil.rmtree(produced, ignore_errors=True)
     olive.clean_cache(out)
+    layout = verify(out, build_options(config), tied_expected=_ties_embeddings(p.model_dir))
 
     seconds = time.perf_counter() - started
     size_mb = folder_size_mb(out)
     record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics={"size_mb": size_mb},
                   warnings=warnings)
-    record["outputs"] = {"adapter_file": _adapter_file(out).name if _adapter_file(out) else None}
+    record["outputs"] = {"adapter_file": _adapter_file(out).name if _adapter_file(out) else None,
+                         "layout": layout.as_dict(), "built_with_onnxruntime_genai": _og_version()}
     manifest.write(out, record)
     return ExportResult(out, size_mb, seconds, _adapter_file(out), warnings)
+
+
+def _ties_embeddings(model_dir: Path) -> bool:
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
+
+
+def _og_version() -> str:
+    from importlib import metadata
+
+    return metadata.version("onnxruntime-genai")
 
 
 def _adapter_file(out: Path) -> Path | None:

@@ -65,6 +65,7 @@ class OnnxChatModel:
             raise ModelNotFoundError("not an onnxruntime-genai folder (no genai_config.json)", str(folder),
                                      "give the output folder of `ftl export-onnx`")
         record = manifest.read(folder) if manifest.is_ftl(manifest.read(folder)) else {}
+        check_runtime(folder, record)
         self.folder = folder
         recorded = prompt_format_record(folder)
         self.format = PromptFormat(**recorded) if recorded else prompt_format_for(folder)
@@ -76,6 +77,9 @@ class OnnxChatModel:
         eos = model_config.get("eos_token_id", [])
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.context_length = int(model_config.get("context_length") or 2048)
+        # og 0.18 sizes a sliding-window model's KV cache from max_length, and refuses one smaller
+        # than the window (Gemma 3: 512), so a short prompt still asks for at least the window.
+        self.min_length = int(model_config.get("decoder", {}).get("sliding_window", {}).get("window_size") or 0)
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = None
         adapter = adapter or _bundled_adapter(folder, record)
@@ -86,8 +90,13 @@ class OnnxChatModel:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text))
 
+    @property
+    def bos_token(self) -> str:
+        return self.format.special_tokens.get("bos_token", "")
+
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         return self.encode(self.format.render_prompt(messages))
+
 
     def fit(self, messages: list[Message], max_new_tokens: int) -> tuple[list[Message], int]:
         """Drop the oldest user/assistant turns (never the system prompt or the last question) until
@@ -113,7 +122,7 @@ class OnnxChatModel:
         ids = self.prompt_ids(messages)
         self.check_fits(ids, max_new_tokens)
         params = og.GeneratorParams(self.model)
-        options = {"max_length": len(ids) + max_new_tokens}
+        options = {"max_length": min(self.context_length, max(len(ids) + max_new_tokens, self.min_length))}
         if temperature > 0:
             options.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
@@ -146,6 +155,21 @@ class OnnxChatModel:
 
     def ask(self, question: str, **kwargs) -> Generation:
         return self.generate(self.format.conversation(question), **kwargs)
+
+
+def check_runtime(folder: Path, record: dict) -> None:
+    """Refuse a folder built by a newer onnxruntime-genai than the one installed: its config can
+    hold keys this runtime does not know (e.g. 0.18's Gemma folders and "cache_slack" on 0.14)."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    built = (record.get("outputs") or {}).get("built_with_onnxruntime_genai") or \
+        (record.get("versions") or {}).get("onnxruntime-genai") if record.get("stage") == "export" else None
+    installed = metadata.version("onnxruntime-genai")
+    if built and Version(built) > Version(installed):
+        raise ModelNotFoundError(f"built by onnxruntime-genai {built}, newer than the installed {installed}",
+                                 str(folder), f"pip install onnxruntime-genai=={built}, or export it again here")
 
 
 def _bundled_adapter(folder: Path, record: dict) -> Path | None:

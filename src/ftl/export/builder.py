@@ -1,0 +1,182 @@
+"""The one place ftl talks to the onnxruntime-genai (og) model builder, and checks what it built.
+
+Why ftl calls og's ``parse_extra_options`` + ``create_model`` itself (from its own Olive pass,
+:mod:`ftl.export.genai_pass`) instead of Olive 0.13's ``ModelBuilder`` pass: that pass was written
+for og 0.14. On og >= 0.15 it imports a module og removed (``models.quantized_model``), skips
+``parse_extra_options`` (og then raises, and Olive exits 0 with no model), and passes options
+under their old ``int4_*`` names, which og 0.18 ignores without a word. Patching three places in
+someone else's pass would break again with the next release; one function that ftl owns, tested,
+and a check of the built graph after every build, catch it instead. Olive still runs the
+workflow: MergeAdapterWeights, then this builder as an Olive pass.
+
+og's options are strings (``KEY=VALUE``, as on its command line), and a wrong type is read
+loosely ("false" passed where a bool is typed would be true through Olive): ftl renders typed
+values itself, and :func:`verify` reads the ONNX graph to confirm block size, bits, tying and
+zero points.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ftl.errors import ConfigError, OliveRunError
+
+ALGORITHMS = ("default", "rtn", "k_quant", "k_quant_mixed", "k_quant_last")
+# Embedding/head bits each algorithm gives (og 0.18): k_quant_last keeps both in int8, stored once
+# when the model ties them; the others are int4 throughout.
+HEAD_BITS = {"default": 4, "rtn": 4, "k_quant": 4, "k_quant_last": 8}
+
+
+@dataclass
+class BuildOptions:
+    precision: str = "int4"
+    algo_config: str = "k_quant_last"
+    block_size: int = 32
+    is_symmetric: bool = True
+    accuracy_level: int | None = None
+    op_types_to_quantize: tuple[str, ...] = ("MatMul", "Gather")
+    adapter_path: str | None = None
+
+    def extra_options(self) -> list[str]:
+        """og's KEY=VALUE strings, rendered from typed values (og reads "false" as false only as text)."""
+        values = {"filename": "model.onnx"}
+        if self.precision == "int4":
+            values.update(algo_config=self.algo_config, block_size=str(self.block_size),
+                          is_symmetric="true" if self.is_symmetric else "false",
+                          op_types_to_quantize="/".join(self.op_types_to_quantize))
+            if self.accuracy_level is not None:
+                values["accuracy_level"] = str(self.accuracy_level)
+        if self.adapter_path:
+            values["adapter_path"] = self.adapter_path
+        return [f"{key}={value}" for key, value in values.items()]
+
+
+def check_options(options: BuildOptions) -> None:
+    """Refuse what og builds broken, before anything runs."""
+    if options.precision != "int4":
+        return
+    if options.algo_config not in ALGORITHMS:
+        raise ConfigError(f"unknown int4 algorithm {options.algo_config!r}", "--int4-algo",
+                          f"choose one of {', '.join(ALGORITHMS)}")
+    if options.algo_config == "default" and not options.is_symmetric:
+        raise ConfigError("int4 algorithm 'default' with --asymmetric builds an invalid model (its quantised "
+                          "embedding reads the float weight)", "--int4-algo default --asymmetric",
+                          "use --symmetric, or --int4-algo k_quant_last / k_quant for zero points")
+    if options.algo_config == "k_quant" and not options.is_symmetric and options.block_size in (64, 128):
+        raise ConfigError(f"int4 algorithm 'k_quant' asymmetric with --block-size {options.block_size} crashes "
+                          "the builder", "--int4-algo k_quant --asymmetric", "use --block-size 32, or --symmetric")
+
+
+def build(model_dir: Path, output_dir: Path, options: BuildOptions, cache_dir: Path) -> None:
+    """Build an onnxruntime-genai folder from an HF model folder with og's builder."""
+    from onnxruntime_genai.models.builder import create_model, parse_extra_options
+
+    check_options(options)
+    args = (None, str(model_dir), str(output_dir), options.precision, "cpu", str(cache_dir))
+    prepared = parse_extra_options(*args, options.extra_options())
+    _fit_config(prepared["hf_details"]["hf_config"])
+    create_model(*args, **prepared)
+    if not (Path(output_dir) / "model.onnx").is_file():
+        raise OliveRunError("the onnxruntime-genai builder produced no model.onnx", str(output_dir),
+                            "read olive.log for the builder's output")
+
+
+def _fit_config(config) -> None:
+    """transformers 5 nests Gemma 3's rope settings per layer type ({"full_attention": {...},
+    "sliding_attention": {...}}); og's builder reads a flat ``rope_parameters`` with a
+    ``rope_type``, ``rope_theta`` for the global layers and ``rope_local_base_freq`` for the
+    sliding ones. Give it those, on the loaded config (editing config.json does not survive
+    transformers' loading)."""
+    text = getattr(config, "text_config", None) or config
+    rope = getattr(text, "rope_parameters", None)
+    if not isinstance(rope, dict) or "rope_type" in rope or "full_attention" not in rope:
+        return
+    full, sliding = rope["full_attention"], rope.get("sliding_attention", rope["full_attention"])
+    text.rope_parameters = dict(full)
+    text.rope_theta = full.get("rope_theta", 10000.0)
+    text.rope_local_base_freq = sliding.get("rope_theta", text.rope_theta)
+
+
+@dataclass
+class Layout:
+    """What an int4 folder holds, read from its graph."""
+
+    block_size: int | None
+    body_bits: list[int]
+    head_bits: int | None
+    embedding_bits: int | None  # None: a float embedding
+    tied: bool
+    zero_points: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_layout(folder: Path) -> Layout:
+    import onnx
+
+    graph = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False).graph
+    attrs = {n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in graph.node}
+    producers = {out: n for n in graph.node for out in n.output}
+    matmuls = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    head = _producer_of(producers, "logits", "MatMulNBits")
+    gather = next((n for n in graph.node if n.op_type == "GatherBlockQuantized"), None)
+    body = sorted({attrs[n.name].get("bits", 4) for n in matmuls if n is not head})
+    blocks = {attrs[n.name].get("block_size") for n in matmuls}
+    return Layout(
+        block_size=blocks.pop() if len(blocks) == 1 else None,
+        body_bits=body,
+        head_bits=attrs[head.name].get("bits", 4) if head is not None else None,
+        embedding_bits=attrs[gather.name].get("bits", 4) if gather is not None else None,
+        tied=head is not None and gather is not None and _shares_weights(producers, head, gather),
+        zero_points=any(len(n.input) > 3 and n.input[3] for n in matmuls),
+    )
+
+
+def verify(folder: Path, options: BuildOptions, tied_expected: bool) -> Layout:
+    """The folder is what was asked for, or a one-line error: this is what catches the next
+    silent rename of a builder option."""
+    layout = read_layout(folder)
+    if options.precision != "int4":
+        return layout
+    wanted = {"block size": (layout.block_size, options.block_size), "body bits": (layout.body_bits, [4])}
+    head_bits = HEAD_BITS.get(options.algo_config)
+    if head_bits is not None:
+        wanted["head bits"] = (layout.head_bits, head_bits)
+        if "Gather" in options.op_types_to_quantize:
+            wanted["embedding bits"] = (layout.embedding_bits, head_bits)
+            wanted["tied embedding and head"] = (layout.tied, tied_expected)
+    if options.algo_config in ("default", "rtn"):
+        wanted["zero points"] = (layout.zero_points, not options.is_symmetric)
+    if options.algo_config == "k_quant_mixed":
+        wanted.pop("body bits")
+    wrong = [f"{what} {got} (asked {asked})" for what, (got, asked) in wanted.items() if got != asked]
+    if wrong:
+        raise OliveRunError(f"the built model is not what was asked: {'; '.join(wrong)}", str(folder),
+                            "the installed onnxruntime-genai builder may read these options under other names; "
+                            "check its version against the pin in pyproject.toml")
+    return layout
+
+
+def _shares_weights(producers: dict, head, gather) -> bool:
+    """The embedding reads the head's packed weights (directly or through a Reshape) and scales."""
+    data = gather.input[0]
+    while data in producers and producers[data].op_type == "Reshape":
+        data = producers[data].input[0]
+    return data == head.input[1] and gather.input[2] == head.input[2]
+
+
+def _producer_of(producers: dict, output: str, op_type: str):
+    """The node of ``op_type`` that feeds ``output``, through casts and reshapes."""
+    seen, todo = set(), [output]
+    while todo:
+        name = todo.pop()
+        node = producers.get(name)
+        if node is None or node.name in seen:
+            continue
+        if node.op_type == op_type:
+            return node
+        seen.add(node.name)
+        todo.extend(node.input[:1])
+    return None

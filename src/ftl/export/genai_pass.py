@@ -1,0 +1,56 @@
+"""``FtlGenaiBuilder``: ftl's own Olive pass around the onnxruntime-genai model builder.
+
+Olive runs it after MergeAdapterWeights, from the package config ftl passes to ``olive run``
+(:func:`ftl.olive.package_config`). Why ftl owns this pass rather than using Olive 0.13's
+``ModelBuilder``: see :mod:`ftl.export.builder`. Imported only inside Olive's process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from olive.hardware.accelerator import AcceleratorSpec
+from olive.model import HfModelHandler, ONNXModelHandler
+from olive.passes import Pass
+from olive.passes.olive_pass import PassConfigParam
+
+from ftl.export.builder import BuildOptions, build
+
+
+class FtlGenaiBuilder(Pass):
+    """Build an onnxruntime-genai folder (int4 or fp32) from an HF model with og's builder."""
+
+    @classmethod
+    def _default_config(cls, accelerator_spec: AcceleratorSpec) -> dict[str, PassConfigParam]:
+        defaults = BuildOptions()
+        return {
+            "precision": PassConfigParam(type_=str, default_value=defaults.precision, description="int4 or fp32"),
+            "algo_config": PassConfigParam(type_=str, default_value=defaults.algo_config,
+                                           description="og's int4 algorithm"),
+            "block_size": PassConfigParam(type_=int, default_value=defaults.block_size, description="int4 block"),
+            "is_symmetric": PassConfigParam(type_=bool, default_value=defaults.is_symmetric,
+                                            description="int4 without zero points"),
+            "accuracy_level": PassConfigParam(type_=Optional[int], default_value=None,
+                                              description="MatMulNBits accuracy level"),
+            "op_types_to_quantize": PassConfigParam(type_=list[str], default_value=list(defaults.op_types_to_quantize),
+                                                    description="ops quantised"),
+        }
+
+    @staticmethod
+    def is_accelerator_agnostic(accelerator_spec: AcceleratorSpec) -> bool:
+        return False
+
+    def _run_for_config(self, model: HfModelHandler, config, output_model_path: str) -> ONNXModelHandler:
+        if not isinstance(model, HfModelHandler):
+            raise ValueError("FtlGenaiBuilder builds from an HF model")
+        out = Path(output_model_path)
+        out.mkdir(parents=True, exist_ok=True)
+        options = BuildOptions(precision=config.precision, algo_config=config.algo_config,
+                               block_size=config.block_size, is_symmetric=config.is_symmetric,
+                               accuracy_level=config.accuracy_level,
+                               op_types_to_quantize=tuple(config.op_types_to_quantize),
+                               adapter_path=str(model.adapter_path) if model.adapter_path else None)
+        build(Path(model.model_name_or_path), out, options, cache_dir=out.parent / "genai-builder-cache")
+        extra = sorted(str(p) for p in out.iterdir() if p.name not in ("model.onnx", "model.onnx.data"))
+        return ONNXModelHandler(out, onnx_file_name="model.onnx", model_attributes={"additional_files": extra})
