@@ -68,6 +68,12 @@ def test_save_config_only_writes_the_workflow(tiny_finetune, tmp_path):
     assert result.config_only and workflow["passes"]["builder"]["precision"] == "int4"
     assert workflow["input_model"]["adapter_path"].endswith("adapter")
     assert not (tmp_path / "x").exists()
+    # The saved workflow is plain Olive: `olive run` builds it with the package config saved beside it.
+    run = subprocess.run([sys.executable, "-m", "olive", "run", "--config", str(tmp_path / "wf.json"),
+                          "--package-config", str(tmp_path / "wf.package_config.json")], capture_output=True,
+                         text=True, cwd=tmp_path, env={**os.environ, "CI": "1"})
+    assert run.returncode == 0, run.stdout[-500:] + run.stderr[-500:]
+    assert (tmp_path / "x" / "olive-output" / "model.onnx").is_file()
 
 
 def test_adapter_from_another_base_model_is_refused(tiny_finetune, tmp_path):

@@ -44,13 +44,14 @@ FTL_PASSES = {
 }
 
 
-def package_config(work_dir: Path) -> Path:
-    """Olive's own package config plus ftl's passes, written into the stage's Olive cache."""
+def package_config(work_dir: Path, path: Path | None = None) -> Path:
+    """Olive's own package config plus ftl's passes, written into the stage's Olive cache (or to
+    ``path``, beside a saved workflow, so ``olive run --config wf.json --package-config …`` runs it)."""
     from olive.package_config import OlivePackageConfig
 
     config = json.loads(Path(OlivePackageConfig.get_default_config_path()).read_text())
     config["passes"].update(FTL_PASSES)
-    path = Path(work_dir) / CACHE_DIR / "package_config.json"
+    path = Path(path) if path else Path(work_dir) / CACHE_DIR / "package_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2))
     return path

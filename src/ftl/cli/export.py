@@ -41,7 +41,8 @@ def export_onnx(save_config: Path | None, as_json: bool, **options) -> None:
 
 def show_export(result) -> None:
     if result.config_only:
-        console.print("[green]✓[/] Olive workflow written; nothing was exported")
+        console.print("[green]✓[/] Olive workflow written; nothing was exported. Run it with `olive run --config "
+                      "WF.json --package-config WF.package_config.json` (ftl's builder pass is registered there)")
         return
     note = " (unchanged, skipped)" if result.skipped else ""
     console.print(f"[green]✓[/] int4 model → {result.output} ({result.size_mb} MB, {result.seconds:.0f}s{note})")

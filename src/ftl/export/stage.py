@@ -123,6 +123,8 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
         warnings.append(f"int4 algorithm {config.int4_algo} does not support a separate adapter; using 'default' (RTN)")
     if save_config:
         olive.save_config(build_olive_config(config, p, out), save_config)
+        # The builder is ftl's own Olive pass: Olive finds it through this package config.
+        olive.package_config(out, Path(save_config).with_suffix(".package_config.json"))
         return ExportResult(out, 0.0, 0.0, warnings=warnings, config_only=True)
     if manifest.is_complete(out, p.fingerprint) and not config.force:
         record = manifest.read(out)
