@@ -9,7 +9,9 @@ One run builds every candidate from the same base model, with the installed onnx
 - perplexity ratio to the fp32 PyTorch model and top-1 agreement with it, on held-out text (the
   first --rows GSM8K test rows, question + answer), from each folder's own logits through og;
 - decode tokens/s (greedy, exactly --new-tokens, --prompts prompts after a warm-up) as a ratio to
-  the previous release's folder, measured in the same run.
+  the previous release's folder, measured in the same run: the folders take turns over --rounds
+  rounds and the ratio is the median of the per-round ratios (a shared 2-core VM drifts by 10-20%
+  between minutes, so back-to-back blocks per folder would measure the drift).
 
     python bench/export_matrix.py                      # SmolLM2-135M, imported into models/ first
     python bench/export_matrix.py --model models/gemma-3-270m --no-old
@@ -48,8 +50,8 @@ CANDIDATES = {
 def build_old(model_dir: Path, out: Path, work: Path) -> bool:
     """The previous release's folder: og 0.14.1's builder, k_quant, blocks of 32, an fp32 embedding and
     an int8 head, untied. Its own tied-embedding path builds an invalid graph (Olive's ModelBuilder
-    pass patched that into an fp32 Gather), so the embedding is left out of the quantised ops here,
-    which gives the same layout."""
+    pass patched that into an fp32 Gather), so sharing is off and the embedding stays out of the
+    quantised ops here, which gives the same layout."""
     target = work / "og-0.14.1"
     got = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
                           "onnxruntime-genai==0.14.1"], capture_output=True, text=True)
@@ -58,7 +60,8 @@ def build_old(model_dir: Path, out: Path, work: Path) -> bool:
         return False
     if (out / "model.onnx").is_file():
         return True
-    options = ["int4_algo_config=k_quant", "int4_block_size=32", "int4_op_types_to_quantize=MatMul"]
+    options = ["int4_algo_config=k_quant", "int4_block_size=32", "int4_op_types_to_quantize=MatMul",
+               "shared_embeddings=false"]
     run = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o",
                           str(out), "-p", "int4", "-e", "cpu", "-c", str(work / "cache-old"), "--extra_options",
                           *options], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(target)})
@@ -68,12 +71,12 @@ def build_old(model_dir: Path, out: Path, work: Path) -> bool:
 
 
 def quality(folder: Path, sequences: list[list[int]], reference: list[np.ndarray]) -> tuple[float, float]:
-    from ftl.generate import load_og_model
+    from ftl.generate import kv_window, load_og_model
 
     model, _ = load_og_model(folder)
     nll, agree, count = [], 0, 0
     for ids, ref in zip(sequences, reference):
-        logits = metrics.onnx_logits(model, ids)
+        logits = metrics.onnx_logits(model, ids, kv_window(folder))
         nll.append(metrics.token_nll(logits, ids))
         agree += int((logits[:-1].argmax(-1) == ref[:-1].argmax(-1)).sum())
         count += len(ids) - 1
@@ -83,19 +86,20 @@ def quality(folder: Path, sequences: list[list[int]], reference: list[np.ndarray
 def decode_speed(folder: Path, prompts: list[list[int]], new_tokens: int) -> float:
     import onnxruntime_genai as og
 
-    from ftl.generate import load_og_model
+    from ftl.generate import kv_window, load_og_model
 
     model, _ = load_og_model(folder)
     rates = []
     for i, ids in enumerate([prompts[0]] + prompts):  # the first is a warm-up
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
+        length = max(len(ids) + new_tokens, kv_window(folder))
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
         generator = og.Generator(model, params)
         generator.append_tokens(ids)
         started = time.perf_counter()
         generator.generate_next_token()
         first, count = time.perf_counter(), 1
-        while not generator.is_done():
+        while count < new_tokens:
             generator.generate_next_token()
             count += 1
         if i:
@@ -109,6 +113,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=50, help="held-out GSM8K rows for perplexity and top-1")
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved decode rounds")
     parser.add_argument("--no-old", action="store_true", help="skip the og 0.14.1 folder")
     parser.add_argument("--work", type=Path, help="keep the folders here (default: a temp dir)")
     args = parser.parse_args()
@@ -142,26 +147,33 @@ def main() -> None:
         console.print(f"built {name} in {time.perf_counter() - started:.0f}s")
         folders[name] = out
 
-    rows_out, base_speed = [], None
+    rows_out, usable = {}, {}
     for name, folder in folders.items():
-        layout = read_layout(folder)
         try:
             ppl, top1 = quality(folder, sequences, reference)
-            speed = decode_speed(folder, prompts, args.new_tokens)
         except RuntimeError as exc:  # a folder onnxruntime refuses is a result too
             console.print(f"[red]{name}: {str(exc).splitlines()[0][:160]}[/]")
             continue
-        base_speed = base_speed or speed
-        rows_out.append((name, folder_size_mb(folder), layout, ppl / fp32_ppl, top1, speed))
+        usable[name] = folder
+        rows_out[name] = [folder_size_mb(folder), read_layout(folder), ppl / fp32_ppl, top1]
+    speeds: dict[str, list[float]] = {name: [] for name in usable}
+    for _ in range(args.rounds):
+        for name, folder in usable.items():
+            speeds[name].append(decode_speed(folder, prompts, args.new_tokens))
+    first = next(iter(usable))
+    for name in usable:
+        ratios = [mine / theirs for mine, theirs in zip(speeds[name], speeds[first])]
+        rows_out[name] += [statistics.median(speeds[name]), statistics.median(ratios)]
     table = Table("build", "MB", "tied", "embedding / head bits", "ppl ÷ fp32", "top-1", "decode tok/s",
-                  "decode × first row", title=f"export matrix — {args.model.name}")
-    for name, size, layout, ratio, top1, speed in rows_out:
+                  "decode × first row (median of rounds)", title=f"export matrix — {args.model.name}")
+    for name, (size, layout, ratio, top1, speed, speed_ratio) in rows_out.items():
         embedding = layout.embedding_bits or "fp32"
         table.add_row(name, f"{size:.1f}", "yes" if layout.tied else "no", f"{embedding} / {layout.head_bits}",
-                      f"{ratio:.4f}", f"{top1:.4f}", f"{speed:.1f}", f"{speed / base_speed:.2f}")
+                      f"{ratio:.4f}", f"{top1:.4f}", f"{speed:.1f}", f"{speed_ratio:.2f}")
     console.print(table)
     console.print(f"fp32 PyTorch perplexity {fp32_ppl:.3f} on {len(sequences)} GSM8K test rows "
-                  f"({sum(map(len, sequences))} tokens); {args.prompts} prompts × {args.new_tokens} new tokens")
+                  f"({sum(map(len, sequences))} tokens); decode: {args.prompts} prompts × {args.new_tokens} new tokens, "
+                  f"{args.rounds} interleaved rounds")
     console.print(f"hardware: {manifest.hardware()}; threads {default_threads()}; "
                   f"onnxruntime-genai {manifest.versions()['onnxruntime-genai']}; folders in {work}")
 

@@ -30,12 +30,13 @@ def perplexity(nll_and_counts: list[tuple[float, int]]) -> float:
     return math.exp(total / count)
 
 
-def onnx_logits(model, ids: list[int]) -> np.ndarray:
-    """All-position logits from an ``onnxruntime_genai.Model`` for one sequence."""
+def onnx_logits(model, ids: list[int], min_length: int = 0) -> np.ndarray:
+    """All-position logits from an ``onnxruntime_genai.Model`` for one sequence. ``min_length``: the
+    folder's KV window (:func:`ftl.generate.kv_window`), below which og refuses a cache."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 1)
+    params.set_search_options(max_length=max(len(ids) + 1, min_length))
     generator = og.Generator(model, params)
     generator.append_tokens(ids)
     return np.asarray(generator.get_output("logits"))[0]
@@ -49,10 +50,11 @@ def torch_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def onnx_perplexity(folder: Path, sequences: list[list[int]]) -> float:
-    from ftl.generate import load_og_model
+    from ftl.generate import kv_window, load_og_model
 
     model, _ = load_og_model(folder)
-    return perplexity([token_nll(onnx_logits(model, ids), ids) for ids in sequences])
+    window = kv_window(folder)
+    return perplexity([token_nll(onnx_logits(model, ids, window), ids) for ids in sequences])
 
 
 def torch_perplexity(model, sequences: list[list[int]]) -> float:

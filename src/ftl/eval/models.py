@@ -63,7 +63,7 @@ class OnnxEvalModel(EvalModel):
     def logits(self, ids):
         from ftl.metrics import onnx_logits
 
-        return onnx_logits(self.chat.model, ids)
+        return onnx_logits(self.chat.model, ids, self.chat.min_length)
 
     def generate(self, messages, max_new_tokens):
         result = self.chat.generate(messages, max_new_tokens=max_new_tokens)

@@ -1,5 +1,5 @@
 """``ftl generate`` / ``ftl chat``: streamed answers from an exported folder via onnxruntime-genai."""
 
-from ftl.generate.engine import Generation, OnnxChatModel, load_og_model
+from ftl.generate.engine import Generation, OnnxChatModel, kv_window, load_og_model
 
-__all__ = ["Generation", "OnnxChatModel", "load_og_model"]
+__all__ = ["Generation", "OnnxChatModel", "kv_window", "load_og_model"]

@@ -37,6 +37,13 @@ def _genai_config(folder: Path) -> dict:
     return json.loads((Path(folder) / "genai_config.json").read_text())
 
 
+def kv_window(folder: Path) -> int:
+    """The sliding window a folder's KV cache must hold at least (0 without one): onnxruntime-genai
+    0.18 refuses a max_length below it (Gemma 3: 512)."""
+    decoder = _genai_config(folder).get("model", {}).get("decoder", {})
+    return int((decoder.get("sliding_window") or {}).get("window_size") or 0)
+
+
 def load_og_model(folder: Path, threads: int | None = None):
     """An ``onnxruntime_genai.Model`` with an explicit intra-op thread count.
 
@@ -79,7 +86,7 @@ class OnnxChatModel:
         self.context_length = int(model_config.get("context_length") or 2048)
         # og 0.18 sizes a sliding-window model's KV cache from max_length, and refuses one smaller
         # than the window (Gemma 3: 512), so a short prompt still asks for at least the window.
-        self.min_length = int(model_config.get("decoder", {}).get("sliding_window", {}).get("window_size") or 0)
+        self.min_length = kv_window(folder)
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = None
         adapter = adapter or _bundled_adapter(folder, record)
@@ -135,7 +142,7 @@ class OnnxChatModel:
         generator.append_tokens(ids)
         decoder = self.tokenizer.create_stream()
         new_tokens, first, last = 0, None, None
-        while not generator.is_done():
+        while not generator.is_done() and new_tokens < max_new_tokens:  # max_length may exceed it (window)
             generator.generate_next_token()
             token = generator.get_next_tokens()[0]
             now = time.perf_counter() - started
