@@ -178,3 +178,19 @@ def test_a_folder_built_by_onnxruntime_genai_0_14_still_loads_and_generates(tiny
     onnx = metrics.onnx_logits(model.model, ids)
     reference = metrics.torch_logits(metrics.load_merged_torch(tiny_model), ids)
     assert np.corrcoef(onnx.ravel(), reference.ravel())[0, 1] > 0.9  # the same function, int4 noise
+
+
+def test_an_untied_model_exports_with_a_float_embedding(tmp_path, qa_file):
+    from ftl.export.builder import read_layout
+
+    untied = build_tiny_llama(tmp_path / "untied", tied=False)
+    result = export_onnx(ExportConfig(model=str(untied), output=tmp_path / "onnx"))
+    layout = read_layout(result.output)
+    assert not layout.tied and layout.embedding_bits is None and layout.head_bits == 8
+
+
+@pytest.mark.parametrize("algo", ["k_quant_last", "k_quant_mixed"])
+def test_every_k_quant_flavour_asymmetric_at_64_is_refused(tiny_finetune, tmp_path, algo):
+    with pytest.raises(ConfigError, match="--block-size 32"):
+        export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "x", int4_algo=algo, symmetric=False,
+                                 block_size=64))

@@ -63,7 +63,7 @@ def build_tiny_gemma3(folder: Path, *, hidden_size: int = 64, layers: int = 2, s
 
 
 def build_tiny_llama(folder: Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0,
-                     vocab_size: int = 512) -> Path:
+                     vocab_size: int = 512, tied: bool = True) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -77,7 +77,7 @@ def build_tiny_llama(folder: Path, *, hidden_size: int = 64, layers: int = 2, se
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(folder)

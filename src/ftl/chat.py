@@ -190,8 +190,21 @@ def check_text_template(text_template: str, question_field: str = "Question", an
 
 
 def _adds_bos(model_dir: Path) -> bool:
-    path = Path(model_dir) / "tokenizer_config.json"
-    return bool(json.loads(path.read_text()).get("add_bos_token")) if path.is_file() else False
+    """Whether the HF tokenizer puts <bos> first: tokenizer_config's flag, or (transformers 5 drops
+    that flag on save) a post-processor template that starts with the bos token."""
+    config_path, tokenizer_path = Path(model_dir) / "tokenizer_config.json", Path(model_dir) / "tokenizer.json"
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if "add_bos_token" in config:
+        return bool(config["add_bos_token"])
+    if not tokenizer_path.is_file():
+        return False
+    processor = json.loads(tokenizer_path.read_text()).get("post_processor") or {}
+    steps = processor.get("processors", [processor]) if processor.get("type") == "Sequence" else [processor]
+    for step in steps:
+        single = step.get("single") if step.get("type") == "TemplateProcessing" else None
+        if single and "SpecialToken" in single[0]:
+            return True
+    return False
 
 
 @lru_cache(maxsize=8)

@@ -23,9 +23,10 @@ from pathlib import Path
 from ftl.errors import ConfigError, OliveRunError
 
 ALGORITHMS = ("default", "rtn", "k_quant", "k_quant_mixed", "k_quant_last")
-# Embedding/head bits each algorithm gives (og 0.18): k_quant_last keeps both in int8, stored once
-# when the model ties them; the others are int4 throughout.
-HEAD_BITS = {"default": 4, "rtn": 4, "k_quant": 4, "k_quant_last": 8}
+# Head bits each algorithm gives (og 0.18): k_quant_last and k_quant_mixed keep the head in int8
+# (k_quant_mixed some body layers too); default, rtn and k_quant are int4. A tied embedding shares
+# the head's weights; an untied one stays a float Gather unless "default" quantises it to int4.
+HEAD_BITS = {"default": 4, "rtn": 4, "k_quant": 4, "k_quant_last": 8, "k_quant_mixed": 8}
 
 
 @dataclass
@@ -63,9 +64,11 @@ def check_options(options: BuildOptions) -> None:
         raise ConfigError("int4 algorithm 'default' with --asymmetric builds an invalid model (its quantised "
                           "embedding reads the float weight)", "--int4-algo default --asymmetric",
                           "use --symmetric, or --int4-algo k_quant_last / k_quant for zero points")
-    if options.algo_config == "k_quant" and not options.is_symmetric and options.block_size in (64, 128):
-        raise ConfigError(f"int4 algorithm 'k_quant' asymmetric with --block-size {options.block_size} crashes "
-                          "the builder", "--int4-algo k_quant --asymmetric", "use --block-size 32, or --symmetric")
+    # og 0.18 runs the same k-quant method for k_quant, k_quant_last and k_quant_mixed.
+    if options.algo_config.startswith("k_quant") and not options.is_symmetric and options.block_size in (64, 128):
+        raise ConfigError(f"int4 algorithm '{options.algo_config}' asymmetric with --block-size {options.block_size} "
+                          "crashes the builder", f"--int4-algo {options.algo_config} --asymmetric",
+                          "use --block-size 32, or --symmetric")
 
 
 def build(model_dir: Path, output_dir: Path, options: BuildOptions, cache_dir: Path) -> None:
@@ -140,17 +143,19 @@ def verify(folder: Path, options: BuildOptions, tied_expected: bool) -> Layout:
     layout = read_layout(folder)
     if options.precision != "int4":
         return layout
-    wanted = {"block size": (layout.block_size, options.block_size), "body bits": (layout.body_bits, [4])}
-    head_bits = HEAD_BITS.get(options.algo_config)
-    if head_bits is not None:
-        wanted["head bits"] = (layout.head_bits, head_bits)
-        if "Gather" in options.op_types_to_quantize:
-            wanted["embedding bits"] = (layout.embedding_bits, head_bits)
-            wanted["tied embedding and head"] = (layout.tied, tied_expected)
+    head_bits = HEAD_BITS[options.algo_config]
+    wanted = {"block size": (layout.block_size, options.block_size), "head bits": (layout.head_bits, head_bits),
+              "tied embedding and head": (layout.tied, tied_expected)}
+    if options.algo_config == "k_quant_mixed":
+        wanted["body bits"] = (set(layout.body_bits) <= {4, 8} and 4 in layout.body_bits, True)
+    else:
+        wanted["body bits"] = (layout.body_bits, [4])
+    if tied_expected:
+        wanted["embedding bits"] = (layout.embedding_bits, head_bits)
+    elif "Gather" in options.op_types_to_quantize:
+        wanted["embedding bits"] = (layout.embedding_bits, 4 if options.algo_config == "default" else None)
     if options.algo_config in ("default", "rtn"):
         wanted["zero points"] = (layout.zero_points, not options.is_symmetric)
-    if options.algo_config == "k_quant_mixed":
-        wanted.pop("body bits")
     wrong = [f"{what} {got} (asked {asked})" for what, (got, asked) in wanted.items() if got != asked]
     if wrong:
         raise OliveRunError(f"the built model is not what was asked: {'; '.join(wrong)}", str(folder),

@@ -120,7 +120,7 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
     p = plan(config)
     warnings = [SLOW_ADAPTER_WARNING] if config.keep_adapter_separate else []
     if config.keep_adapter_separate and config.int4_algo != "default":
-        warnings.append(f"int4 algorithm {config.int4_algo} does not support a separate adapter; using 'default' (RTN)")
+        warnings.append(f"int4 algorithm {config.int4_algo} does not support a separate adapter; using 'default' (onnxruntime's default quantiser)")
     if save_config:
         olive.save_config(build_olive_config(config, p, out), save_config)
         # The builder is ftl's own Olive pass: Olive finds it through this package config.
@@ -161,10 +161,12 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
 
 
 def _ties_embeddings(model_dir: Path) -> bool:
-    import json
+    """Whether the builder will tie the embedding to the head: it reads AutoConfig, so do the same
+    (a missing key means the config class's default, which is True for some families)."""
+    from transformers import AutoConfig
 
-    config = json.loads((Path(model_dir) / "config.json").read_text())
-    return bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
+    config = AutoConfig.from_pretrained(model_dir)
+    return bool(getattr(getattr(config, "text_config", None) or config, "tie_word_embeddings", False))
 
 
 def _og_version() -> str:
