@@ -39,7 +39,6 @@ def _bpe(specials: list[str], vocab_size: int):
 def build_tiny_gemma3(folder: Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
     """A tiny random Gemma 3 (text): sliding-window and global layers, per-layer-type rope settings
     as transformers 5 nests them, a <bos>-first chat template."""
-    import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
     folder = Path(folder)
@@ -47,24 +46,14 @@ def build_tiny_gemma3(folder: Path, *, hidden_size: int = 64, layers: int = 2, s
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials, 512), bos_token="<bos>",
                                         eos_token="<end_of_turn>", pad_token="<pad>", unk_token="<unk>")
     tokenizer.chat_template = GEMMA
-    torch.manual_seed(seed)
     config = Gemma3TextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=512, sliding_window=32, layer_types=["sliding_attention", "full_attention"][:layers],
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )
-    model = Gemma3ForCausalLM(config)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    model.generation_config.save_pretrained(folder)
-    return folder
+        **_sizes(tokenizer, hidden_size, layers), head_dim=16, sliding_window=32,
+        layer_types=["sliding_attention", "full_attention"][:layers], tie_word_embeddings=True)
+    return _save(Gemma3ForCausalLM, config, tokenizer, folder, seed)
 
 
 def build_tiny_llama(folder: Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0,
                      vocab_size: int = 512, tied: bool = True) -> Path:
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder = Path(folder)
@@ -72,14 +61,23 @@ def build_tiny_llama(folder: Path, *, hidden_size: int = 64, layers: int = 2, se
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials, vocab_size), bos_token="<|im_start|>",
                                         eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>")
     tokenizer.chat_template = CHATML
+    config = LlamaConfig(**_sizes(tokenizer, hidden_size, layers), tie_word_embeddings=tied)
+    return _save(LlamaForCausalLM, config, tokenizer, folder, seed)
+
+
+def _sizes(tokenizer, hidden_size: int, layers: int) -> dict:
+    """What every tiny model shares: its sizes and the special token ids of its tokenizer."""
+    return dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
+                num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
+def _save(model_class, config, tokenizer, folder: Path, seed: int) -> Path:
+    import torch
+
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
-        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=tied,
-    )
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)

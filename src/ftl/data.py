@@ -32,24 +32,52 @@ class Fields:
     messages: str = "messages"
 
 
+def read_text(path: Path, accepted: str = "a UTF-8 text file") -> str:
+    """A file as UTF-8 text; a binary file is one line naming where, never a stream of garbage rows."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError("not UTF-8 text", f"{path}:{line}", f"save it as UTF-8, or give {accepted}") from None
+    if "\x00" in text:
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise DataError("binary data (a NUL byte) in a text file", f"{path}:{line}", f"give {accepted}")
+    return text
+
+
+def text_lines(text: str) -> list[str]:
+    # split on newlines only: str.splitlines() would also split inside a JSON string holding U+2028
+    return [line.rstrip("\r") for line in text.split("\n")]
+
+
+def json_object(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(f"expected a JSON object, got {type(row).__name__}", where,
+                        'write one object per line, e.g. {"Question": ..., "Answer": ...}')
+    return row
+
+
+def parse_jsonl(text: str, path: Path) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line; a bad line names the file, the line and the fix."""
+    rows = []
+    for number, line in enumerate(text_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", f"{path}:{number}",
+                            "each line must be one complete JSON object") from None
+        rows.append((number, json_object(row, f"{path}:{number}")))
+    return rows
+
+
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError("data file not found", str(path), "check the path")
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", f"{path}:{number}",
-                                "each line must be one complete JSON object") from None
-            if not isinstance(row, dict):
-                raise DataError(f"expected a JSON object, got {type(row).__name__}", f"{path}:{number}",
-                                'write one object per line, e.g. {"Question": ..., "Answer": ...}')
-            rows.append((number, row))
+    rows = parse_jsonl(read_text(path), path)
     if not rows:
         raise DataError("dataset is empty", str(path), "add at least one Q/A row")
     return rows

@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftl.data import json_object, parse_jsonl, read_text, text_lines
 from ftl.errors import DataError
 
 QUESTION_GUESSES = ("Question", "question", "instruction", "prompt", "input")
@@ -53,44 +54,11 @@ def _rows(config) -> list[tuple[str, dict]]:
 
 
 def _decoded(path: Path) -> str:
-    """The file as text; a binary file is refused here, with the line, rather than sent as questions."""
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError("not UTF-8 text", f"{path}:{line}",
-                        "save it as UTF-8, or give a .parquet file or a datasets folder") from None
-    if "\x00" in text:
-        line = text[: text.index("\x00")].count("\n") + 1
-        raise DataError("binary data (a NUL byte) in a text file", f"{path}:{line}", f"give one of: {ACCEPTED}")
-    return text
-
-
-def _lines(text: str) -> list[str]:
-    # split on newlines only: str.splitlines() would also split inside a JSON string holding U+2028
-    return [line.rstrip("\r") for line in text.split("\n")]
+    return read_text(path, f"one of: {ACCEPTED}")
 
 
 def _jsonl(path: Path) -> list[tuple[str, dict]]:
-    return [(f"{path}:{n}", _json_object(line, f"{path}:{n}"))
-            for n, line in enumerate(_lines(_decoded(path)), 1) if line.strip()]
-
-
-def _json_object(line: str, where: str) -> dict:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"malformed JSON: {exc.msg} at column {exc.colno}", where,
-                        "each line must be one complete JSON object") from None
-    return _must_be_object(row, where)
-
-
-def _must_be_object(row, where: str) -> dict:
-    if not isinstance(row, dict):
-        raise DataError(f"expected a JSON object, got {type(row).__name__}", where,
-                        'give one object per seed, e.g. {"question": ...}')
-    return row
+    return [(f"{path}:{n}", row) for n, row in parse_jsonl(_decoded(path), path)]
 
 
 def _json(path: Path) -> list[tuple[str, dict]]:
@@ -99,10 +67,9 @@ def _json(path: Path) -> list[tuple[str, dict]]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
-        return [(f"{path}:{n}", _json_object(line, f"{path}:{n}")) for n, line in enumerate(_lines(text), 1)
-                if line.strip()]
+        return [(f"{path}:{n}", row) for n, row in parse_jsonl(text, path)]
     items = data if isinstance(data, list) else [data]
-    return [(f"{path}[{i}]", _must_be_object(item, f"{path}[{i}]")) for i, item in enumerate(items)]
+    return [(f"{path}[{i}]", json_object(item, f"{path}[{i}]")) for i, item in enumerate(items)]
 
 
 def _delimited(path: Path, delimiter: str) -> list[tuple[str, dict]]:
@@ -115,7 +82,7 @@ def _delimited(path: Path, delimiter: str) -> list[tuple[str, dict]]:
 
 
 def _text(path: Path) -> list[tuple[str, dict]]:
-    return [(f"{path}:{n}", {"question": line.strip()}) for n, line in enumerate(_lines(_decoded(path)), 1)
+    return [(f"{path}:{n}", {"question": line.strip()}) for n, line in enumerate(text_lines(_decoded(path)), 1)
             if line.strip()]
 
 

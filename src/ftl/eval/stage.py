@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,8 +84,6 @@ def evaluate(config: EvalConfig, on_progress=None, fingerprint: str = "") -> Eva
     try:
         result = _evaluate(config, samples, models, staging, fingerprint, on_progress, started)
     except BaseException:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
         raise
     manifest.swap_in(staging, out)

@@ -39,6 +39,11 @@ class BuildOptions:
     op_types_to_quantize: tuple[str, ...] = ("MatMul", "Gather")
     adapter_path: str | None = None
 
+    def pass_config(self) -> dict:
+        """The FtlGenaiBuilder pass settings (Olive gives the pass its adapter through the model)."""
+        values = {k: v for k, v in asdict(self).items() if v is not None and k != "adapter_path"}
+        return {**values, "op_types_to_quantize": list(self.op_types_to_quantize)}
+
     def extra_options(self) -> list[str]:
         """og's KEY=VALUE strings, rendered from typed values (og reads "false" as false only as text)."""
         values = {"filename": "model.onnx"}

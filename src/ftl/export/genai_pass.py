@@ -46,10 +46,8 @@ class FtlGenaiBuilder(Pass):
             raise ValueError("FtlGenaiBuilder builds from an HF model")
         out = Path(output_model_path)
         out.mkdir(parents=True, exist_ok=True)
-        options = BuildOptions(precision=config.precision, algo_config=config.algo_config,
-                               block_size=config.block_size, is_symmetric=config.is_symmetric,
-                               accuracy_level=config.accuracy_level,
-                               op_types_to_quantize=tuple(config.op_types_to_quantize),
+        settings = {name: getattr(config, name) for name in self._default_config(None)}
+        options = BuildOptions(**{**settings, "op_types_to_quantize": tuple(settings["op_types_to_quantize"])},
                                adapter_path=str(model.adapter_path) if model.adapter_path else None)
         build(Path(model.model_name_or_path), out, options, cache_dir=out.parent / "genai-builder-cache")
         extra = sorted(str(p) for p in out.iterdir() if p.name not in ("model.onnx", "model.onnx.data"))

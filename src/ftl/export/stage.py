@@ -86,20 +86,15 @@ def olive_workflow(config: ExportConfig, out: Path, *, model_dir: Path, adapter:
     workflow["input_model"]["model_path"] = str(Path(model_dir).resolve())
     passes = workflow["passes"]
     builder = passes["builder"]
-    builder.update(build_options(config).__dict__)
-    builder.pop("adapter_path")  # Olive hands the builder its adapter through the model
-    builder["op_types_to_quantize"] = list(builder["op_types_to_quantize"])
-    if builder["accuracy_level"] is None:
-        del builder["accuracy_level"]
+    builder.update(build_options(config).pass_config())
     if adapter is None:
         del workflow["input_model"]["adapter_path"]
         del passes["merge"]
     else:
         workflow["input_model"]["adapter_path"] = str(Path(adapter).resolve())
         if config.keep_adapter_separate:
-            # ModelBuilder's k_quant tries to quantize the rank-r LoRA MatMuls too and fails on their
-            # shapes; RTN leaves them alone, and ExtractAdapters then turns them into inputs.
-            builder["algo_config"] = "default"
+            # k_quant tries to quantize the rank-r LoRA MatMuls too and fails on their shapes;
+            # "default" leaves them alone (build_options picks it), and ExtractAdapters turns them into inputs.
             del passes["merge"]
             passes["extract"] = {"type": "ExtractAdapters", "make_inputs": True, "save_format": "onnx_adapter"}
     return workflow

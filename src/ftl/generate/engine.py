@@ -16,7 +16,6 @@ from typing import Iterator
 from ftl import manifest
 from ftl.chat import Message, PromptFormat, prompt_format_for
 from ftl.errors import ConfigError, ModelNotFoundError
-from ftl.lineage import prompt_format_record
 from ftl.system import decode_rate, default_threads
 
 
@@ -40,8 +39,11 @@ def _genai_config(folder: Path) -> dict:
 def kv_window(folder: Path) -> int:
     """The sliding window a folder's KV cache must hold at least (0 without one): onnxruntime-genai
     0.18 refuses a max_length below it (Gemma 3: 512)."""
-    decoder = _genai_config(folder).get("model", {}).get("decoder", {})
-    return int((decoder.get("sliding_window") or {}).get("window_size") or 0)
+    return _window(_genai_config(folder).get("model", {}))
+
+
+def _window(model_config: dict) -> int:
+    return int((model_config.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
 
 
 def load_og_model(folder: Path, threads: int | None = None):
@@ -71,22 +73,23 @@ class OnnxChatModel:
         if not (folder / "genai_config.json").is_file():
             raise ModelNotFoundError("not an onnxruntime-genai folder (no genai_config.json)", str(folder),
                                      "give the output folder of `ftl export-onnx`")
-        record = manifest.read(folder) if manifest.is_ftl(manifest.read(folder)) else {}
+        record = manifest.read(folder)
+        record = record if manifest.is_ftl(record) else {}
         check_runtime(folder, record)
         self.folder = folder
-        recorded = prompt_format_record(folder)
+        recorded = record.get("prompt_format")
         self.format = PromptFormat(**recorded) if recorded else prompt_format_for(folder)
         if system_prompt is not None:
             self.format = self.format.model_copy(update={"system_prompt": system_prompt})
         self._og = og
         self.model, self.threads = load_og_model(folder, threads)
-        model_config = _genai_config(folder).get("model", {})
+        model_config = _genai_config(folder).get("model", {})  # read once: stop ids, context, window
         eos = model_config.get("eos_token_id", [])
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.context_length = int(model_config.get("context_length") or 2048)
         # og 0.18 sizes a sliding-window model's KV cache from max_length, and refuses one smaller
         # than the window (Gemma 3: 512), so a short prompt still asks for at least the window.
-        self.min_length = kv_window(folder)
+        self.min_length = _window(model_config)
         self.tokenizer = og.Tokenizer(self.model)
         self.adapters = None
         adapter = adapter or _bundled_adapter(folder, record)
@@ -171,8 +174,10 @@ def check_runtime(folder: Path, record: dict) -> None:
 
     from packaging.version import Version
 
+    if record.get("stage") != "export":
+        return
     built = (record.get("outputs") or {}).get("built_with_onnxruntime_genai") or \
-        (record.get("versions") or {}).get("onnxruntime-genai") if record.get("stage") == "export" else None
+        (record.get("versions") or {}).get("onnxruntime-genai")
     installed = metadata.version("onnxruntime-genai")
     if built and Version(built) > Version(installed):
         raise ModelNotFoundError(f"built by onnxruntime-genai {built}, newer than the installed {installed}",
