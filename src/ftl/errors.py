@@ -51,3 +51,7 @@ class DeviceError(FtlError):
 
 class OliveRunError(FtlError):
     """Olive failed, or exited 0 without producing the expected output."""
+
+
+class ExportError(FtlError):
+    """An exported model cannot hold what it was asked to (a grid from another model, a wrong layout)."""

@@ -14,6 +14,23 @@ from ftl import manifest
 from ftl.errors import AdapterMismatchError, ConfigError, DataError
 
 ADAPTER = "adapter"
+QSCALE = "qscale.safetensors"  # a qscale finetune's trained grid scales (ftl.quant)
+
+
+def qscale_of(path: Path) -> Path | None:
+    """The qscale artefact of a finetune output folder (or the file itself), else None."""
+    path = Path(path)
+    if path.is_file() and path.name == QSCALE:
+        return path
+    return path / QSCALE if (path / QSCALE).is_file() else None
+
+
+def base_of_qscale(artefact: Path) -> str | None:
+    """The base model a qscale artefact was trained on, from its finetune manifest."""
+    record = manifest.read(Path(artefact).parent)
+    if manifest.is_ftl(record) and record.get("stage") == "finetune":
+        return record.get("inputs", {}).get("base_model", {}).get("path")
+    return None
 
 
 def adapter_dir_of(path: Path) -> Path:

@@ -41,6 +41,9 @@ FTL_PASSES = {
     "FtlGenaiBuilder": {"module_path": "ftl.export.genai_pass.FtlGenaiBuilder", "supported_providers": ["*"],
                         "supported_accelerators": ["*"], "supported_precisions": ["*"], "supported_algorithms": [],
                         "supported_quantization_encodings": []},
+    "FtlQScale": {"module_path": "ftl.finetune.qscale_pass.FtlQScale", "supported_providers": ["*"],
+                  "supported_accelerators": ["*"], "supported_precisions": ["*"], "supported_algorithms": [],
+                  "supported_quantization_encodings": []},
 }
 
 

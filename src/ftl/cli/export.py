@@ -21,12 +21,15 @@ from ftl.progress import console, task_progress
                                                           "k_quant_last"]))
 @option(C, "symmetric", "--symmetric/--asymmetric")
 @option(C, "accuracy_level", "--accuracy-level", type=click.IntRange(1, 4))
+@option(C, "grid", "--grid", type=click.Choice(["exact", "builder"]))
+@option(C, "grid_form", "--grid-form", type=click.Choice(["offset", "float-zp"]))
 @option(C, "keep_adapter_separate", "--keep-adapter-separate", is_flag=True)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
 @option(C, "force", "--force", is_flag=True)
 @json_option
 def export_onnx(save_config: Path | None, as_json: bool, **options) -> None:
-    """Merge the adapter and build an int4 onnxruntime-genai folder for CPU, through Olive."""
+    """Build an int4 onnxruntime-genai folder for CPU through Olive: a qscale fine-tune's grid written
+    exactly, or a LoRA merged into the base and quantised."""
     from ftl.export import export_onnx as run_export
 
     options["op_types"] = comma_list(options["op_types"])

@@ -23,7 +23,7 @@ from ftl.progress import console, run_with_progress
 @option(C, "system_prompt", "--system-prompt")
 @option(C, "text_template", "--text-template", help="e.g. '### Q: {Question}\\n### A: {Answer}' instead of "
                                                     "the chat template; only those two placeholders.")
-@option(C, "method", "--method", type=click.Choice(["lora", "qlora"]))
+@option(C, "method", "--method", type=click.Choice(["lora", "qscale", "qlora"]))
 @option(C, "r", "--lora-r", type=int)
 @option(C, "alpha", "--lora-alpha", type=float)
 @option(C, "dropout", "--lora-dropout", type=float)
@@ -42,7 +42,8 @@ from ftl.progress import console, run_with_progress
 @option(C, "force", "--force", is_flag=True)
 @json_option
 def finetune(save_config: Path | None, as_json: bool, **options) -> None:
-    """LoRA fine-tuning through Olive. Every row is used; the loss goes to the manifest."""
+    """Fine-tuning through Olive: a LoRA adapter, or (--method qscale) the int4 grid's own scales.
+    Every row is used; the loss goes to the manifest."""
     from ftl.finetune import finetune as run_finetune
 
     options["data"] = list(options["data"])
@@ -65,4 +66,5 @@ def show_finetune(result) -> None:
     table.add_row(str(result.rows), str(result.tokens), str(result.steps), first, final,
                   f"{result.seconds:.0f}s{note}")
     console.print(table)
-    console.print(f"[green]✓[/] adapter → {result.adapter}")
+    what = "int4 grid scales" if result.adapter.name.endswith(".safetensors") else "adapter"
+    console.print(f"[green]✓[/] {what} → {result.adapter}")

@@ -14,7 +14,8 @@ import numpy as np
 from ftl import manifest
 from ftl.chat import PromptFormat, prompt_format_for
 from ftl.errors import ConfigError, ModelNotFoundError
-from ftl.lineage import adapter_dir_of, base_of_adapter, export_source, prompt_format_record
+from ftl.lineage import (adapter_dir_of, base_of_adapter, base_of_qscale, export_source, prompt_format_record,
+                         qscale_of)
 from ftl.system import default_threads, folder_size_mb
 
 
@@ -84,7 +85,13 @@ class TorchEvalModel(EvalModel):
         base, adapter = torch_parts(path)
         # The same cores as onnxruntime-genai gets, so the latency columns compare like with like.
         torch.set_num_threads(default_threads())
-        self.model = load_merged_torch(base, adapter)
+        grid = qscale_of(path)
+        if grid:  # a qscale fine-tune: the base's codes with the trained scales, an int4 model in PyTorch
+            from ftl.quant.qscale import load_model
+
+            self.model, adapter = load_model(base, grid), grid
+        else:
+            self.model = load_merged_torch(base, adapter)
         self.base = base
         recorded = prompt_format_record(path) or (prompt_format_record(adapter.parent) if adapter else None)
         self.format = PromptFormat(**recorded) if recorded else prompt_format_for(base)
@@ -93,7 +100,7 @@ class TorchEvalModel(EvalModel):
         self.tokenizer_dir = base
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         self.lineage = {"base": model_identity(base)["sha256"],
-                        "adapter": manifest.sha256_dir(adapter) if adapter else None}
+                        "adapter": _sha256(adapter) if adapter else None}
         self.threads = torch.get_num_threads()
         self.files = [base, adapter]
 
@@ -125,12 +132,23 @@ class TorchEvalModel(EvalModel):
         return Timed(self.tokenizer.decode(out_ids, skip_special_tokens=True), len(out_ids), ttft, last)
 
 
+def _sha256(path: Path) -> str:
+    return manifest.sha256_file(path) if path.is_file() else manifest.sha256_dir(path)
+
+
 def torch_parts(path: Path) -> tuple[Path, Path | None]:
     """(base model folder, adapter folder or None) for a torch:PATH spec."""
     from ftl.models import resolve_model
 
     if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         return path, None
+    grid = qscale_of(path)
+    if grid:
+        base = base_of_qscale(grid)
+        if not base:
+            raise ConfigError("cannot tell the qscale fine-tune's base model", str(path),
+                              "use the finetune output folder with its manifest.json")
+        return resolve_model(base), None
     adapter = adapter_dir_of(path)
     base = base_of_adapter(adapter)
     if not base:

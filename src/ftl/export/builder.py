@@ -142,7 +142,7 @@ def read_layout(folder: Path) -> Layout:
     )
 
 
-def verify(folder: Path, options: BuildOptions, tied_expected: bool) -> Layout:
+def verify(folder: Path, options: BuildOptions, tied_expected: bool, exact_grid: bool = False) -> Layout:
     """The folder is what was asked for, or a one-line error: this is what catches the next
     silent rename of a builder option."""
     layout = read_layout(folder)
@@ -159,7 +159,9 @@ def verify(folder: Path, options: BuildOptions, tied_expected: bool) -> Layout:
         wanted["embedding bits"] = (layout.embedding_bits, head_bits)
     elif "Gather" in options.op_types_to_quantize:
         wanted["embedding bits"] = (layout.embedding_bits, 4 if options.algo_config == "default" else None)
-    if options.algo_config in ("default", "rtn"):
+    if exact_grid:
+        wanted["zero points"] = (layout.zero_points, True)
+    elif options.algo_config in ("default", "rtn"):
         wanted["zero points"] = (layout.zero_points, not options.is_symmetric)
     wrong = [f"{what} {got} (asked {asked})" for what, (got, asked) in wanted.items() if got != asked]
     if wrong:

@@ -28,6 +28,19 @@ class ExportConfig(StrictModel):
     symmetric: bool = Field(True, description="int4 without zero points (--asymmetric adds them)")
     accuracy_level: Literal[1, 2, 3, 4] | None = Field(
         None, description="MatMulNBits accuracy level (1 fp32 … 4 int8); default: onnxruntime's choice")
+    grid: Literal["exact", "builder"] | None = Field(
+        None, description="exact: write the model's own int4 grid bit for bit (a GGUF Q4_1 import's, a qscale "
+                          "fine-tune's, else round-to-nearest), as MatMulNBits plus a per-block offset; builder: "
+                          "og's quantiser, which re-rounds every block (default: exact for blocks of 32)")
+    grid_form: Literal["offset", "float-zp"] = Field(
+        "offset", description="how the exact grid's float minimum is written: offset (integer zero point plus a "
+                              "per-block correction) or float-zp (float zero points: exact, far slower decode)")
     keep_adapter_separate: bool = Field(False, description="Export base + .onnx_adapter for multi-LoRA serving "
                                                            "(much slower decode than a merged export)")
     force: bool = Field(False, description="Replace a finished result in the output folder")
+
+    @property
+    def exact_grid(self) -> bool:
+        if self.grid is not None:
+            return self.grid == "exact"
+        return self.block_size == 32 and not self.keep_adapter_separate

@@ -7,6 +7,7 @@ Olive runs it after MergeAdapterWeights, from the package config ftl passes to `
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -16,6 +17,7 @@ from olive.passes import Pass
 from olive.passes.olive_pass import PassConfigParam
 
 from ftl.export.builder import BuildOptions, build
+from ftl.export.exact import GRID_RECORD, plan_grid, write_grid
 
 
 class FtlGenaiBuilder(Pass):
@@ -35,6 +37,14 @@ class FtlGenaiBuilder(Pass):
                                               description="MatMulNBits accuracy level"),
             "op_types_to_quantize": PassConfigParam(type_=list[str], default_value=list(defaults.op_types_to_quantize),
                                                     description="ops quantised"),
+            "grid": PassConfigParam(type_=str, default_value="builder",
+                                    description="exact: write the model's int4 grid bit for bit (ftl.export.exact); "
+                                                "builder: og's own quantiser"),
+            "grid_form": PassConfigParam(type_=str, default_value="offset", description="offset or float-zp"),
+            "grid_base": PassConfigParam(type_=Optional[str], default_value=None,
+                                         description="the base a merged LoRA is put back on the grid of"),
+            "qscale_path": PassConfigParam(type_=Optional[str], default_value=None,
+                                           description="a qscale fine-tune's trained scales"),
         }
 
     @staticmethod
@@ -46,9 +56,17 @@ class FtlGenaiBuilder(Pass):
             raise ValueError("FtlGenaiBuilder builds from an HF model")
         out = Path(output_model_path)
         out.mkdir(parents=True, exist_ok=True)
-        settings = {name: getattr(config, name) for name in self._default_config(None)}
+        grid_keys = ("grid", "grid_form", "grid_base", "qscale_path")
+        settings = {name: getattr(config, name) for name in self._default_config(None) if name not in grid_keys}
         options = BuildOptions(**{**settings, "op_types_to_quantize": tuple(settings["op_types_to_quantize"])},
                                adapter_path=str(model.adapter_path) if model.adapter_path else None)
         build(Path(model.model_name_or_path), out, options, cache_dir=out.parent / "genai-builder-cache")
+        if config.grid == "exact":
+            plan = plan_grid(Path(model.model_name_or_path), Path(config.grid_base) if config.grid_base else None,
+                             Path(config.qscale_path) if config.qscale_path else None)
+            written = write_grid(out, plan.grids, config.grid_form, plan.head)
+            (out / GRID_RECORD).write_text(json.dumps({
+                **written.as_dict(), "source": plan.source, "lora_codes_changed": plan.lora_codes_changed,
+                "lora_delta_rounded_away": plan.lora_delta_rounded_away}, indent=1))
         extra = sorted(str(p) for p in out.iterdir() if p.name not in ("model.onnx", "model.onnx.data"))
         return ONNXModelHandler(out, onnx_file_name="model.onnx", model_attributes={"additional_files": extra})

@@ -8,6 +8,7 @@ layout is still offered (``keep_adapter_separate``) for multi-LoRA serving, with
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -15,10 +16,12 @@ from pathlib import Path
 
 from ftl import manifest, olive
 from ftl.chat import PromptFormat, prompt_format_for
-from ftl.errors import ConfigError
+from ftl.errors import ConfigError, ExportError
 from ftl.export.builder import BuildOptions, check_options, verify
 from ftl.export.config import ExportConfig
-from ftl.lineage import adapter_dir_of, check_adapter_base, require_base, training_record
+from ftl.export.exact import GRID_RECORD
+from ftl.lineage import (adapter_dir_of, base_of_qscale, check_adapter_base, qscale_of, require_base,
+                         training_record)
 from ftl.models import model_identity, resolve_model
 from ftl.system import folder_size_mb
 
@@ -47,14 +50,22 @@ class _Plan:
     adapter: Path | None
     fmt: PromptFormat
     fingerprint: str
+    qscale: Path | None = None
 
 
 def plan(config: ExportConfig) -> _Plan:
     if config.keep_adapter_separate and not config.adapter:
         raise ConfigError("--keep-adapter-separate needs an adapter", None, "pass --adapter, or drop the flag")
-    adapter = adapter_dir_of(config.adapter) if config.adapter else None
-    trained = training_record(adapter) if adapter else None
-    if adapter:
+    qscale = qscale_of(config.adapter) if config.adapter else None
+    _check_grid(config, qscale)
+    adapter = adapter_dir_of(config.adapter) if config.adapter and not qscale else None
+    trained = training_record(adapter or qscale.parent) if (adapter or qscale) else None
+    if qscale:
+        model_ref = config.model or base_of_qscale(qscale)
+        if not model_ref:
+            raise ConfigError("cannot tell which base model the qscale fine-tune belongs to", str(qscale),
+                              "pass --model with the base model it was trained on")
+    elif adapter:
         model_ref = require_base(adapter, config.model)
     elif config.model:
         model_ref = config.model
@@ -63,30 +74,51 @@ def plan(config: ExportConfig) -> _Plan:
     model_dir = resolve_model(model_ref)
     check_options(build_options(config))
     base = model_identity(model_dir)
-    if adapter:
-        check_adapter_base(adapter, base)
+    if adapter or qscale:
+        check_adapter_base(adapter or qscale.parent, base)
     if trained and trained.get("prompt_format"):
         fmt = PromptFormat(**trained["prompt_format"])
     else:
         fmt = prompt_format_for(model_dir)
     fingerprint = manifest.sha256_json({
         "base": base["sha256"], "adapter": manifest.sha256_dir(adapter) if adapter else None,
+        "qscale": manifest.sha256_file(qscale) if qscale else None, "exact_grid": config.exact_grid,
         "params": config.model_dump(mode="json", exclude={"force", "output", "adapter", "model"}),
         "format": fmt.model_dump()})
-    return _Plan(model_dir, base, adapter, fmt, fingerprint)
+    return _Plan(model_dir, base, adapter, fmt, fingerprint, qscale)
+
+
+def _check_grid(config: ExportConfig, qscale: Path | None) -> None:
+    """The settings can hold the grid asked for (and a qscale fine-tune's grid), or a one-line error."""
+    if config.grid == "exact" and config.block_size != 32:
+        raise ConfigError(f"the exact int4 grid is in blocks of 32, not --block-size {config.block_size}",
+                          "--grid exact", "use --block-size 32, or --grid builder")
+    if config.grid == "exact" and config.keep_adapter_separate:
+        raise ConfigError("an exact grid needs the adapter merged", "--grid exact --keep-adapter-separate",
+                          "drop --keep-adapter-separate, or use --grid builder")
+    if qscale and not config.exact_grid:
+        why = f"--block-size {config.block_size}" if config.block_size != 32 else \
+            "--keep-adapter-separate" if config.keep_adapter_separate else "--grid builder"
+        raise ConfigError(f"a qscale fine-tune is an int4 grid in blocks of 32; {why} would re-quantise it and lose "
+                          "what it learned", str(qscale), "export it with --grid exact --block-size 32 (the default)")
 
 
 def build_olive_config(config: ExportConfig, p: _Plan, out: Path) -> dict:
-    return olive_workflow(config, out, model_dir=p.model_dir, adapter=p.adapter)
+    return olive_workflow(config, out, model_dir=p.model_dir, adapter=p.adapter, qscale=p.qscale)
 
 
-def olive_workflow(config: ExportConfig, out: Path, *, model_dir: Path, adapter: Path | None) -> dict:
+def olive_workflow(config: ExportConfig, out: Path, *, model_dir: Path, adapter: Path | None,
+                   qscale: Path | None = None) -> dict:
     """The Olive export workflow; a dry run builds it before the adapter exists."""
     workflow = olive.workflow("export_int4.json", work_dir=out, output_dir=out / OLIVE_OUT)
     workflow["input_model"]["model_path"] = str(Path(model_dir).resolve())
     passes = workflow["passes"]
     builder = passes["builder"]
     builder.update(build_options(config).pass_config())
+    if config.exact_grid:
+        builder.update(grid="exact", grid_form=config.grid_form,
+                       grid_base=str(Path(model_dir).resolve()) if adapter else None,
+                       qscale_path=str(Path(qscale).resolve()) if qscale else None)
     if adapter is None:
         del workflow["input_model"]["adapter_path"]
         del passes["merge"]
@@ -126,10 +158,9 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
         return ExportResult(out, record["metrics"]["size_mb"], record["timings"]["seconds"],
                             _adapter_file(out), warnings, skipped=True)
     manifest.prepare_output(out, force=config.force, stage="export")
-    record = manifest.new("export", inputs={
-        "base_model": p.base,
-        "adapter": {"path": str(p.adapter.resolve()), "sha256": manifest.sha256_dir(p.adapter)} if p.adapter else None,
-    }, params=config.model_dump(mode="json", exclude={"force"}), fingerprint=p.fingerprint)
+    trained = {"path": str(p.adapter.resolve()), "sha256": manifest.sha256_dir(p.adapter)} if p.adapter else \
+        {"path": str(p.qscale.resolve()), "sha256": manifest.sha256_file(p.qscale)} if p.qscale else None
+    record = manifest.new("export", inputs={"base_model": p.base, "adapter": trained}, params=config.model_dump(mode="json", exclude={"force"}), fingerprint=p.fingerprint)
     record["prompt_format"] = p.fmt.model_dump()
     manifest.write(out, record)
 
@@ -143,14 +174,23 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
             shutil.move(str(item), out / item.name)
     shutil.rmtree(produced, ignore_errors=True)
     olive.clean_cache(out)
-    layout = verify(out, build_options(config), tied_expected=_ties_embeddings(p.model_dir))
+    layout = verify(out, build_options(config), tied_expected=_ties_embeddings(p.model_dir),
+                    exact_grid=config.exact_grid)
+    grid = json.loads((out / GRID_RECORD).read_text()) if (out / GRID_RECORD).is_file() else None
+    if config.exact_grid and grid is None:
+        raise ExportError("the exact int4 grid was not written", str(out / "olive.log"), "read the log")
+    if grid and grid.get("lora_delta_rounded_away") is not None:
+        warnings.append(f"int4 rounds away {grid['lora_delta_rounded_away']:.0%} of the LoRA's weight changes (each "
+                        f"below half a quantisation step; {grid['lora_codes_changed']:.2%} of the codes moved): "
+                        "fine-tune with --method qscale for an int4 model that keeps what it learned")
 
     seconds = time.perf_counter() - started
     size_mb = folder_size_mb(out)
     record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics={"size_mb": size_mb},
                   warnings=warnings)
     record["outputs"] = {"adapter_file": _adapter_file(out).name if _adapter_file(out) else None,
-                         "layout": layout.as_dict(), "built_with_onnxruntime_genai": _og_version()}
+                         "layout": layout.as_dict(), "built_with_onnxruntime_genai": _og_version(),
+                         "int4_grid": grid}
     manifest.write(out, record)
     return ExportResult(out, size_mb, seconds, _adapter_file(out), warnings)
 

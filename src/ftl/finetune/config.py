@@ -22,7 +22,10 @@ class FinetuneConfig(StrictModel):
                                                         "inference adds the same one")
     text_template: str | None = Field(None, description="A str.format template with {Question} and {Answer} "
                                                         "(ending with {Answer}) instead of the chat template")
-    method: Literal["lora", "qlora"] = Field("lora", description="qlora: 4-bit base with bitsandbytes, needs CUDA")
+    method: Literal["lora", "qlora", "qscale"] = Field(
+        "lora", description="lora: an fp32 LoRA adapter; qscale: train the int4 grid's scales and minimums with the "
+                            "codes fixed (an int4 model by construction, exported exactly); qlora: 4-bit base with "
+                            "bitsandbytes, needs CUDA")
     r: int = Field(16, gt=0, description="LoRA rank")
     alpha: float = Field(32, gt=0, description="LoRA alpha")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout")
@@ -32,12 +35,17 @@ class FinetuneConfig(StrictModel):
     max_steps: int | None = Field(None, gt=0, description="Overrides epochs when set")
     batch_size: int = Field(4, gt=0, description="Rows per step")
     grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (cosine schedule)")
+    learning_rate: float | None = Field(None, gt=0, description="Peak learning rate, cosine schedule (default: "
+                                                                "2e-4 for LoRA, 5e-5 for qscale: scales want a small step)")
     max_seq_len: int = Field(1024, gt=8, description="A row longer than this is an error, never truncated")
     logging_steps: int | None = Field(None, gt=0, description="Default: about 100 loss points per run")
     save_steps: int = Field(10, gt=0, description="Checkpoint interval, for resume after an interruption")
     seed: int = Field(42, description="Random seed for LoRA init and data order")
     force: bool = Field(False, description="Replace a finished result in the output folder")
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate or (5e-5 if self.method == "qscale" else 2e-4)
 
     @field_validator("data", mode="before")
     @classmethod

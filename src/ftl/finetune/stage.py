@@ -22,13 +22,14 @@ from ftl.chat import PromptFormat, prompt_format_for
 from ftl.data import Example, Fields, load_examples
 from ftl.errors import DataError, DeviceError, OutputExistsError
 from ftl.finetune.config import FinetuneConfig
-from ftl.lineage import ADAPTER
+from ftl.lineage import ADAPTER, QSCALE
 from ftl.models import model_identity, resolve_model
 
 PREPARED = "train.prepared.jsonl"
 CHECKPOINTS = "checkpoints"
 _STEP = re.compile(r"(\d+)/(\d+) \[")
 _LOSS = re.compile(r"'loss': '?([0-9.]+(?:e-?\d+)?)")
+_QSCALE_STEP = re.compile(r"qscale step (\d+)/(\d+) loss ([0-9.]+)")
 
 
 @dataclass
@@ -101,7 +102,15 @@ def steps_for(config: FinetuneConfig, rows: int) -> tuple[int, int]:
 
 def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_seq_len: int, steps: int,
                    logging_steps: int) -> dict:
-    """The Olive LoRA workflow for these settings; a dry run builds it before the base model exists."""
+    """The Olive workflow for these settings; a dry run builds it before the base model exists."""
+    if config.method == "qscale":
+        workflow = olive.workflow("finetune_qscale.json", work_dir=out, output_dir=out / "olive-output")
+        workflow["input_model"]["model_path"] = str(Path(model_dir).resolve())
+        workflow["passes"]["qscale"].update(
+            train_data_file=str((out / PREPARED).resolve()), checkpoint_dir=str((out / CHECKPOINTS).resolve()),
+            steps=steps, batch_size=config.batch_size, learning_rate=config.lr, seed=config.seed,
+            logging_steps=logging_steps, save_steps=config.save_steps)
+        return workflow
     workflow = olive.workflow("finetune_lora.json", work_dir=out, output_dir=out / "olive-output")
     workflow["input_model"]["model_path"] = str(Path(model_dir).resolve())
     data = workflow["data_configs"][0]
@@ -117,7 +126,7 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         "output_dir": str((out / CHECKPOINTS).resolve()),
         "per_device_train_batch_size": config.batch_size,
         "gradient_accumulation_steps": config.grad_accum,
-        "learning_rate": config.learning_rate,
+        "learning_rate": config.lr,
         "max_steps": steps,
         "logging_steps": logging_steps,
         "save_steps": config.save_steps,
@@ -155,21 +164,29 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     manifest.write(out, record)
 
     log = olive.run(build_olive_config(config, p, out), out, on_line=_progress_parser(p.steps, on_progress))
-    produced = out / "olive-output" / ADAPTER
-    olive.require_files(produced, ["adapter_config.json", "adapter_model.safetensors"], log)
-    shutil.rmtree(out / ADAPTER, ignore_errors=True)
-    shutil.move(str(produced), out / ADAPTER)
+    if config.method == "qscale":
+        produced = out / "olive-output" / "model"  # the pass's small HF folder (ftl.finetune.qscale_pass)
+        olive.require_files(produced, [QSCALE, "trainer_log.json"], log)
+        shutil.move(str(produced / QSCALE), out / QSCALE)
+        curve = json.loads((produced / "trainer_log.json").read_text())["loss_curve"]
+        outputs = {"qscale": QSCALE, "qscale_sha256": manifest.sha256_file(out / QSCALE)}
+    else:
+        produced = out / "olive-output" / ADAPTER
+        olive.require_files(produced, ["adapter_config.json", "adapter_model.safetensors"], log)
+        shutil.rmtree(out / ADAPTER, ignore_errors=True)
+        shutil.move(str(produced), out / ADAPTER)
+        curve = _loss_curve(out / CHECKPOINTS)
+        outputs = {"adapter": ADAPTER, "adapter_sha256": manifest.sha256_dir(out / ADAPTER)}
     shutil.rmtree(out / "olive-output", ignore_errors=True)
     olive.clean_cache(out)
 
-    curve = _loss_curve(out / CHECKPOINTS)
     seconds = time.perf_counter() - started
     record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics={
         "rows": len(p.examples), "tokens": sum(p.token_counts), "steps": p.steps,
         "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve, "resumed": resumed})
-    record["outputs"] = {"adapter": ADAPTER, "adapter_sha256": manifest.sha256_dir(out / ADAPTER)}
+    record["outputs"] = outputs
     manifest.write(out, record)
-    return FinetuneResult(out, out / ADAPTER, len(p.examples), sum(p.token_counts), p.steps,
+    return FinetuneResult(out, out / (QSCALE if config.method == "qscale" else ADAPTER), len(p.examples), sum(p.token_counts), p.steps,
                           record["metrics"]["final_loss"], curve, seconds, resumed)
 
 
@@ -208,7 +225,9 @@ def _drop_partial_checkpoints(checkpoints: Path) -> None:
 def _write_prepared(path: Path, p: _Plan) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for example in p.examples:
-            handle.write(json.dumps({"text": p.fmt.render_example(example.messages)},
+            # "prompt": what answer-only training masks (everything before the last answer).
+            handle.write(json.dumps({"text": p.fmt.render_example(example.messages),
+                                     "prompt": p.fmt.render_prompt(example.messages[:-1])},
                                     ensure_ascii=False) + "\n")
 
 
@@ -219,7 +238,7 @@ def _inputs(config: FinetuneConfig, p: _Plan) -> dict:
 
 def _params(config: FinetuneConfig, p: _Plan) -> dict:
     params = config.model_dump(mode="json", exclude={"force"})
-    params.update(steps=p.steps, logging_steps=p.logging_steps, rows=len(p.examples),
+    params.update(learning_rate=config.lr, steps=p.steps, logging_steps=p.logging_steps, rows=len(p.examples),
                   tokens=sum(p.token_counts), longest_row_tokens=max(p.token_counts))
     return params
 
@@ -229,6 +248,10 @@ def _progress_parser(total: int, on_progress):
 
     def handle(line: str) -> None:
         if on_progress is None:
+            return
+        qscale = _QSCALE_STEP.search(line)
+        if qscale:
+            on_progress(int(qscale.group(1)), total, float(qscale.group(3)))
             return
         loss = _LOSS.search(line)
         if loss:
@@ -254,6 +277,7 @@ def _loss_curve(checkpoints: Path) -> list[dict]:
 def _result_from_manifest(out: Path, skipped: bool) -> FinetuneResult:
     record = manifest.read(out)
     metrics = record["metrics"]
-    return FinetuneResult(out, out / ADAPTER, metrics["rows"], metrics["tokens"], metrics["steps"],
+    produced = record.get("outputs", {}).get("qscale") or ADAPTER
+    return FinetuneResult(out, out / produced, metrics["rows"], metrics["tokens"], metrics["steps"],
                           metrics["final_loss"], metrics["loss_curve"], record["timings"]["seconds"],
                           skipped=skipped)

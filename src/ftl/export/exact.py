@@ -1,0 +1,339 @@
+"""Write a model's int4 grid into an onnxruntime-genai folder exactly.
+
+og's builder quantises from float weights, with an integer zero point per block. A GGUF Q4_1
+model (and a qscale fine-tune) is already int4, on a grid w = minimum + scale·code with a float
+minimum: re-quantising it moves every block off that grid (INT4.md: +22.5% perplexity on the base).
+This module takes the folder og built and puts the grid back, bit for bit, in one of two forms:
+
+- ``offset`` (the default): MatMulNBits keeps an integer zero point z = round(−minimum/scale), so
+  onnxruntime pre-packs it as usual, and the leftover c = minimum + scale·z of each block is added
+  back as c · (sum of the input over that block): one Reshape + ReduceSum per input (shared by
+  q/k/v and by gate/up, which read the same tensor) and one small fp32 MatMul (K/32 × N).
+- ``float-zp``: MatMulNBits with float zero points −minimum/scale. Simple, but onnxruntime cannot
+  pre-pack it (about 60× slower a call); kept to measure against (bench/quality.py).
+
+The result is still an og folder: any og client opens it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ftl.errors import ExportError
+from ftl.quant.grid import BLOCK, LEVELS, Grid, Grid8
+
+FORMS = ("offset", "float-zp")
+GRID_RECORD = "int4_grid.json"  # what was written, beside model.onnx; the export manifest carries it
+_NODE = re.compile(r"^/model/layers\.(\d+)/(attn|mlp)/(\w+?)/MatMul")
+_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+_PARENT = {"attn": "self_attn", "mlp": "mlp"}
+
+
+@dataclass
+class Written:
+    form: str
+    matrices: int
+    blocks: int
+    head: bool = False  # the int8 head (and the tied embedding) hold the model's Q8_0 grid exactly
+
+    def as_dict(self) -> dict:
+        return {"form": self.form, "matrices": self.matrices, "blocks": self.blocks, "exact_head": self.head}
+
+
+def modules_of(node_name: str) -> list[str] | None:
+    """The HF modules an og MatMulNBits node computes (several when og packs them), or None."""
+    match = _NODE.match(node_name)
+    if not match:
+        return None
+    layer, block, proj = match.groups()
+    prefix = f"model.layers.{layer}.{_PARENT[block]}"
+    return [f"{prefix}.{name}" for name in _PACKED.get(proj, (proj,))]
+
+
+def zero_points(grid: Grid) -> torch.Tensor:
+    """The grid's own integer zero point, else the one nearest to −minimum/scale (8 for a
+    zero-scale block)."""
+    if grid.zero_point is not None:
+        return grid.zero_point.float()
+    d, m = grid.scale.float(), grid.minimum.float()
+    return torch.where(d > 0, (-m / torch.where(d > 0, d, 1.0)).round(), 8.0).clamp(0, LEVELS)
+
+
+def offsets(grid: Grid, z: torch.Tensor) -> torch.Tensor:
+    """c = minimum + scale·z per block: what the integer zero point leaves out (exact in fp32)."""
+    return grid.float_minimum() + grid.scale.float() * z
+
+
+def _pack(values: np.ndarray) -> np.ndarray:
+    """Two 4-bit values per byte along the last axis, the even one in the low nibble (MatMulNBits)."""
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), values.dtype)], axis=-1)
+    return (values[..., ::2] & 0xF) | ((values[..., 1::2] & 0xF) << 4)
+
+
+def _unpack(packed: np.ndarray, count: int) -> np.ndarray:
+    both = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[:-1] + (-1,))
+    return both[..., :count]
+
+
+def _concat(grids: list[Grid]) -> Grid:
+    if len(grids) == 1:
+        return grids[0]
+    if all(g.zero_point is not None for g in grids):
+        return Grid(torch.cat([g.codes for g in grids]), torch.cat([g.scale for g in grids]), None,
+                    torch.cat([g.zero_point for g in grids]))
+    return Grid(torch.cat([g.codes for g in grids]), torch.cat([g.scale for g in grids]),
+                torch.cat([g.float_minimum().half() if g.minimum is None else g.minimum for g in grids]))
+
+
+def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head: Grid8 | None = None) -> Written:
+    """Replace the 4-bit body MatMulNBits weights of an og folder by these grids, exactly; with
+    ``head``, the int8 head (which a tied embedding reads too) gets its Q8_0 grid as well."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if form not in FORMS:
+        raise ValueError(f"unknown grid form {form!r}")
+    folder = Path(folder)
+    model = onnx.load(str(folder / "model.onnx"))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    sums: dict[str, str] = {}
+    done, blocks = set(), 0
+    new_nodes = []
+    head_written = head is not None and _write_head(graph, inits, head, folder)
+    for node in list(graph.node):
+        modules = modules_of(node.name) if node.op_type == "MatMulNBits" else None
+        if not modules:
+            new_nodes.append(node)
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        missing = [m for m in modules if m not in grids]
+        if missing:
+            raise ExportError(f"no int4 grid for {missing[0]}", node.name, "the grid and the ONNX model come "
+                              "from different models; export from the model the grid was taken from")
+        grid = _concat([grids[m] for m in modules])
+        n, k = grid.codes.shape
+        if (attrs.get("N"), attrs.get("K"), attrs.get("bits", 4), attrs.get("block_size")) != (n, k, 4, BLOCK):
+            raise ExportError(f"{node.name} is {attrs.get('N')}×{attrs.get('K')}, {attrs.get('bits')} bits, block "
+                              f"{attrs.get('block_size')}; the grid is {n}×{k}, 4 bits, block {BLOCK}", str(folder),
+                              "build the folder with block size 32 and an int4 body")
+        _check_close(grid, inits, node)
+        codes = grid.codes.numpy().reshape(n, k // BLOCK, BLOCK)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(_pack(codes), node.input[1]))
+        scale = grid.scale.float().numpy().reshape(inits[node.input[2]].dims)
+        inits[node.input[2]].CopyFrom(numpy_helper.from_array(scale, node.input[2]))
+        zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else f"{node.input[1]}_zp"
+        if form == "float-zp":
+            d, m = grid.scale.float(), grid.float_minimum()
+            zp = torch.where(d > 0, -m / torch.where(d > 0, d, 1.0), 0.0).numpy().reshape(-1)
+            _set_init(graph, inits, numpy_helper.from_array(zp.astype(np.float32), zp_name))
+        else:
+            z = zero_points(grid)
+            _set_init(graph, inits, numpy_helper.from_array(_pack(z.numpy().astype(np.uint8)), zp_name))
+        inputs = list(node.input) + [""] * (4 - len(node.input))
+        inputs[3] = zp_name
+        del node.input[:]
+        node.input.extend(inputs)
+        new_nodes.append(node)
+        if form == "offset":
+            c = offsets(grid, z)
+            if bool(c.any()):  # an integer zero-point grid needs no offset
+                new_nodes.extend(_offset_nodes(graph, node, c, sums, k))
+        done.add(node.name)
+        blocks += n * k // BLOCK
+    if not done:
+        raise ExportError("the ONNX model has no int4 decoder MatMuls to write a grid into", str(folder),
+                          "export with an int4 precision and block size 32")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    data = folder / "model.onnx.data"
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return Written(form, len(done), blocks, head_written)
+
+
+def _write_head(graph, inits: dict, head: Grid8, folder: Path) -> bool:
+    """The 8-bit head MatMulNBits (producing ``logits``) as q + 128 with zero point 128: (code − 128)·scale
+    is exactly scale·q. A 4-bit head is left as the builder wrote it (False)."""
+    from onnx import helper, numpy_helper
+
+    node = next((n for n in graph.node if n.op_type == "MatMulNBits" and "logits" in n.output), None)
+    if node is None:
+        return False
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    n, k = head.q.shape
+    if attrs.get("bits") != 8:
+        return False
+    if (attrs.get("N"), attrs.get("K"), attrs.get("block_size")) != (n, k, BLOCK):
+        raise ExportError(f"the head is {attrs.get('N')}×{attrs.get('K')} block {attrs.get('block_size')}, its grid "
+                          f"{n}×{k} block {BLOCK}", str(folder), "build with block size 32")
+    codes = (head.q.numpy().astype(np.int16) + 128).astype(np.uint8).reshape(inits[node.input[1]].dims)
+    inits[node.input[1]].CopyFrom(numpy_helper.from_array(codes, node.input[1]))
+    scale = head.scale.float().numpy().reshape(inits[node.input[2]].dims)
+    inits[node.input[2]].CopyFrom(numpy_helper.from_array(scale, node.input[2]))
+    if len(node.input) < 4 or not node.input[3]:
+        raise ExportError("the int8 head has no zero points to write", str(folder), "export with k_quant_last")
+    zp = np.full(inits[node.input[3]].dims, 128, np.uint8)
+    inits[node.input[3]].CopyFrom(numpy_helper.from_array(zp, node.input[3]))
+    return True
+
+
+def _set_init(graph, inits: dict, tensor) -> None:
+    if tensor.name in inits:
+        inits[tensor.name].CopyFrom(tensor)
+    else:
+        graph.initializer.append(tensor)
+        inits[tensor.name] = graph.initializer[-1]
+
+
+def _offset_nodes(graph, node, c: torch.Tensor, sums: dict[str, str], k: int) -> list:
+    """Σ_b c[n, b] · (Σ of the input over block b), added to the MatMulNBits output."""
+    from onnx import helper, numpy_helper
+
+    new = []
+    x = node.input[0]
+    if x not in sums:
+        base = f"{node.name}/grid_blocks"
+        shape, axes = f"{base}/shape", f"{base}/axes"
+        graph.initializer.extend([numpy_helper.from_array(np.array([0, 0, -1, BLOCK], np.int64), shape),
+                                  numpy_helper.from_array(np.array([-1], np.int64), axes)])
+        new.append(helper.make_node("Reshape", [x, shape], [f"{base}/x"], name=f"{base}/Reshape"))
+        new.append(helper.make_node("ReduceSum", [f"{base}/x", axes], [f"{base}/sums"], name=f"{base}/ReduceSum",
+                                    keepdims=0))
+        sums[x] = f"{base}/sums"
+    out = node.output[0]
+    raw = f"{out}/before_grid_offset"
+    node.output[0] = raw
+    table = f"{node.name}/grid_offset"
+    graph.initializer.append(numpy_helper.from_array(c.numpy().T.copy().astype(np.float32), table))
+    new.append(helper.make_node("MatMul", [sums[x], table], [f"{table}/out"], name=f"{table}/MatMul"))
+    new.append(helper.make_node("Add", [raw, f"{table}/out"], [out], name=f"{table}/Add"))
+    return new
+
+
+def _check_close(grid: Grid, inits: dict, node) -> None:
+    """The builder's own int4 weights approximate the grid (a wrong mapping is nowhere near)."""
+    from onnx import numpy_helper
+
+    n, k = grid.codes.shape
+    codes = _unpack(numpy_helper.to_array(inits[node.input[1]]), BLOCK).reshape(n, k // BLOCK, BLOCK).astype(np.float32)
+    scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, k // BLOCK, 1).astype(np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        zp = _unpack(numpy_helper.to_array(inits[node.input[3]]), k // BLOCK).reshape(n, k // BLOCK, 1)
+    else:
+        zp = 8.0
+    built = ((codes - zp) * scale).reshape(n, k)
+    want = grid.dequantize().numpy()
+    error = np.linalg.norm(built - want) / max(np.linalg.norm(want), 1e-12)
+    if error > 0.3:
+        raise ExportError(f"{node.name} does not hold the grid's matrix (relative difference {error:.2f})",
+                          node.name, "the grid and the ONNX model come from different models")
+
+
+def read_grid(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    """Per body MatMulNBits node: codes, scale, integer zero point and offset, as written (for tests
+    and for checking a folder against its grid)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(Path(folder) / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits" or not modules_of(node.name):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        n, k = attrs["N"], attrs["K"]
+        zp = inits[node.input[3]]
+        entry = {"codes": _unpack(inits[node.input[1]], BLOCK).reshape(n, k),
+                 "scale": inits[node.input[2]].reshape(n, k // BLOCK),
+                 "zero_point": zp.reshape(n, k // BLOCK) if zp.dtype != np.uint8
+                 else _unpack(zp, k // BLOCK).reshape(n, k // BLOCK).astype(np.float32)}
+        table = inits.get(f"{node.name}/grid_offset")
+        entry["offset"] = table.T if table is not None else None
+        found[node.name] = entry
+    return found
+
+
+@dataclass
+class GridPlan:
+    """What goes into the folder: body grids, the head's grid, and what it cost a LoRA."""
+
+    grids: dict[str, Grid]
+    head: Grid8 | None
+    source: str  # "gguf" (recovered exactly), "qscale", "round-to-nearest"
+    lora_codes_changed: float | None = None  # share of codes a merged LoRA moved
+    lora_delta_rounded_away: float | None = None  # share of the LoRA's weight changes below half a step
+
+
+def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if not state:
+        raise ExportError("no safetensors weights to take an int4 grid from", str(model_dir),
+                          "save the model with safetensors (transformers' default)")
+    return state
+
+
+def plan_grid(model_dir: Path, base_dir: Path | None = None, qscale: Path | None = None) -> GridPlan:
+    """The grid of the model in ``model_dir``: the base's own (GGUF Q4_1, recovered bit for bit, or
+    round-to-nearest when it has none), with a qscale fine-tune's trained scales, or with a merged
+    LoRA's weights put back on it (new codes, the base's scales)."""
+    from ftl.quant.grid import grid_of, integer_form, load_scales, projection_weights, recover_q8, requantize
+
+    state = load_state(model_dir)
+    base_state = load_state(base_dir) if base_dir and Path(base_dir).resolve() != Path(model_dir).resolve() else state
+    weights, base_weights = projection_weights(state), projection_weights(base_state)
+    if not weights:
+        raise ExportError("the model has no decoder projections (q_proj … down_proj) to write a grid for",
+                          str(model_dir), "export with --grid builder")
+    grids, exact = {}, True
+    for name, w in base_weights.items():
+        if w.shape[1] % BLOCK:
+            raise ExportError(f"{name} has {w.shape[1]} inputs, not a multiple of the grid's block of {BLOCK}",
+                              str(base_dir or model_dir), "export with --grid builder")
+        grids[name], found = grid_of(w)
+        exact = exact and found
+    source = "gguf" if exact else "round-to-nearest"
+    changed = rounded = None
+    if qscale:
+        trained, metadata = load_scales(qscale)
+        if set(trained) != set(grids):
+            raise ExportError("the qscale fine-tune's layers differ from the model's", str(qscale),
+                              "export with the base model it was trained on")
+        for name, parts in trained.items():
+            grid = integer_form(grids[name]) if "zero_point" in parts else grids[name]
+            if parts["scale"].shape != grid.scale.shape:
+                raise ExportError(f"{name}: the fine-tune's grid is {tuple(parts['scale'].shape)} blocks, the "
+                                  f"model's {tuple(grid.scale.shape)}", str(qscale), "export with the base it was "
+                                  "trained on")
+            grids[name] = Grid(grid.codes, parts["scale"], parts.get("minimum"), parts.get("zero_point"))
+        source = "qscale"
+    elif weights is not base_weights:
+        moved = total = below = delta_count = 0
+        for name, w in weights.items():
+            base_grid = grids[name]
+            grids[name] = requantize(w, base_grid)
+            moved += int((grids[name].codes != base_grid.codes).sum())
+            total += base_grid.codes.numel()
+            delta = (w.float() - base_weights[name].float()).view(w.shape[0], -1, BLOCK)
+            changed_mask = delta != 0
+            below += int(((delta.abs() < base_grid.scale.float()[..., None] / 2) & changed_mask).sum())
+            delta_count += int(changed_mask.sum())
+        changed, rounded = moved / max(1, total), below / max(1, delta_count)
+    # The head's weights: lm_head's when untied, else the embedding that og ties to it.
+    head_weight = state.get("lm_head.weight")
+    if head_weight is None:
+        head_weight = next((w for n, w in state.items() if n.endswith("embed_tokens.weight")), None)
+    head = recover_q8(head_weight) if head_weight is not None and head_weight.dim() == 2 else None
+    return GridPlan(grids, head, source, changed, rounded)

@@ -1,0 +1,174 @@
+"""The int4 grid of a weight matrix: w = minimum + scale·code in every block of 32 inputs.
+
+A model imported from a GGUF Q4_1 file lies exactly on such a grid (``recover`` finds it, checked
+bit for bit); any other model gets one by round-to-nearest on the block's range (``quantize``,
+what llama.cpp's Q4_1 does). ``qscale`` trains the scales and minimums with the codes fixed, and
+the export writes (codes, scale, minimum) exactly, so the int4 model is the model that was trained.
+
+Scales and minimums are fp16, as in GGUF; codes are 0..15; blocks run along the input dimension,
+as in onnxruntime's MatMulNBits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BLOCK = 32
+LEVELS = 15
+# The decoder projections a grid covers (Llama-style names; the embedding and head are not in it).
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ARTEFACT = "qscale.safetensors"
+
+
+@dataclass
+class Grid:
+    """w = minimum + scale·code per block (GGUF Q4_1), or, with ``zero_point`` set, the integer
+    zero-point form w = scale·(code − zero_point) that MatMulNBits computes natively."""
+
+    codes: torch.Tensor  # uint8 [N, K], 0..15
+    scale: torch.Tensor  # fp16 [N, K/32]
+    minimum: torch.Tensor | None  # fp16 [N, K/32]; None in the integer zero-point form
+    zero_point: torch.Tensor | None = None  # uint8 [N, K/32], 0..15
+
+    def dequantize(self) -> torch.Tensor:
+        """fp32 weights [N, K], as GGUF's own dequantiser (or MatMulNBits) computes them."""
+        n, k = self.codes.shape
+        scale = self.scale.float()[..., None]
+        blocks = self.codes.view(n, k // BLOCK, BLOCK).float()
+        if self.zero_point is not None:
+            return (scale * (blocks - self.zero_point.float()[..., None])).view(n, k)
+        return (scale * blocks + self.minimum.float()[..., None]).view(n, k)
+
+    def float_minimum(self) -> torch.Tensor:
+        """The block minimum in fp32 (−scale·zero_point in the integer form)."""
+        if self.zero_point is not None:
+            return -self.scale.float() * self.zero_point.float()
+        return self.minimum.float()
+
+
+def blocks_fit(k: int, block: int = BLOCK) -> bool:
+    return k % block == 0
+
+
+def _codes(blocks: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+    d = scale.float()[..., None]
+    raw = torch.where(d > 0, (blocks - minimum.float()[..., None]) / torch.where(d > 0, d, 1.0), 0.0)
+    return raw.round().clamp(0, LEVELS).to(torch.uint8)
+
+
+def recover(weight: torch.Tensor) -> Grid | None:
+    """The exact grid a weight lies on, or None when it does not lie on a Q4_1 grid.
+
+    In every Q4_1 block the smallest weight has code 0 and the largest code 15 (llama.cpp sets the
+    block's range so), so the minimum and scale are read off the block and checked bit for bit."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if not blocks_fit(k):
+        return None
+    blocks = w.view(n, k // BLOCK, BLOCK)
+    low, high = blocks.min(-1).values, blocks.max(-1).values
+    minimum, scale = low.half(), ((high - low) / LEVELS).half()
+    if not torch.equal(minimum.float(), low):
+        return None
+    grid = Grid(_codes(blocks, scale, minimum).view(n, k), scale, minimum)
+    return grid if torch.equal(grid.dequantize(), w) else None
+
+
+def quantize(weight: torch.Tensor) -> Grid:
+    """Round-to-nearest onto a Q4_1 grid (block range, fp16 scale and minimum): a start for qscale
+    on a model that has no grid yet."""
+    w = weight.detach().float()
+    n, k = w.shape
+    blocks = w.view(n, k // BLOCK, BLOCK)
+    low, high = blocks.min(-1).values, blocks.max(-1).values
+    minimum, scale = low.half(), ((high - low) / LEVELS).half()
+    return Grid(_codes(blocks, scale, minimum).view(n, k), scale, minimum)
+
+
+def grid_of(weight: torch.Tensor) -> tuple[Grid, bool]:
+    """(grid, exact): the weight's own grid when it has one, else a round-to-nearest one."""
+    found = recover(weight)
+    return (found, True) if found is not None else (quantize(weight), False)
+
+
+def integer_form(grid: Grid) -> Grid:
+    """The nearest integer zero-point grid with the same scales: z = round(−minimum/scale), codes
+    re-rounded. What MatMulNBits stores without help; qscale can train from it."""
+    d, m = grid.scale.float(), grid.float_minimum()
+    z = torch.where(d > 0, (-m / torch.where(d > 0, d, 1.0)).round(), 8.0).clamp(0, LEVELS)
+    n, k = grid.codes.shape
+    w = grid.dequantize().view(n, k // BLOCK, BLOCK)
+    codes = torch.where(d[..., None] > 0, w / torch.where(d > 0, d, 1.0)[..., None] + z[..., None], z[..., None])
+    codes = codes.round().clamp(0, LEVELS).to(torch.uint8).view(n, k)
+    return Grid(codes, grid.scale, None, z.to(torch.uint8))
+
+
+def requantize(weight: torch.Tensor, grid: Grid) -> Grid:
+    """Put a changed weight (a merged LoRA) back on a grid's scales and minimums: new codes only."""
+    n, k = weight.shape
+    blocks = weight.detach().float().view(n, k // BLOCK, BLOCK)
+    codes = _codes(blocks, grid.scale, grid.float_minimum()).view(n, k)
+    return Grid(codes, grid.scale, grid.minimum, grid.zero_point)
+
+
+def projection_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decoder projection weights of a state dict, by module name (without ``.weight``)."""
+    return {name[: -len(".weight")]: w for name, w in state.items()
+            if name.endswith(".weight") and w.dim() == 2 and name.split(".")[-2] in PROJECTIONS}
+
+
+def save_scales(path: Path, grids: dict[str, Grid], metadata: dict[str, str]) -> None:
+    """The qscale artefact: per projection, an fp16 scale and minimum per block (or the integer
+    zero point, in that form). The codes are not in it: they are the base model's."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, grid in grids.items():
+        tensors[f"{name}.scale"] = grid.scale.detach().half().contiguous()
+        if grid.zero_point is not None:
+            tensors[f"{name}.zero_point"] = grid.zero_point.contiguous()
+        else:
+            tensors[f"{name}.minimum"] = grid.minimum.detach().half().contiguous()
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_scales(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+    """{projection: {"scale": …, "minimum" or "zero_point": …}} and the artefact's metadata."""
+    from safetensors import safe_open
+
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+        for key in handle.keys():
+            name, part = key.rsplit(".", 1)
+            found.setdefault(name, {})[part] = handle.get_tensor(key)
+    return found, metadata
+
+
+@dataclass
+class Grid8:
+    """A GGUF Q8_0 matrix (the embedding and tied head of a Q4_1 file): w = scale·q, q in −127..127."""
+
+    q: torch.Tensor  # int8 [N, K]
+    scale: torch.Tensor  # fp16 [N, K/32]
+
+    def dequantize(self) -> torch.Tensor:
+        n, k = self.q.shape
+        return (self.scale.float()[..., None] * self.q.view(n, k // BLOCK, BLOCK).float()).view(n, k)
+
+
+def recover_q8(weight: torch.Tensor) -> Grid8 | None:
+    """The exact Q8_0 grid of a weight (scale = block max |w| / 127, in fp16), or None."""
+    w = weight.detach().float()
+    n, k = w.shape
+    if not blocks_fit(k):
+        return None
+    blocks = w.view(n, k // BLOCK, BLOCK)
+    scale = (blocks.abs().max(-1).values / 127).half()
+    d = scale.float()[..., None]
+    q = torch.where(d > 0, blocks / torch.where(d > 0, d, 1.0), 0.0).round().clamp(-127, 127)
+    grid = Grid8(q.to(torch.int8).view(n, k), scale)
+    return grid if torch.equal(grid.dequantize(), w) else None

@@ -1,0 +1,277 @@
+"""qscale: fine-tune an int4 model by training its grid's scales (and minimums), codes fixed.
+
+The PEQA idea applied to the grid the export writes (INT4.md): every decoder projection becomes
+w = minimum + scale·code with the codes frozen, and only the per-block scale and minimum train
+(6.6M parameters on SmolLM2-135M). The result is an int4 model by construction; the export
+writes it exactly (:mod:`ftl.export.exact`). Run by Olive through ftl's pass
+(:mod:`ftl.finetune.qscale_pass`); the loop is here so it is one tested function.
+
+Two grid forms: ``float-min`` keeps the GGUF Q4_1 form (a float minimum per block, exact for an
+imported GGUF model); ``int-zp`` uses MatMulNBits' own integer zero point, so the export needs no
+offset correction and decodes as fast as the builder's own int4.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ftl.quant.grid import ARTEFACT, PROJECTIONS, Grid, grid_of, integer_form, save_scales
+
+GRID_FORMS = ("float-min", "int-zp")
+
+
+class GridLinear(nn.Module):
+    """A Linear whose weight is its grid: scale·code + minimum (or scale·(code − zero point))."""
+
+    def __init__(self, grid: Grid, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("codes", grid.codes.view(grid.codes.shape[0], -1, 32), persistent=False)
+        self.scale = nn.Parameter(grid.scale.float())
+        if grid.zero_point is not None:
+            self.register_buffer("zero_point", grid.zero_point.float(), persistent=False)
+            self.minimum = None
+        else:
+            self.zero_point = None
+            self.minimum = nn.Parameter(grid.minimum.float())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    def weight(self) -> torch.Tensor:
+        codes = self.codes.to(self.scale.dtype)
+        if self.zero_point is not None:
+            w = self.scale[..., None] * (codes - self.zero_point[..., None])
+        else:
+            w = self.scale[..., None] * codes + self.minimum[..., None]
+        return w.reshape(w.shape[0], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight(), self.bias)
+
+    def grid(self) -> Grid:
+        """The grid as the export writes it: fp16 scale and minimum (fp16 is what the artefact keeps)."""
+        codes = self.codes.reshape(self.codes.shape[0], -1)
+        if self.zero_point is not None:
+            return Grid(codes, self.scale.detach().half(), None, self.zero_point.to(torch.uint8))
+        return Grid(codes, self.scale.detach().half(), self.minimum.detach().half())
+
+
+def attach(model: nn.Module, form: str = "float-min") -> dict[str, bool]:
+    """Swap every decoder projection for a GridLinear on its grid; {module: grid was exact}."""
+    if form not in GRID_FORMS:
+        raise ValueError(f"unknown grid form {form!r}")
+    exact = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or name.split(".")[-1] not in PROJECTIONS:
+            continue
+        if module.in_features % 32:
+            continue
+        grid, was_exact = grid_of(module.weight)
+        if form == "int-zp":
+            grid = integer_form(grid)
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        setattr(parent, name.rsplit(".", 1)[1], GridLinear(grid, module.bias))
+        exact[name] = was_exact
+    return exact
+
+
+def grids(model: nn.Module) -> dict[str, Grid]:
+    return {name: m.grid() for name, m in model.named_modules() if isinstance(m, GridLinear)}
+
+
+def round_to_artefact(model: nn.Module) -> None:
+    """Round the trained scales and minimums to fp16, as saved, so the PyTorch model is the export's."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, GridLinear):
+                module.scale.copy_(module.scale.half().float())
+                if module.minimum is not None:
+                    module.minimum.copy_(module.minimum.half().float())
+
+
+@dataclass
+class Rows:
+    """Tokenised rows: ids, and how many leading tokens are prompt (not trained on)."""
+
+    ids: list[list[int]]
+    prompt_lengths: list[int]
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(len(i) - p for i, p in zip(self.ids, self.prompt_lengths))
+
+
+def tokenize_rows(tokenizer, prepared: Path, answer_only: bool = True) -> Rows:
+    """Rows from ftl's prepared JSONL ({"text", "prompt"}): the prompt is masked with answer_only."""
+    ids, prompts = [], []
+    for line in Path(prepared).read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        full = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        prompt = row.get("prompt") if answer_only else None
+        cut = 0
+        if prompt and row["text"].startswith(prompt):
+            cut = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if full[:cut] != tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+                cut = 0  # the tokeniser merged across the boundary: train on the whole row
+        ids.append(full)
+        prompts.append(min(cut, len(full) - 1))
+    return Rows(ids, prompts)
+
+
+def batch_loss(model: nn.Module, rows: Rows, picks: list[int], pad_id: int) -> torch.Tensor:
+    width = max(len(rows.ids[i]) for i in picks)
+    ids = torch.full((len(picks), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(picks), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(picks), width), dtype=torch.long)
+    for row, i in enumerate(picks):
+        seq = torch.tensor(rows.ids[i])
+        ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+        labels[row, rows.prompt_lengths[i] : len(seq)] = seq[rows.prompt_lengths[i] :]
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+@dataclass
+class TrainSettings:
+    steps: int
+    batch_size: int = 4
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.05
+    seed: int = 42
+    logging_steps: int = 1
+    save_steps: int = 10
+    form: str = "float-min"
+
+
+@dataclass
+class TrainResult:
+    grids: dict[str, Grid]
+    exact: dict[str, bool]
+    loss_curve: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_at: int = 0
+
+
+def _order(rows: int, steps: int, batch: int, seed: int) -> list[list[int]]:
+    """The batches of every step: a seeded shuffle per pass over the rows."""
+    rng = random.Random(seed)
+    batches, pool = [], []
+    while len(batches) < steps:
+        if len(pool) < batch:
+            fresh = list(range(rows))
+            rng.shuffle(fresh)
+            pool += fresh
+        batches.append(pool[:batch])
+        pool = pool[batch:]
+    return batches
+
+
+def train(model: nn.Module, rows: Rows, settings: TrainSettings, *, pad_id: int, checkpoint: Path | None = None,
+          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train the scales (and minimums) of a model whose projections are GridLinear (see attach).
+
+    AdamW with a cosine schedule and linear warm-up, as the LoRA recipe; a checkpoint of the scales
+    and the optimiser every ``save_steps`` lets an interrupted run resume where it stopped."""
+    started = time.perf_counter()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for m in model.modules() if isinstance(m, GridLinear) for p in (m.scale, m.minimum) if p is not None]
+    for p in params:
+        p.requires_grad_(True)
+    torch.manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
+    warmup = max(1, int(settings.steps * settings.warmup_ratio))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, settings.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    curve: list[dict] = []
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        with torch.no_grad():
+            for p, saved in zip(params, state["params"]):
+                p.copy_(saved)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, curve = state["step"], state["curve"]
+    model.train()
+    running = []
+    for step, picks in enumerate(_order(len(rows.ids), settings.steps, settings.batch_size, settings.seed)):
+        if step < start:
+            continue
+        loss = batch_loss(model, rows, picks, pad_id)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running.append(float(loss.detach()))
+        done = step + 1
+        if done % settings.logging_steps == 0 or done == settings.steps:
+            point = {"step": done, "loss": round(sum(running) / len(running), 4),
+                     "learning_rate": scheduler.get_last_lr()[0]}
+            running = []
+            curve.append(point)
+            if on_log:
+                on_log(point)
+        if checkpoint is not None and (done % settings.save_steps == 0) and done < settings.steps:
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"step": done, "params": [p.detach().clone() for p in params],
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "curve": curve}, tmp)
+            tmp.replace(checkpoint)
+    model.eval()
+    round_to_artefact(model)
+    return TrainResult(grids(model), {}, curve, time.perf_counter() - started, start)
+
+
+def run(model_dir: Path, prepared: Path, out: Path, settings: TrainSettings, *, answer_only: bool = True,
+        on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Load the base, put it on its grid, train, and write the artefact (qscale.safetensors) to ``out``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    exact = attach(model, settings.form)
+    rows = tokenize_rows(tokenizer, prepared, answer_only)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    result = train(model, rows, settings, pad_id=pad, checkpoint=out / "qscale-checkpoint.pt", on_log=on_log)
+    result.exact = exact
+    save_scales(out / ARTEFACT, result.grids, {
+        "form": settings.form, "block_size": "32", "grid": "exact" if all(exact.values()) else "round-to-nearest",
+        "answer_tokens": str(rows.answer_tokens)})
+    (out / "qscale-checkpoint.pt").unlink(missing_ok=True)
+    (out / "trainer_log.json").write_text(json.dumps({"loss_curve": result.loss_curve,
+                                                      "answer_tokens": rows.answer_tokens,
+                                                      "rows": len(rows.ids)}, indent=1))
+    return result
+
+
+def load_model(model_dir: Path, artefact: Path):
+    """The PyTorch grid model a qscale artefact describes: the base's codes with its scales."""
+    from transformers import AutoModelForCausalLM
+
+    from ftl.quant.grid import load_scales
+
+    found, metadata = load_scales(artefact)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    attach(model, metadata.get("form", "float-min"))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, GridLinear) and name in found:
+                module.scale.copy_(found[name]["scale"].float())
+                if module.minimum is not None:
+                    module.minimum.copy_(found[name]["minimum"].float())
+    return model.eval()
