@@ -228,3 +228,12 @@ def _compile(template: str):
 
 def _render_chat(template: str, messages: list[Message], add_generation_prompt: bool, tokens: dict) -> str:
     return _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+
+
+def answer_start(full: list[int], prompt: list[int]) -> int:
+    """Where the answer starts in a row's ids: after the prompt's tokens, backing off where the
+    tokeniser merged across the boundary (always at least 1: the first token is never predicted)."""
+    start = len(prompt)
+    while start > 1 and full[:start] != prompt[:start]:
+        start -= 1
+    return max(1, min(start, len(full) - 1))

@@ -71,3 +71,19 @@ def load_merged_torch(base_dir: Path, adapter_dir: Path | None = None):
 
         model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     return model.eval()
+
+
+def repeated_ngrams(text: str, n: int = 4) -> int:
+    """Word n-grams that repeat an earlier one: 0 for a text that never says the same thing twice."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return len(grams) - len(set(grams))
+
+
+def loops(text: str, n: int = 4, times: int = 3) -> bool:
+    """An answer loops when one word n-gram occurs ``times`` times or more."""
+    from collections import Counter
+
+    words = text.split()
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return bool(counts) and max(counts.values()) >= times

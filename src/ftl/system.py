@@ -18,6 +18,8 @@ _NOT_MODEL = {"manifest.json", "olive_config.json", "olive.log"}
 def model_files(folder: Path) -> list[Path]:
     """The files that define a model or adapter in ``folder``, recursively, in a stable order."""
     folder = Path(folder)
+    if folder.is_file():
+        return [folder]
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in MODEL_SUFFIXES
                   and p.name not in _NOT_MODEL and ".olive-cache" not in p.parts and "checkpoints" not in p.parts)
 

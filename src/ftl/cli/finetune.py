@@ -37,6 +37,7 @@ from ftl.progress import console, run_with_progress
 @option(C, "max_seq_len", "--max-seq-len", type=int)
 @option(C, "logging_steps", "--logging-steps", type=int)
 @option(C, "save_steps", "--save-steps", type=int)
+@option(C, "train_on_prompt", "--train-on-prompt", is_flag=True)
 @option(C, "seed", "--seed", type=int)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
 @option(C, "force", "--force", is_flag=True)
@@ -59,11 +60,11 @@ def show_finetune(result) -> None:
         console.print(f"[green]✓[/] Olive workflow written ({result.rows} rows, {result.tokens} tokens, "
                       f"{result.steps} steps); nothing was trained")
         return
-    table = Table("rows", "tokens", "steps", "first loss", "final loss", "time", title="finetune")
+    table = Table("rows", "tokens", "answer tokens", "steps", "first loss", "final loss", "time", title="finetune")
     first = f"{result.loss_curve[0]['loss']:.4f}" if result.loss_curve else "—"
     final = f"{result.final_loss:.4f}" if result.final_loss is not None else "—"
     note = " (unchanged, skipped)" if result.skipped else " (resumed)" if result.resumed else ""
-    table.add_row(str(result.rows), str(result.tokens), str(result.steps), first, final,
+    table.add_row(str(result.rows), str(result.tokens), str(result.answer_tokens), str(result.steps), first, final,
                   f"{result.seconds:.0f}s{note}")
     console.print(table)
     what = "int4 grid scales" if result.adapter.name.endswith(".safetensors") else "adapter"

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from ftl import manifest
+from ftl.chat import answer_start
 from ftl.errors import ConfigError, DataError
 from ftl.eval.config import EvalConfig
 from ftl.eval.models import EvalModel, TorchEvalModel, check_spec, load
@@ -134,10 +136,7 @@ def _ids(model: EvalModel, sample: dict) -> tuple[list[int], int]:
     messages = model.format.conversation(sample["question"], sample["reference"])
     prompt = tokenizer(model.format.render_prompt(messages[:-1]), add_special_tokens=False)["input_ids"]
     full = tokenizer(model.format.render_example(messages), add_special_tokens=False)["input_ids"]
-    start = len(prompt)
-    while start > 1 and full[:start] != prompt[:start]:  # a merge across the boundary: back off
-        start -= 1
-    return full, max(1, start)
+    return full, answer_start(full, prompt)
 
 
 def _logits_for(model: EvalModel, sample: dict) -> tuple[np.ndarray, int]:

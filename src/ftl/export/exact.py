@@ -91,9 +91,12 @@ def _concat(grids: list[Grid]) -> Grid:
                 torch.cat([g.float_minimum().half() if g.minimum is None else g.minimum for g in grids]))
 
 
-def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head: Grid8 | None = None) -> Written:
+def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head: Grid8 | None = None,
+               built_from: dict[str, Grid] | None = None) -> Written:
     """Replace the 4-bit body MatMulNBits weights of an og folder by these grids, exactly; with
-    ``head``, the int8 head (which a tied embedding reads too) gets its Q8_0 grid as well."""
+    ``head``, the int8 head (which a tied embedding reads too) gets its Q8_0 grid as well.
+    ``built_from``: the grids of the weights og built from, when they are not ``grids`` (a qscale
+    fine-tune's trained scales): what the sanity check compares the built matrices with."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -123,7 +126,7 @@ def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head:
             raise ExportError(f"{node.name} is {attrs.get('N')}×{attrs.get('K')}, {attrs.get('bits')} bits, block "
                               f"{attrs.get('block_size')}; the grid is {n}×{k}, 4 bits, block {BLOCK}", str(folder),
                               "build the folder with block size 32 and an int4 body")
-        _check_close(grid, inits, node)
+        _check_close(_concat([(built_from or grids)[m] for m in modules]), inits, node)
         codes = grid.codes.numpy().reshape(n, k // BLOCK, BLOCK)
         inits[node.input[1]].CopyFrom(numpy_helper.from_array(_pack(codes), node.input[1]))
         scale = grid.scale.float().numpy().reshape(inits[node.input[2]].dims)
@@ -269,6 +272,7 @@ class GridPlan:
     grids: dict[str, Grid]
     head: Grid8 | None
     source: str  # "gguf" (recovered exactly), "qscale", "round-to-nearest"
+    built_from: dict[str, Grid] | None = None  # the base's grids, when og built from the base (qscale)
     lora_codes_changed: float | None = None  # share of codes a merged LoRA moved
     lora_delta_rounded_away: float | None = None  # share of the LoRA's weight changes below half a step
 
@@ -305,8 +309,9 @@ def plan_grid(model_dir: Path, base_dir: Path | None = None, qscale: Path | None
         grids[name], found = grid_of(w)
         exact = exact and found
     source = "gguf" if exact else "round-to-nearest"
-    changed = rounded = None
+    changed = rounded = built_from = None
     if qscale:
+        built_from = dict(grids)
         trained, metadata = load_scales(qscale)
         if set(trained) != set(grids):
             raise ExportError("the qscale fine-tune's layers differ from the model's", str(qscale),
@@ -336,4 +341,4 @@ def plan_grid(model_dir: Path, base_dir: Path | None = None, qscale: Path | None
     if head_weight is None:
         head_weight = next((w for n, w in state.items() if n.endswith("embed_tokens.weight")), None)
     head = recover_q8(head_weight) if head_weight is not None and head_weight.dim() == 2 else None
-    return GridPlan(grids, head, source, changed, rounded)
+    return GridPlan(grids, head, source, built_from, changed, rounded)

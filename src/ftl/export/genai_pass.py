@@ -64,7 +64,7 @@ class FtlGenaiBuilder(Pass):
         if config.grid == "exact":
             plan = plan_grid(Path(model.model_name_or_path), Path(config.grid_base) if config.grid_base else None,
                              Path(config.qscale_path) if config.qscale_path else None)
-            written = write_grid(out, plan.grids, config.grid_form, plan.head)
+            written = write_grid(out, plan.grids, config.grid_form, plan.head, plan.built_from)
             (out / GRID_RECORD).write_text(json.dumps({
                 **written.as_dict(), "source": plan.source, "lora_codes_changed": plan.lora_codes_changed,
                 "lora_delta_rounded_away": plan.lora_delta_rounded_away}, indent=1))

@@ -40,6 +40,8 @@ class FinetuneConfig(StrictModel):
     max_seq_len: int = Field(1024, gt=8, description="A row longer than this is an error, never truncated")
     logging_steps: int | None = Field(None, gt=0, description="Default: about 100 loss points per run")
     save_steps: int = Field(10, gt=0, description="Checkpoint interval, for resume after an interruption")
+    train_on_prompt: bool = Field(False, description="Train on the whole row, prompt included (default: the loss "
+                                                     "covers the answers only)")
     seed: int = Field(42, description="Random seed for LoRA init and data order")
     force: bool = Field(False, description="Replace a finished result in the output folder")
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftl import manifest, olive
-from ftl.chat import PromptFormat, prompt_format_for
+from ftl.chat import PromptFormat, answer_start, prompt_format_for
 from ftl.data import Example, Fields, load_examples
 from ftl.errors import DataError, DeviceError, OutputExistsError
 from ftl.finetune.config import FinetuneConfig
@@ -45,6 +45,7 @@ class FinetuneResult:
     resumed: bool = False
     skipped: bool = False
     config_only: bool = False
+    answer_tokens: int = 0
 
 
 @dataclass
@@ -56,6 +57,7 @@ class _Plan:
     fmt: PromptFormat
     examples: list[Example]
     token_counts: list[int]
+    answer_tokens: int
     steps: int
     logging_steps: int
     data_hashes: list[str]
@@ -72,14 +74,15 @@ def plan(config: FinetuneConfig) -> _Plan:
                             answer_field=config.answer_field, system_prompt=config.system_prompt)
     for example in examples:
         fmt.check_messages(example.messages, f"{example.source}:{example.line}")
-    token_counts = _count_tokens(model_dir, fmt, examples, config)
+    token_counts, answer_tokens = _count_tokens(model_dir, fmt, examples, config)
     steps, logging_steps = steps_for(config, len(examples))
     base = model_identity(model_dir)
     params = config.model_dump(mode="json", exclude={"force", "output"})
     data_hashes = [manifest.sha256_file(f) for f in config.data_files]
     fingerprint = manifest.sha256_json({"base": base["sha256"], "data": data_hashes,
                                         "params": params, "format": fmt.model_dump()})
-    return _Plan(model_dir, base, fmt, examples, token_counts, steps, logging_steps, data_hashes, fingerprint)
+    return _Plan(model_dir, base, fmt, examples, token_counts, answer_tokens, steps, logging_steps, data_hashes,
+                 fingerprint)
 
 
 def load_training_rows(config: FinetuneConfig) -> list[Example]:
@@ -109,13 +112,19 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         workflow["passes"]["qscale"].update(
             train_data_file=str((out / PREPARED).resolve()), checkpoint_dir=str((out / CHECKPOINTS).resolve()),
             steps=steps, batch_size=config.batch_size, learning_rate=config.lr, seed=config.seed,
-            logging_steps=logging_steps, save_steps=config.save_steps)
+            logging_steps=logging_steps, save_steps=config.save_steps, answer_only=not config.train_on_prompt)
         return workflow
     workflow = olive.workflow("finetune_lora.json", work_dir=out, output_dir=out / "olive-output")
     workflow["input_model"]["model_path"] = str(Path(model_dir).resolve())
     data = workflow["data_configs"][0]
     data["load_dataset_config"]["data_files"] = str((out / PREPARED).resolve())
     data["pre_process_data_config"]["max_seq_len"] = max_seq_len
+    if not config.train_on_prompt:
+        # Answer-only labels: ftl's Olive pre-process component (ftl.finetune.olive_data), loaded as a user script.
+        from ftl.finetune import olive_data
+
+        data["user_script"] = olive_data.__file__
+        data["pre_process_data_config"] = {"type": "ftl_answer_only", "answer_only": True}
     lora = workflow["passes"]["lora"]
     lora.update(r=config.r, alpha=config.alpha, lora_dropout=config.dropout)
     if config.target_modules:
@@ -150,7 +159,7 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     if save_config:
         olive.save_config(build_olive_config(config, p, out), save_config)
         return FinetuneResult(out, out / ADAPTER, len(p.examples), sum(p.token_counts), p.steps, None,
-                              config_only=True)
+                              config_only=True, answer_tokens=p.answer_tokens)
     if manifest.is_complete(out, p.fingerprint) and not config.force:
         return _result_from_manifest(out, skipped=True)
     resumed = manifest.prepare_output(out, force=config.force, stage="finetune", resumable=True)
@@ -182,12 +191,13 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
 
     seconds = time.perf_counter() - started
     record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics={
-        "rows": len(p.examples), "tokens": sum(p.token_counts), "steps": p.steps,
+        "rows": len(p.examples), "tokens": sum(p.token_counts), "answer_tokens": p.answer_tokens, "steps": p.steps,
         "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve, "resumed": resumed})
     record["outputs"] = outputs
     manifest.write(out, record)
-    return FinetuneResult(out, out / (QSCALE if config.method == "qscale" else ADAPTER), len(p.examples), sum(p.token_counts), p.steps,
-                          record["metrics"]["final_loss"], curve, seconds, resumed)
+    return FinetuneResult(out, out / (QSCALE if config.method == "qscale" else ADAPTER), len(p.examples),
+                          sum(p.token_counts), p.steps, record["metrics"]["final_loss"], curve, seconds, resumed,
+                          answer_tokens=p.answer_tokens)
 
 
 def _require_cuda() -> None:
@@ -198,18 +208,26 @@ def _require_cuda() -> None:
                           "torch.cuda.is_available() is False", "use --method lora on this machine")
 
 
-def _count_tokens(model_dir: Path, fmt: PromptFormat, examples: list[Example], config: FinetuneConfig) -> list[int]:
+def _count_tokens(model_dir: Path, fmt: PromptFormat, examples: list[Example],
+                  config: FinetuneConfig) -> tuple[list[int], int]:
+    """Tokens per row, and the answer tokens the loss covers (all of them with --train-on-prompt)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = [fmt.render_example(e.messages) for e in examples]
-    counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    full = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    counts = [len(ids) for ids in full]
+    if config.train_on_prompt:
+        answers = sum(counts)
+    else:
+        prompts = tokenizer([fmt.render_prompt(e.messages[:-1]) for e in examples], add_special_tokens=False)["input_ids"]
+        answers = sum(len(ids) - answer_start(ids, prompt) for ids, prompt in zip(full, prompts))
     for example, count in zip(examples, counts):
         if count > config.max_seq_len:
             raise DataError(f"row has {count} tokens, more than --max-seq-len {config.max_seq_len}",
                             f"{example.source}:{example.line}", "raise --max-seq-len or shorten the row; "
                             "ftl never truncates training rows silently")
-    return counts
+    return counts, answers
 
 
 def _drop_partial_checkpoints(checkpoints: Path) -> None:
@@ -239,7 +257,7 @@ def _inputs(config: FinetuneConfig, p: _Plan) -> dict:
 def _params(config: FinetuneConfig, p: _Plan) -> dict:
     params = config.model_dump(mode="json", exclude={"force"})
     params.update(learning_rate=config.lr, steps=p.steps, logging_steps=p.logging_steps, rows=len(p.examples),
-                  tokens=sum(p.token_counts), longest_row_tokens=max(p.token_counts))
+                  tokens=sum(p.token_counts), answer_tokens=p.answer_tokens, longest_row_tokens=max(p.token_counts))
     return params
 
 
@@ -280,4 +298,4 @@ def _result_from_manifest(out: Path, skipped: bool) -> FinetuneResult:
     produced = record.get("outputs", {}).get("qscale") or ADAPTER
     return FinetuneResult(out, out / produced, metrics["rows"], metrics["tokens"], metrics["steps"],
                           metrics["final_loss"], metrics["loss_curve"], record["timings"]["seconds"],
-                          skipped=skipped)
+                          skipped=skipped, answer_tokens=metrics.get("answer_tokens", 0))

@@ -25,6 +25,7 @@ from ftl.errors import ConfigError, DataError, FtlError, OutputExistsError
 from ftl.eval.config import EvalConfig
 from ftl.export.config import ExportConfig
 from ftl.finetune.config import FinetuneConfig
+from ftl.lineage import ADAPTER, QSCALE
 from ftl.progress import console, run_with_progress, task_progress
 from rich.table import Table
 
@@ -214,8 +215,13 @@ def check(plan: PipelinePlan) -> list[StageReport]:
         update={"data": [f for f in plan.finetune.data_files if f != distilled]}))
     reports.append(StageReport("finetune", "planned", 0.0, f"{len(rows)} rows valid"
                                + (" + the distilled ones" if distilled else ""), str(plan.finetune.output)))
-    reports.append(StageReport("export", "planned", 0.0, "MergeAdapterWeights → ModelBuilder int4",
-                               str(plan.export.output)))
+    if plan.finetune.method == "qscale" and not plan.export.exact_grid:
+        raise ConfigError("stages.finetune.method qscale trains an int4 grid in blocks of 32; this export would "
+                          "re-quantise it", plan.source, "leave stages.export.grid and block_size at their defaults")
+    what = ("the qscale grid written exactly (og builder + ftl.export.exact)" if plan.finetune.method == "qscale"
+            else "MergeAdapterWeights → og builder int4" + (", put back on the exact grid" if plan.export.exact_grid
+                                                           else ""))
+    reports.append(StageReport("export", "planned", 0.0, what, str(plan.export.output)))
     if plan.generate:
         questions = _questions(plan.generate)
         reports.append(StageReport("generate", "planned", 0.0, f"{len(questions)} questions",
@@ -249,8 +255,10 @@ def write_workflows(plan: PipelinePlan, reports: list[StageReport]) -> None:
                                          logging_steps=logging_steps), path)
     by_stage["finetune"].detail += f"; Olive workflow → {path}"
     path = plan.work / "export.olive_config.json"
+    qscale = plan.finetune.method == "qscale"
     olive.save_config(export_workflow(plan.export, plan.export.output, model_dir=plan.model_dir,
-                                      adapter=plan.finetune.output / "adapter"), path)
+                                      adapter=None if qscale else plan.finetune.output / ADAPTER,
+                                      qscale=plan.finetune.output / QSCALE if qscale else None), path)
     by_stage["export"].detail += f"; Olive workflow → {path}"
 
 

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ftl.chat import answer_start
 from ftl.quant.grid import ARTEFACT, PROJECTIONS, Grid, grid_of, integer_form, save_scales
 
 GRID_FORMS = ("float-min", "int-zp")
@@ -108,21 +109,20 @@ class Rows:
         return sum(len(i) - p for i, p in zip(self.ids, self.prompt_lengths))
 
 
-def tokenize_rows(tokenizer, prepared: Path, answer_only: bool = True) -> Rows:
-    """Rows from ftl's prepared JSONL ({"text", "prompt"}): the prompt is masked with answer_only."""
+def tokenize_records(tokenizer, records: list[dict], answer_only: bool = True) -> Rows:
+    """Rows of ftl's prepared form ({"text", "prompt"}): with answer_only the prompt is masked."""
     ids, prompts = [], []
-    for line in Path(prepared).read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
+    for row in records:
         full = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
         prompt = row.get("prompt") if answer_only else None
-        cut = 0
-        if prompt and row["text"].startswith(prompt):
-            cut = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            if full[:cut] != tokenizer(prompt, add_special_tokens=False)["input_ids"]:
-                cut = 0  # the tokeniser merged across the boundary: train on the whole row
         ids.append(full)
-        prompts.append(min(cut, len(full) - 1))
+        prompts.append(answer_start(full, tokenizer(prompt, add_special_tokens=False)["input_ids"]) if prompt else 0)
     return Rows(ids, prompts)
+
+
+def tokenize_rows(tokenizer, prepared: Path, answer_only: bool = True) -> Rows:
+    records = [json.loads(line) for line in Path(prepared).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return tokenize_records(tokenizer, records, answer_only)
 
 
 def batch_loss(model: nn.Module, rows: Rows, picks: list[int], pad_id: int) -> torch.Tensor:

@@ -1,0 +1,249 @@
+"""Int4 by construction: the grid is recovered exactly, trained through Olive (qscale), and written
+into the onnxruntime-genai folder bit for bit (offset form and float zero points)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ftl import manifest, metrics
+from ftl.errors import AdapterMismatchError, ConfigError
+from ftl.export import ExportConfig, export_onnx
+from ftl.export.exact import read_grid
+from ftl.finetune import FinetuneConfig, finetune
+from ftl.quant import qscale
+from ftl.quant.grid import BLOCK, Grid, grid_of, load_scales, quantize, recover, recover_q8
+from tiny import build_tiny_llama
+
+
+def _random_grid(n: int, k: int, seed: int = 0) -> Grid:
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g).to(torch.uint8)
+    codes.view(n, k // BLOCK, BLOCK)[..., 0] = 0  # Q4_1 puts the block's minimum at code 0 …
+    codes.view(n, k // BLOCK, BLOCK)[..., 1] = 15  # … and its maximum at code 15
+    scale = (torch.rand(n, k // BLOCK, generator=g) * 0.01 + 1e-3).half()
+    minimum = (-torch.rand(n, k // BLOCK, generator=g) * 0.08).half()
+    return Grid(codes, scale, minimum)
+
+
+def test_a_q4_1_grid_is_recovered_bit_for_bit_and_other_weights_are_not_mistaken_for_one():
+    grid = _random_grid(48, 96)
+    found = recover(grid.dequantize())
+    assert found is not None
+    assert torch.equal(found.codes, grid.codes) and torch.equal(found.scale, grid.scale)
+    assert torch.equal(found.minimum, grid.minimum)
+    noise = torch.randn(48, 96)
+    assert recover(noise) is None
+    rounded, exact = grid_of(noise)
+    assert not exact
+    step = rounded.scale.float().repeat_interleave(BLOCK, dim=1)
+    assert ((rounded.dequantize() - noise).abs() <= step / 2 + 1e-6).all()  # round-to-nearest: within half a step
+
+
+def test_a_q8_0_head_is_recovered_exactly():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (40, 64), generator=g).float()
+    q.view(40, 2, BLOCK)[..., 0] = 127
+    scale = (torch.rand(40, 2, generator=g) * 0.01 + 1e-3).half()
+    weight = (scale.float()[..., None] * q.view(40, 2, BLOCK)).view(40, 64)
+    found = recover_q8(weight)
+    assert found is not None and torch.equal(found.dequantize(), weight)
+    assert recover_q8(torch.randn(40, 64)) is None
+
+
+@pytest.fixture(scope="module")
+def grid_model(tmp_path_factory):
+    """A tiny Llama whose projections lie exactly on a Q4_1 grid and whose tied embedding is Q8_0,
+    as a GGUF import's do."""
+    from safetensors.torch import load_file, save_file
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("grid") / "tiny-grid", hidden_size=64)
+    state = load_file(str(folder / "model.safetensors"))
+    for name, weight in state.items():
+        if weight.dim() == 2 and name.split(".")[-2].endswith("proj"):
+            state[name] = quantize(weight).dequantize()
+        elif name.endswith("embed_tokens.weight"):
+            blocks = weight.view(weight.shape[0], -1, BLOCK)
+            scale = (blocks.abs().max(-1).values / 127).half().float()[..., None]
+            safe = torch.where(scale > 0, scale, 1.0)  # the pad token's row is all zeros
+            state[name] = (scale * (blocks / safe).round()).view_as(weight)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def _ppl(logits_and_ids):
+    return metrics.perplexity([metrics.token_nll(logits, ids) for logits, ids in logits_and_ids])
+
+
+def _onnx_vs_torch(folder, torch_model, sequences):
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    onnx = [(metrics.onnx_logits(model, ids), ids) for ids in sequences]
+    ref = [(metrics.torch_logits(torch_model, ids), ids) for ids in sequences]
+    return _ppl(onnx), _ppl(ref), onnx, ref
+
+
+SEQUENCES = [[5, 17, 42, 99, 7, 64, 3, 250, 11, 8, 301, 77], [100, 200, 300, 400, 12, 13, 14, 15, 16]]
+
+
+def test_the_exact_export_holds_the_model_grid_bit_for_bit(grid_model, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "exact"
+    export_onnx(ExportConfig(model=str(grid_model), output=out))
+    record = manifest.read(out)
+    assert record["outputs"]["int4_grid"]["source"] == "gguf"  # recovered, not re-rounded
+    assert record["outputs"]["int4_grid"]["exact_head"] is True
+    state = load_file(str(grid_model / "model.safetensors"))
+    written = read_grid(out)
+    assert written, "no int4 MatMuls read back"
+    for node, got in written.items():
+        layer = node.split("/")[2].split(".")[1]
+        names = (["q_proj", "k_proj", "v_proj"] if "qkv_proj" in node else [node.split("/")[4]])
+        parent = "self_attn" if "/attn/" in node else "mlp"
+        grids = [recover(state[f"model.layers.{layer}.{parent}.{n}.weight"]) for n in names]
+        codes = torch.cat([g.codes for g in grids]).numpy()
+        scale = torch.cat([g.scale for g in grids]).float().numpy()
+        minimum = torch.cat([g.minimum for g in grids]).float().numpy()
+        assert np.array_equal(got["codes"], codes), node
+        assert np.array_equal(got["scale"], scale), node
+        # The float minimum is the integer zero point's offset put back: exact in fp32.
+        assert np.array_equal(got["offset"] - got["zero_point"] * got["scale"], minimum), node
+    torch_model = AutoModelForCausalLM.from_pretrained(grid_model, dtype=torch.float32).eval()
+    onnx_ppl, torch_ppl, onnx, ref = _onnx_vs_torch(out, torch_model, SEQUENCES)
+    assert abs(onnx_ppl / torch_ppl - 1) < 0.005
+    builder = tmp_path / "builder"
+    export_onnx(ExportConfig(model=str(grid_model), output=builder, grid="builder"))
+    assert manifest.read(builder)["outputs"]["int4_grid"] is None
+    assert read_grid(builder)[node]["offset"] is None
+
+
+def test_float_zero_points_hold_the_same_grid(grid_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "fzp"
+    export_onnx(ExportConfig(model=str(grid_model), output=out, grid_form="float-zp"))
+    for got in read_grid(out).values():
+        assert got["offset"] is None and got["zero_point"].dtype == np.float32
+    torch_model = AutoModelForCausalLM.from_pretrained(grid_model, dtype=torch.float32).eval()
+    onnx_ppl, torch_ppl, _, _ = _onnx_vs_torch(out, torch_model, SEQUENCES)
+    assert abs(onnx_ppl / torch_ppl - 1) < 0.005
+
+
+@pytest.fixture(scope="module")
+def qscale_run(tmp_path_factory, grid_model, qa_file):
+    out = tmp_path_factory.mktemp("qscale") / "ft"
+    result = finetune(FinetuneConfig(model=str(grid_model), data=qa_file, output=out, method="qscale", max_steps=6,
+                                     batch_size=2, learning_rate=1e-3, save_steps=3))
+    return out, result
+
+
+def test_qscale_trains_only_the_scales_through_olive(qscale_run, grid_model):
+    out, result = qscale_run
+    record = manifest.read(out)
+    assert record["status"] == "complete" and record["params"]["method"] == "qscale"
+    assert record["outputs"]["qscale"] == "qscale.safetensors"
+    workflow = json.loads((out / "olive_config.json").read_text())
+    assert [p["type"] for p in workflow["passes"].values()] == ["FtlQScale"]
+    assert len(result.loss_curve) == 6 and all(np.isfinite(p["loss"]) for p in result.loss_curve)
+    trained, metadata = load_scales(out / "qscale.safetensors")
+    assert metadata["form"] == "float-min" and metadata["grid"] == "exact"
+    assert int(metadata["answer_tokens"]) > 0
+    from safetensors.torch import load_file
+
+    state = load_file(str(grid_model / "model.safetensors"))
+    moved = 0
+    for name, parts in trained.items():
+        base = recover(state[f"{name}.weight"])
+        assert parts["scale"].dtype == torch.float16 and parts["scale"].shape == base.scale.shape
+        moved += int((parts["scale"] != base.scale).sum()) + int((parts["minimum"] != base.minimum).sum())
+    assert moved > 0  # it trained
+    assert not (out / "adapter").exists() and not (out / "olive-output").exists()
+
+
+def test_a_qscale_fine_tune_exports_exactly_and_matches_its_pytorch_model(qscale_run, grid_model, tmp_path):
+    out, _ = qscale_run
+    export = tmp_path / "export"
+    result = export_onnx(ExportConfig(adapter=out, output=export))
+    assert not result.warnings
+    record = manifest.read(export)
+    assert record["outputs"]["int4_grid"]["source"] == "qscale"
+    assert record["inputs"]["adapter"]["sha256"] == manifest.sha256_file(out / "qscale.safetensors")
+    trained, _ = load_scales(out / "qscale.safetensors")
+    got = read_grid(export)["/model/layers.0/attn/o_proj/MatMul_Q4"]
+    assert np.array_equal(got["scale"], trained["model.layers.0.self_attn.o_proj"]["scale"].float().numpy())
+    assert np.array_equal(got["offset"] - got["zero_point"] * got["scale"],
+                          trained["model.layers.0.self_attn.o_proj"]["minimum"].float().numpy())
+    torch_model = qscale.load_model(grid_model, out / "qscale.safetensors")
+    onnx_ppl, torch_ppl, _, _ = _onnx_vs_torch(export, torch_model, SEQUENCES)
+    assert abs(onnx_ppl / torch_ppl - 1) < 0.005
+    # ftl eval finds the PyTorch model an export came from through the manifest.
+    from ftl.eval.models import load
+
+    torch_eval = load(f"torch:{out}")
+    assert torch_eval.lineage["adapter"] == load(f"onnx:{export}").lineage["adapter"]
+
+
+def test_a_qscale_fine_tune_is_never_re_quantised(qscale_run, tmp_path):
+    out, _ = qscale_run
+    with pytest.raises(ConfigError, match="re-quantise"):
+        export_onnx(ExportConfig(adapter=out, output=tmp_path / "b", grid="builder"))
+    with pytest.raises(ConfigError, match="block"):
+        export_onnx(ExportConfig(adapter=out, output=tmp_path / "c", block_size=64))
+    with pytest.raises(ConfigError, match="blocks of 32"):
+        export_onnx(ExportConfig(model="x", output=tmp_path / "d", grid="exact", block_size=64))
+
+
+def test_a_qscale_fine_tune_from_another_base_is_refused(qscale_run, tmp_path):
+    out, _ = qscale_run
+    other = build_tiny_llama(tmp_path / "other", seed=7)
+    with pytest.raises(AdapterMismatchError, match="trained on"):
+        export_onnx(ExportConfig(adapter=out, model=str(other), output=tmp_path / "e"))
+
+
+def test_a_lora_export_says_how_much_int4_rounds_away(tiny_finetune, tmp_path):
+    result = export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "lora"))
+    assert any("rounds away" in w and "--method qscale" in w for w in result.warnings)
+    grid = manifest.read(tmp_path / "lora")["outputs"]["int4_grid"]
+    assert grid["source"] == "round-to-nearest" and 0 <= grid["lora_delta_rounded_away"] <= 1
+
+
+def test_an_interrupted_qscale_run_resumes_where_it_stopped(grid_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(grid_model)
+    prepared = tmp_path / "rows.jsonl"
+    prepared.write_text("".join(json.dumps({"text": f"<|im_start|>user\nq{i}<|im_end|>\n<|im_start|>assistant\n"
+                                                    f"answer number {i}<|im_end|>\n",
+                                            "prompt": f"<|im_start|>user\nq{i}<|im_end|>\n<|im_start|>assistant\n"})
+                                + "\n" for i in range(6)))
+    rows = qscale.tokenize_rows(tokenizer, prepared)
+    assert all(0 < p < len(i) for i, p in zip(rows.ids, rows.prompt_lengths))  # answer-only: prompt masked
+    settings = qscale.TrainSettings(steps=4, batch_size=2, learning_rate=1e-3, save_steps=2)
+
+    def fresh():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(grid_model, dtype=torch.float32)
+        qscale.attach(model)
+        return model
+
+    straight = qscale.train(fresh(), rows, settings, pad_id=tokenizer.pad_token_id)
+
+    def stop_after_three(point):
+        if point["step"] == 3:
+            raise KeyboardInterrupt
+
+    checkpoint = tmp_path / "ckpt.pt"
+    with pytest.raises(KeyboardInterrupt):
+        qscale.train(fresh(), rows, settings, pad_id=tokenizer.pad_token_id, checkpoint=checkpoint,
+                     on_log=stop_after_three)
+    resumed = qscale.train(fresh(), rows, settings, pad_id=tokenizer.pad_token_id, checkpoint=checkpoint)
+    assert resumed.resumed_at == 2
+    for name, grid in straight.grids.items():
+        assert torch.allclose(grid.scale.float(), resumed.grids[name].scale.float(), atol=1e-3), name
