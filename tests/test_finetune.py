@@ -41,8 +41,34 @@ def test_every_row_is_trained_on_past_olives_256_cap(tiny_model, tmp_path):
     prepared = (tmp_path / "ft" / "train.prepared.jsonl").read_text().splitlines()
     assert len(prepared) == 300
     olive_config = json.loads((tmp_path / "ft" / "olive_config.json").read_text())
-    pre = olive_config["data_configs"][0]["pre_process_data_config"]
+    data_config = olive_config["data_configs"][0]
+    # One sample per row, answer-only labels: ftl's own Olive pre-process component.
+    assert data_config["pre_process_data_config"] == {"type": "ftl_answer_only", "answer_only": True}
+    assert data_config["user_script"].endswith("olive_data.py")
+    assert 0 < result.answer_tokens < result.tokens
+
+
+def test_the_lora_loss_covers_the_answers_only_unless_asked(tiny_model, qa_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    from ftl.finetune.olive_data import ftl_answer_only
+    from ftl.finetune.stage import _write_prepared, plan
+
+    config = FinetuneConfig(model=str(tiny_model), data=qa_file, output=tmp_path / "ft")
+    p = plan(config)
+    _write_prepared(tmp_path / "rows.jsonl", p)
+    rows = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    examples = ftl_answer_only(rows, str(tiny_model))  # what Olive's LoRA pass trains on
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for qa, example in zip(QA, examples):
+        trained = tokenizer.decode(example["input_ids"][example["labels"] != -100].tolist())
+        assert qa["Answer"] in trained and qa["Question"] not in trained
+    assert p.answer_tokens == sum(int((e["labels"] != -100).sum()) for e in examples)
+    whole = finetune(FinetuneConfig(model=str(tiny_model), data=qa_file, output=tmp_path / "ft2", train_on_prompt=True),
+                     save_config=tmp_path / "wf2.json")
+    pre = json.loads((tmp_path / "wf2.json").read_text())["data_configs"][0]["pre_process_data_config"]
     assert pre["max_samples"] is None and pre["strategy"] == "line-by-line"
+    assert whole.answer_tokens == whole.tokens
 
 
 def test_rerun_with_same_inputs_is_skipped_and_finished_output_protected(tiny_model, qa_file, tiny_finetune):
