@@ -247,3 +247,61 @@ def test_an_interrupted_qscale_run_resumes_where_it_stopped(grid_model, tmp_path
     assert resumed.resumed_at == 2
     for name, grid in straight.grids.items():
         assert torch.allclose(grid.scale.float(), resumed.grids[name].scale.float(), atol=1e-3), name
+
+
+def test_search_defaults_are_measured_on_held_out_rows_and_written_for_every_og_client(tiny_finetune, qa_file,
+                                                                                     tmp_path):
+    from ftl.export.search import CANDIDATES
+
+    out = tmp_path / "tuned"
+    result = export_onnx(ExportConfig(adapter=tiny_finetune, output=out, validation_data=qa_file,
+                                      validation_limit=3))
+    tuned = manifest.read(out)["outputs"]["search_defaults"]
+    assert result.search_defaults == tuned and tuned["rows"] == 3
+    assert [t["name"] for t in tuned["trials"]] == list(CANDIDATES)
+    chosen = [t for t in tuned["trials"] if t["chosen"]]
+    assert len(chosen) == 1 and chosen[0]["name"] == tuned["chosen"]
+    best = max(t["rouge_l"] for t in tuned["trials"])
+    assert chosen[0]["rouge_l"] >= best - 0.01
+    search = json.loads((out / "genai_config.json").read_text())["search"]
+    assert {k: search[k] for k in tuned["search"]} == tuned["search"]
+
+
+def test_held_out_rows_that_do_not_parse_are_refused_before_anything_runs(tiny_finetune, tmp_path):
+    from ftl.errors import DataError
+
+    bad = tmp_path / "held.jsonl"
+    bad.write_text('{"Question": "a", "Answer": "b"}\n{"Question": "c"\n')
+    with pytest.raises(DataError, match="held.jsonl:2"):
+        export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "x", validation_data=bad))
+    assert not (tmp_path / "x").exists()
+
+
+def test_max_ppl_increase_keeps_the_smallest_export_within_budget(tiny_finetune, qa_file, tmp_path):
+    with pytest.raises(ConfigError, match="held-out rows"):
+        export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "none", max_ppl_increase="3%"))
+    with pytest.raises(ValueError, match="percentage"):
+        ExportConfig(adapter=tiny_finetune, output=tmp_path / "bad", max_ppl_increase="three")
+    out = tmp_path / "budget"
+    result = export_onnx(ExportConfig(adapter=tiny_finetune, output=out, validation_data=qa_file,
+                                      validation_limit=3, max_ppl_increase="90%"))
+    trials = manifest.read(out)["outputs"]["trials"]
+    assert result.trials == trials and trials["max_ppl_increase"] == pytest.approx(0.9)
+    # Smallest first. Block 128 does not divide the tiny model's width of 64, so it is not tried;
+    # a candidate the builder cannot build is recorded and skipped.
+    names = [t["name"] for t in trials["trials"]]
+    assert names[0] == "int4 head, block 64" and "int4 head, block 128" not in names
+    kept = [t for t in trials["trials"] if t["kept"]]
+    assert len(kept) == 1 and kept[0]["within"] and kept[0] == trials["trials"][-1]
+    assert all("error" in t for t in trials["trials"][:-1])
+    assert manifest.read(out)["outputs"]["layout"]["block_size"] == kept[0]["block_size"]
+    assert not (out / ".trials").exists() and (out / "model.onnx").is_file()
+    # An ordinary export folder: og opens it.
+    from ftl.generate import OnnxChatModel
+
+    assert OnnxChatModel(out).ask("What is the capital of France?", max_new_tokens=4).new_tokens > 0
+
+
+def test_a_block_size_the_model_cannot_take_is_refused_in_one_line(tiny_finetune, tmp_path):
+    with pytest.raises(ConfigError, match="--block-size 128 does not divide the model's hidden size 64"):
+        export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "x", block_size=128, grid="builder"))

@@ -23,6 +23,9 @@ from ftl.progress import console, task_progress
 @option(C, "accuracy_level", "--accuracy-level", type=click.IntRange(1, 4))
 @option(C, "grid", "--grid", type=click.Choice(["exact", "builder"]))
 @option(C, "grid_form", "--grid-form", type=click.Choice(["offset", "float-zp"]))
+@option(C, "validation_data", "--validation-data", type=click.Path(path_type=Path))
+@option(C, "validation_limit", "--validation-limit", type=int)
+@option(C, "max_ppl_increase", "--max-ppl-increase", type=str)
 @option(C, "keep_adapter_separate", "--keep-adapter-separate", is_flag=True)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
 @option(C, "force", "--force", is_flag=True)
@@ -48,4 +51,28 @@ def show_export(result) -> None:
                       "WF.json --package-config WF.package_config.json` (ftl's builder pass is registered there)")
         return
     note = " (unchanged, skipped)" if result.skipped else ""
+    if result.trials:
+        from rich.table import Table
+
+        trials = result.trials
+        table = Table("candidate", "MB", "answer ppl", "× source", "", title=f"--max-ppl-increase "
+                      f"{trials['max_ppl_increase']:.1%}: {trials['rows']} held-out rows, source ppl "
+                      f"{trials['reference_ppl']:.3f}")
+        for trial in trials["trials"]:
+            if "error" in trial:
+                table.add_row(trial["name"], "—", "—", "—", f"not built: {trial['error'][:60]}")
+                continue
+            table.add_row(trial["name"], f"{trial['size_mb']:.1f}", f"{trial['ppl']:.3f}", f"{trial['ratio']:.3f}",
+                          "kept" if trial["kept"] else ("within" if trial["within"] else "over"))
+        console.print(table)
+    if result.search_defaults:
+        from rich.table import Table
+
+        tuned = result.search_defaults
+        table = Table("search", "ROUGE-L", "repeated 4-grams", "looping", "",
+                      title=f"search defaults, {tuned['rows']} held-out questions")
+        for trial in tuned["trials"]:
+            table.add_row(trial["name"], f"{trial['rouge_l']:.3f}", f"{trial['repeated_ngrams']:.1f}",
+                          f"{trial['looping']:.2f}", "← genai_config.json" if trial["chosen"] else "")
+        console.print(table)
     console.print(f"[green]✓[/] int4 model → {result.output} ({result.size_mb} MB, {result.seconds:.0f}s{note})")

@@ -16,6 +16,8 @@ def _sampling(f):
         option(C, "max_new_tokens", "--max-new-tokens", type=int),
         option(C, "temperature", "--temperature", type=float),
         option(C, "top_p", "--top-p", type=float),
+        option(C, "repetition_penalty", "--repetition-penalty", type=float),
+        option(C, "no_repeat_ngram_size", "--no-repeat-ngram-size", type=int),
         option(C, "system_prompt", "--system-prompt"),
         option(C, "adapter", "--adapter", type=click.Path(exists=True, path_type=Path)),
         option(C, "threads", "--threads", type=int),

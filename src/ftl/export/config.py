@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from ftl.config import StrictModel
 
@@ -35,9 +35,29 @@ class ExportConfig(StrictModel):
     grid_form: Literal["offset", "float-zp"] = Field(
         "offset", description="how the exact grid's float minimum is written: offset (integer zero point plus a "
                               "per-block correction) or float-zp (float zero points: exact, far slower decode)")
+    validation_data: Path | None = Field(
+        None, description="Held-out Q/A JSONL (never trained on): the export answers it with each search setting "
+                          "(greedy, repetition penalty, no-repeat n-gram) and writes the best into genai_config.json")
+    validation_limit: int = Field(16, gt=0, description="Held-out rows used to choose the search defaults and "
+                                                        "to score --max-ppl-increase candidates")
+    max_ppl_increase: float | None = Field(
+        None, gt=0, lt=1, description="e.g. 3%: try settings smallest first (block, head bits, builder or exact "
+                                      "grid) and keep the first whose held-out perplexity is within this of the "
+                                      "PyTorch model's (needs --validation-data)")
     keep_adapter_separate: bool = Field(False, description="Export base + .onnx_adapter for multi-LoRA serving "
                                                            "(much slower decode than a merged export)")
     force: bool = Field(False, description="Replace a finished result in the output folder")
+
+    @field_validator("max_ppl_increase", mode="before")
+    @classmethod
+    def _percent(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a percentage like 3% (or a fraction like 0.03)") from None
+        return value
 
     @property
     def exact_grid(self) -> bool:

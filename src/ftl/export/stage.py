@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ftl import manifest, olive
 from ftl.chat import PromptFormat, prompt_format_for
-from ftl.errors import ConfigError, ExportError
+from ftl.errors import ConfigError, DataError, ExportError
 from ftl.export.builder import BuildOptions, check_options, verify
 from ftl.export.config import ExportConfig
 from ftl.export.exact import GRID_RECORD
@@ -41,6 +41,8 @@ class ExportResult:
     warnings: list[str] = field(default_factory=list)
     skipped: bool = False
     config_only: bool = False
+    search_defaults: dict | None = None
+    trials: dict | None = None
 
 
 @dataclass
@@ -51,6 +53,7 @@ class _Plan:
     fmt: PromptFormat
     fingerprint: str
     qscale: Path | None = None
+    validation: list[dict] | None = None
 
 
 def plan(config: ExportConfig) -> _Plan:
@@ -73,6 +76,10 @@ def plan(config: ExportConfig) -> _Plan:
         raise ConfigError("nothing to export", None, "pass --adapter (a finetune output) and/or --model")
     model_dir = resolve_model(model_ref)
     check_options(build_options(config))
+    unfit = block_misfits(model_dir, config.block_size)
+    if unfit:
+        raise ConfigError(f"--block-size {config.block_size} does not divide the model's {unfit}", str(model_dir),
+                          "use a block size that divides it (32 fits every model ftl has met)")
     base = model_identity(model_dir)
     if adapter or qscale:
         check_adapter_base(adapter or qscale.parent, base)
@@ -80,12 +87,25 @@ def plan(config: ExportConfig) -> _Plan:
         fmt = PromptFormat(**trained["prompt_format"])
     else:
         fmt = prompt_format_for(model_dir)
+    validation = validation_rows(config.validation_data, config.validation_limit) if config.validation_data else None
     fingerprint = manifest.sha256_json({
+        "validation": manifest.sha256_file(config.validation_data) if config.validation_data else None,
         "base": base["sha256"], "adapter": manifest.sha256_dir(adapter) if adapter else None,
         "qscale": manifest.sha256_file(qscale) if qscale else None, "exact_grid": config.exact_grid,
         "params": config.model_dump(mode="json", exclude={"force", "output", "adapter", "model"}),
         "format": fmt.model_dump()})
-    return _Plan(model_dir, base, adapter, fmt, fingerprint, qscale)
+    return _Plan(model_dir, base, adapter, fmt, fingerprint, qscale, validation)
+
+
+def validation_rows(path: Path, limit: int) -> list[dict]:
+    """Held-out {"question", "reference"} rows from Q/A or chat JSONL (checked like training data)."""
+    from ftl.data import load_examples
+
+    rows = [{"question": e.messages[-2]["content"], "reference": e.messages[-1]["content"]}
+            for e in load_examples(Path(path))[:limit]]
+    if not rows:
+        raise DataError("no held-out rows", str(path), "give a Q/A JSONL file with at least one row")
+    return rows
 
 
 def _check_grid(config: ExportConfig, qscale: Path | None) -> None:
@@ -156,7 +176,13 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
     if manifest.is_complete(out, p.fingerprint) and not config.force:
         record = manifest.read(out)
         return ExportResult(out, record["metrics"]["size_mb"], record["timings"]["seconds"],
-                            _adapter_file(out), warnings, skipped=True)
+                            _adapter_file(out), warnings, skipped=True,
+                            search_defaults=record["outputs"].get("search_defaults"),
+                            trials=record["outputs"].get("trials"))
+    if config.max_ppl_increase is not None:
+        from ftl.export.choose import export_within
+
+        return export_within(config, p, export_onnx, on_line=on_line)
     manifest.prepare_output(out, force=config.force, stage="export")
     trained = {"path": str(p.adapter.resolve()), "sha256": manifest.sha256_dir(p.adapter)} if p.adapter else \
         {"path": str(p.qscale.resolve()), "sha256": manifest.sha256_file(p.qscale)} if p.qscale else None
@@ -184,15 +210,36 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
                         f"below half a quantisation step; {grid['lora_codes_changed']:.2%} of the codes moved): "
                         "fine-tune with --method qscale for an int4 model that keeps what it learned")
 
+    search_defaults = None
+    if p.validation:
+        from ftl.export.search import tune
+
+        search_defaults = tune(out, p.validation)
     seconds = time.perf_counter() - started
     size_mb = folder_size_mb(out)
     record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics={"size_mb": size_mb},
                   warnings=warnings)
     record["outputs"] = {"adapter_file": _adapter_file(out).name if _adapter_file(out) else None,
                          "layout": layout.as_dict(), "built_with_onnxruntime_genai": _og_version(),
-                         "int4_grid": grid}
+                         "int4_grid": grid, "search_defaults": search_defaults}
     manifest.write(out, record)
-    return ExportResult(out, size_mb, seconds, _adapter_file(out), warnings)
+    return ExportResult(out, size_mb, seconds, _adapter_file(out), warnings, search_defaults=search_defaults)
+
+
+def block_misfits(model_dir: Path, block: int) -> str | None:
+    """The first input width of the model's MatMuls that ``block`` does not divide, named, or None."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    text = getattr(config, "text_config", None) or config
+    heads = getattr(text, "num_attention_heads", None)
+    head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
+    widths = {"hidden size": text.hidden_size, "intermediate size": getattr(text, "intermediate_size", None),
+              "attention width (heads × head_dim)": heads * head_dim if heads and head_dim else None}
+    for name, width in widths.items():
+        if width and width % block:
+            return f"{name} {width}"
+    return None
 
 
 def _ties_embeddings(model_dir: Path) -> bool:

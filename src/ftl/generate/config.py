@@ -13,6 +13,10 @@ class SamplingConfig(StrictModel):
     max_new_tokens: int = Field(256, gt=0, description="Most tokens to generate per answer")
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling, when temperature > 0")
+    repetition_penalty: float | None = Field(None, gt=0, description="Default: the folder's (genai_config.json "
+                                                                     "search, measured at export)")
+    no_repeat_ngram_size: int | None = Field(None, ge=0, description="Never repeat an n-gram of this many tokens "
+                                                                     "(default: the folder's)")
 
 
 class GenerateConfig(SamplingConfig):

@@ -126,8 +126,11 @@ class OnnxChatModel:
                               "shorten the prompt or lower --max-new-tokens")
 
     def stream(self, messages: list[Message], *, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, stats: dict | None = None) -> Iterator[str]:
-        """Yield text pieces as tokens arrive. ``stats`` (if given) receives timing and counts."""
+               top_p: float = 1.0, stats: dict | None = None, search: dict | None = None,
+               repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None) -> Iterator[str]:
+        """Yield text pieces as tokens arrive. ``stats`` (if given) receives timing and counts.
+        ``search``: og search options over the folder's own defaults (genai_config.json "search",
+        where the export writes the repetition settings it measured best)."""
         og = self._og
         ids = self.prompt_ids(messages)
         self.check_fits(ids, max_new_tokens)
@@ -137,6 +140,9 @@ class OnnxChatModel:
             options.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             options.update(do_sample=False)
+        search = {**(search or {}), "repetition_penalty": repetition_penalty,
+                  "no_repeat_ngram_size": no_repeat_ngram_size}
+        options.update({k: v for k, v in search.items() if v is not None})
         params.set_search_options(**options)
         started = time.perf_counter()
         generator = og.Generator(self.model, params)
