@@ -207,9 +207,13 @@ def test_a_qscale_fine_tune_from_another_base_is_refused(qscale_run, tmp_path):
 
 
 def test_a_lora_export_says_how_much_int4_rounds_away(tiny_finetune, tmp_path):
-    result = export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "lora"))
+    # The tiny model is random fp32: no grid of its own, so the default is og's builder; asked for,
+    # the exact grid is round-to-nearest and the merged LoRA is put on it.
+    assert manifest.read(tmp_path / "lora")["outputs"]["int4_grid"] is None if export_onnx(
+        ExportConfig(adapter=tiny_finetune, output=tmp_path / "lora")) else False
+    result = export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "lora2", grid="exact"))
     assert any("rounds away" in w and "--method qscale" in w for w in result.warnings)
-    grid = manifest.read(tmp_path / "lora")["outputs"]["int4_grid"]
+    grid = manifest.read(tmp_path / "lora2")["outputs"]["int4_grid"]
     assert grid["source"] == "round-to-nearest" and 0 <= grid["lora_delta_rounded_away"] <= 1
 
 

@@ -31,7 +31,8 @@ class ExportConfig(StrictModel):
     grid: Literal["exact", "builder"] | None = Field(
         None, description="exact: write the model's own int4 grid bit for bit (a GGUF Q4_1 import's, a qscale "
                           "fine-tune's, else round-to-nearest), as MatMulNBits plus a per-block offset; builder: "
-                          "og's quantiser, which re-rounds every block (default: exact for blocks of 32)")
+                          "og's quantiser, which re-rounds every block (default: exact where the model has a grid "
+                          "to keep, at blocks of 32)")
     grid_form: Literal["offset", "float-zp"] = Field(
         "offset", description="how the exact grid's float minimum is written: offset (integer zero point plus a "
                               "per-block correction) or float-zp (float zero points: exact, far slower decode)")
@@ -61,6 +62,8 @@ class ExportConfig(StrictModel):
 
     @property
     def exact_grid(self) -> bool:
+        """Exact unless asked otherwise or impossible; ``ftl.export.stage.resolve_grid`` also looks
+        at the model (no grid to keep: the builder)."""
         if self.grid is not None:
             return self.grid == "exact"
         return self.block_size == 32 and not self.keep_adapter_separate

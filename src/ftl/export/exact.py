@@ -291,6 +291,22 @@ def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def has_grid(model_dir: Path) -> bool:
+    """Whether the model's first decoder projection lies on a Q4_1 grid (reads one tensor)."""
+    from safetensors import safe_open
+
+    from ftl.quant.grid import PROJECTIONS, recover
+
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():
+                parts = key.split(".")
+                if key.endswith(".weight") and len(parts) > 2 and parts[-2] in PROJECTIONS:
+                    weight = handle.get_tensor(key)
+                    return weight.dim() == 2 and recover(weight) is not None
+    return False
+
+
 def plan_grid(model_dir: Path, base_dir: Path | None = None, qscale: Path | None = None) -> GridPlan:
     """The grid of the model in ``model_dir``: the base's own (GGUF Q4_1, recovered bit for bit, or
     round-to-nearest when it has none), with a qscale fine-tune's trained scales, or with a merged

@@ -54,6 +54,7 @@ class _Plan:
     fingerprint: str
     qscale: Path | None = None
     validation: list[dict] | None = None
+    grid: str = "builder"  # resolved: "exact" or "builder"
 
 
 def plan(config: ExportConfig) -> _Plan:
@@ -88,13 +89,28 @@ def plan(config: ExportConfig) -> _Plan:
     else:
         fmt = prompt_format_for(model_dir)
     validation = validation_rows(config.validation_data, config.validation_limit) if config.validation_data else None
+    grid = resolve_grid(config, model_dir, qscale)
     fingerprint = manifest.sha256_json({
         "validation": manifest.sha256_file(config.validation_data) if config.validation_data else None,
         "base": base["sha256"], "adapter": manifest.sha256_dir(adapter) if adapter else None,
-        "qscale": manifest.sha256_file(qscale) if qscale else None, "exact_grid": config.exact_grid,
+        "qscale": manifest.sha256_file(qscale) if qscale else None, "grid": grid,
         "params": config.model_dump(mode="json", exclude={"force", "output", "adapter", "model"}),
         "format": fmt.model_dump()})
-    return _Plan(model_dir, base, adapter, fmt, fingerprint, qscale, validation)
+    return _Plan(model_dir, base, adapter, fmt, fingerprint, qscale, validation, grid)
+
+
+def resolve_grid(config: ExportConfig, model_dir: Path, qscale: Path | None) -> str:
+    """The grid asked for; by default "exact" where there is a grid to keep (a qscale fine-tune, or a
+    base whose weights lie on a Q4_1 grid, as a GGUF import's do), else og's builder."""
+    if config.grid is not None:
+        return config.grid
+    if not config.exact_grid:
+        return "builder"
+    if qscale:
+        return "exact"
+    from ftl.export.exact import has_grid
+
+    return "exact" if has_grid(model_dir) else "builder"
 
 
 def validation_rows(path: Path, limit: int) -> list[dict]:
@@ -165,6 +181,7 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
     started = time.perf_counter()
     out = Path(config.output)
     p = plan(config)
+    config = config.model_copy(update={"grid": p.grid})
     warnings = [SLOW_ADAPTER_WARNING] if config.keep_adapter_separate else []
     if config.keep_adapter_separate and config.int4_algo != "default":
         warnings.append(f"int4 algorithm {config.int4_algo} does not support a separate adapter; using 'default' (onnxruntime's default quantiser)")

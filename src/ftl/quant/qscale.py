@@ -274,4 +274,21 @@ def load_model(model_dir: Path, artefact: Path):
                 module.scale.copy_(found[name]["scale"].float())
                 if module.minimum is not None:
                     module.minimum.copy_(found[name]["minimum"].float())
+    materialize(model)
     return model.eval()
+
+
+def materialize(model: nn.Module) -> None:
+    """Replace every GridLinear by a plain Linear holding its dequantised weight: the same function,
+    without rebuilding the weight on every forward pass (inference)."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GridLinear):
+            with torch.no_grad():
+                weight = module.weight()
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+                if module.bias is not None:
+                    linear.bias.copy_(module.bias)
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], linear)
