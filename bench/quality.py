@@ -219,7 +219,9 @@ def main() -> None:
 
     from ftl.system import default_threads
 
-    console.print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
+    console.print(f"machine: {cpu or platform.processor() or platform.machine()}, {os.cpu_count()} CPUs "
                   f"({default_threads()} threads), torch {torch.__version__}, onnxruntime-genai "
                   f"{onnxruntime_genai.__version__}, Python {platform.python_version()}")
     (work / "quality.json").write_text(json.dumps({"results": results, "decode_ratio": ratios,
