@@ -265,6 +265,8 @@ def test_search_defaults_are_measured_on_held_out_rows_and_written_for_every_og_
     assert [t["name"] for t in tuned["trials"]] == list(CANDIDATES)
     chosen = [t for t in tuned["trials"] if t["chosen"]]
     assert len(chosen) == 1 and chosen[0]["name"] == tuned["chosen"]
+    # The settings change what og generates (the tiny model repeats itself; a banned n-gram cannot).
+    assert len({t["repeated_ngrams"] for t in tuned["trials"]}) > 1
     best = max(t["rouge_l"] for t in tuned["trials"])
     assert chosen[0]["rouge_l"] >= best - 0.01
     search = json.loads((out / "genai_config.json").read_text())["search"]
@@ -309,3 +311,19 @@ def test_max_ppl_increase_keeps_the_smallest_export_within_budget(tiny_finetune,
 def test_a_block_size_the_model_cannot_take_is_refused_in_one_line(tiny_finetune, tmp_path):
     with pytest.raises(ConfigError, match="--block-size 128 does not divide the model's hidden size 64"):
         export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "x", block_size=128, grid="builder"))
+
+
+def test_search_options_reach_onnxruntime_genai(tiny_export):
+    """A search setting passed as a dict (the export's trials) or as a flag changes what og does:
+    with no_repeat_ngram_size 1 no token comes twice."""
+    from ftl.generate import OnnxChatModel
+
+    model = OnnxChatModel(tiny_export)
+    messages = model.format.conversation("What is the capital of France?")
+    for kwargs in ({"search": {"no_repeat_ngram_size": 1}}, {"no_repeat_ngram_size": 1}):
+        ids = model.generate(messages, max_new_tokens=40, **kwargs).token_ids
+        assert len(ids) > 5 and len(set(ids)) == len(ids), kwargs
+    # An explicit flag wins over the dict; None leaves it alone.
+    ids = model.generate(messages, max_new_tokens=40, search={"no_repeat_ngram_size": 1},
+                         no_repeat_ngram_size=None).token_ids
+    assert len(set(ids)) == len(ids)

@@ -35,7 +35,7 @@ _DEBUG = {"on": False}
 @click.option("--debug", is_flag=True, help="Show tracebacks and third-party warnings instead of one-line errors.")
 @click.version_option(package_name="ftl")
 def cli(debug: bool) -> None:
-    """ftl: distil → fine-tune (Olive LoRA) → int4 ONNX → fast CPU inference (onnxruntime-genai).
+    """ftl: distil → fine-tune (Olive: LoRA or qscale) → int4 ONNX → fast CPU inference (onnxruntime-genai).
 
     Third-party warnings go to the log file ($FTL_LOG, default ~/.cache/ftl/ftl.log).
     """

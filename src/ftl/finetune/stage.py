@@ -1,4 +1,4 @@
-"""The finetune recipe, top to bottom: validate → prepare data → Olive LoRA → check → manifest.
+"""The finetune recipe, top to bottom: validate → prepare data → Olive (LoRA or qscale) → check → manifest.
 
 Olive's own ``finetune`` command caps data at 256 samples and joins rows into 1024-token windows,
 so small data can become one sample. ftl renders each row itself (chat template by default, so

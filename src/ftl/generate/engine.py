@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +26,7 @@ class Generation:
     new_tokens: int  # the answer's tokens; the end-of-sequence step is not one of them
     ttft_s: float
     total_s: float  # until the last answer token arrived
+    token_ids: list[int] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float | None:
@@ -140,8 +141,10 @@ class OnnxChatModel:
             options.update(do_sample=True, temperature=temperature, top_p=top_p)
         else:
             options.update(do_sample=False)
-        search = {**(search or {}), "repetition_penalty": repetition_penalty,
-                  "no_repeat_ngram_size": no_repeat_ngram_size}
+        search = dict(search or {})
+        for key, value in (("repetition_penalty", repetition_penalty), ("no_repeat_ngram_size", no_repeat_ngram_size)):
+            if value is not None:  # an explicit setting wins; None leaves the folder's default
+                search[key] = value
         options.update({k: v for k, v in search.items() if v is not None})
         params.set_search_options(**options)
         started = time.perf_counter()
@@ -150,7 +153,7 @@ class OnnxChatModel:
             generator.set_active_adapter(self.adapters, "default")
         generator.append_tokens(ids)
         decoder = self.tokenizer.create_stream()
-        new_tokens, first, last = 0, None, None
+        new_tokens, first, last, token_ids = 0, None, None, []
         while not generator.is_done() and new_tokens < max_new_tokens:  # max_length may exceed it (window)
             generator.generate_next_token()
             token = generator.get_next_tokens()[0]
@@ -159,9 +162,10 @@ class OnnxChatModel:
             if generator.is_done() and token in self.stop_ids:
                 break  # the end-of-sequence step is not an answer token (see ftl.system.decode_rate)
             new_tokens, last = new_tokens + 1, now
+            token_ids.append(int(token))
             yield decoder.decode(token)
         if stats is not None:
-            stats.update(prompt_tokens=len(ids), new_tokens=new_tokens, ttft_s=first or 0.0,
+            stats.update(prompt_tokens=len(ids), new_tokens=new_tokens, ttft_s=first or 0.0, token_ids=token_ids,
                          total_s=last if last is not None else (first or 0.0))
 
     def generate(self, messages: list[Message], **kwargs) -> Generation:

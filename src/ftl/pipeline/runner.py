@@ -298,7 +298,7 @@ def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False) -> li
             raise DistillPending(f"the distil left seeds pending ({reports[-1].detail})", str(plan.distill.output),
                                  "run the same command again to ask for them; finished answers are kept")
     started = time.perf_counter()
-    tuned = run_with_progress("finetune (Olive LoRA)", lambda cb: _replacing(
+    tuned = run_with_progress(f"finetune (Olive, {plan.finetune.method})", lambda cb: _replacing(
         lambda f: finetune(plan.finetune.model_copy(update={"force": f}), on_progress=cb), force))
     reports.append(StageReport("finetune", _status(tuned), time.perf_counter() - started,
                                f"{tuned.rows} rows, {tuned.tokens} tokens, {tuned.steps} steps, final loss "
