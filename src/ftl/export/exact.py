@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ftl.errors import ExportError
-from ftl.quant.grid import BLOCK, LEVELS, Grid, Grid8
+from ftl.quant.grid import BLOCK, Grid, Grid8, nearest_zero_point
 
 FORMS = ("offset", "float-zp")
 GRID_RECORD = "int4_grid.json"  # what was written, beside model.onnx; the export manifest carries it
@@ -58,10 +58,7 @@ def modules_of(node_name: str) -> list[str] | None:
 def zero_points(grid: Grid) -> torch.Tensor:
     """The grid's own integer zero point, else the one nearest to −minimum/scale (8 for a
     zero-scale block)."""
-    if grid.zero_point is not None:
-        return grid.zero_point.float()
-    d, m = grid.scale.float(), grid.minimum.float()
-    return torch.where(d > 0, (-m / torch.where(d > 0, d, 1.0)).round(), 8.0).clamp(0, LEVELS)
+    return grid.zero_point.float() if grid.zero_point is not None else nearest_zero_point(grid)
 
 
 def offsets(grid: Grid, z: torch.Tensor) -> torch.Tensor:

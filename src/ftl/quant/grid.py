@@ -63,17 +63,14 @@ def recover(weight: torch.Tensor) -> Grid | None:
     """The exact grid a weight lies on, or None when it does not lie on a Q4_1 grid.
 
     In every Q4_1 block the smallest weight has code 0 and the largest code 15 (llama.cpp sets the
-    block's range so), so the minimum and scale are read off the block and checked bit for bit."""
+    block's range so), so round-to-nearest on the block's range finds the grid; it is checked bit
+    for bit."""
     w = weight.detach().float()
-    n, k = w.shape
-    if not blocks_fit(k):
+    if not blocks_fit(w.shape[1]):
         return None
-    blocks = w.view(n, k // BLOCK, BLOCK)
-    low, high = blocks.min(-1).values, blocks.max(-1).values
-    minimum, scale = low.half(), ((high - low) / LEVELS).half()
-    if not torch.equal(minimum.float(), low):
+    grid = quantize(w)
+    if not torch.equal(grid.minimum.float(), w.view(w.shape[0], -1, BLOCK).min(-1).values):
         return None
-    grid = Grid(_codes(blocks, scale, minimum).view(n, k), scale, minimum)
     return grid if torch.equal(grid.dequantize(), w) else None
 
 
@@ -88,6 +85,12 @@ def quantize(weight: torch.Tensor) -> Grid:
     return Grid(_codes(blocks, scale, minimum).view(n, k), scale, minimum)
 
 
+def nearest_zero_point(grid: Grid) -> torch.Tensor:
+    """The integer zero point nearest to −minimum/scale per block (8 for a zero-scale block), fp32."""
+    d, m = grid.scale.float(), grid.float_minimum()
+    return torch.where(d > 0, (-m / torch.where(d > 0, d, 1.0)).round(), 8.0).clamp(0, LEVELS)
+
+
 def grid_of(weight: torch.Tensor) -> tuple[Grid, bool]:
     """(grid, exact): the weight's own grid when it has one, else a round-to-nearest one."""
     found = recover(weight)
@@ -97,8 +100,7 @@ def grid_of(weight: torch.Tensor) -> tuple[Grid, bool]:
 def integer_form(grid: Grid) -> Grid:
     """The nearest integer zero-point grid with the same scales: z = round(−minimum/scale), codes
     re-rounded. What MatMulNBits stores without help; qscale can train from it."""
-    d, m = grid.scale.float(), grid.float_minimum()
-    z = torch.where(d > 0, (-m / torch.where(d > 0, d, 1.0)).round(), 8.0).clamp(0, LEVELS)
+    d, z = grid.scale.float(), nearest_zero_point(grid)
     n, k = grid.codes.shape
     w = grid.dequantize().view(n, k // BLOCK, BLOCK)
     codes = torch.where(d[..., None] > 0, w / torch.where(d > 0, d, 1.0)[..., None] + z[..., None], z[..., None])
