@@ -83,7 +83,7 @@ def test_save_config_writes_the_olive_workflow_without_training(tiny_model, qa_f
     result = finetune(FinetuneConfig(model=str(tiny_model), data=qa_file, output=tmp_path / "ft"),
                       save_config=tmp_path / "wf.json")
     workflow = json.loads((tmp_path / "wf.json").read_text())
-    assert result.config_only and workflow["passes"]["lora"]["type"] == "LoRA"
+    assert result.config_only and workflow["passes"]["lora"]["type"] == "FtlLoRA"
     assert workflow["passes"]["lora"]["training_args"]["logging_steps"] >= 1
     assert not (tmp_path / "ft" / "adapter").exists()
 

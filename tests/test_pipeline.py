@@ -66,12 +66,14 @@ def test_dry_run_plans_every_stage_and_writes_both_olive_workflows(tmp_path, tin
         ("import", "planned"), ("finetune", "planned"), ("export", "planned"), ("generate", "planned"),
         ("eval", "planned")]
     finetune_flow = json.loads((work / "finetune.olive_config.json").read_text())
-    assert finetune_flow["passes"]["lora"]["type"] == "LoRA"
+    assert finetune_flow["passes"]["lora"]["type"] == "FtlLoRA"
     assert finetune_flow["passes"]["lora"]["training_args"]["max_steps"] == 2
     export_flow = json.loads((work / "export.olive_config.json").read_text())
     assert list(export_flow["passes"]) == ["merge", "builder"]
     assert export_flow["input_model"]["adapter_path"] == str((work / "finetune" / "adapter").resolve())
-    assert sorted(p.name for p in work.iterdir()) == ["export.olive_config.json", "finetune.olive_config.json"]
+    assert sorted(p.name for p in work.iterdir()) == [
+        "export.olive_config.json", "export.olive_config.package_config.json", "finetune.olive_config.json",
+        "finetune.olive_config.package_config.json"]
 
 
 def test_typos_in_any_stage_are_all_reported_before_anything_runs(tmp_path, tiny_model, qa_file):

@@ -81,4 +81,4 @@ def test_wheel_installs_and_finds_its_templates(tmp_path, tiny_model, qa_file):
     config = work / "workflow.json"
     _run([venv / "bin" / "ftl", "finetune", "--model", tiny_model, "--data", qa_file, "--output", work / "out",
           "--save-config", config], cwd=work, env=env)
-    assert json.loads(config.read_text())["passes"]["lora"]["type"] == "LoRA"
+    assert json.loads(config.read_text())["passes"]["lora"]["type"] == "FtlLoRA"

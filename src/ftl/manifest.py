@@ -75,7 +75,12 @@ def sha256_json(value: Any) -> str:
 
 
 def read(folder: Path) -> dict[str, Any] | None:
-    path = Path(folder) / MANIFEST
+    return read_file(Path(folder) / MANIFEST)
+
+
+def read_file(path: Path) -> dict[str, Any] | None:
+    """A manifest by its own path (a distilled file's sits beside it as ``<name>.manifest.json``)."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:
@@ -101,6 +106,8 @@ def new(stage: str, *, inputs: dict, params: dict, fingerprint: str) -> dict[str
         "stage": stage,
         "status": "running",
         "fingerprint": fingerprint,
+        # This result's own id: MLflow finds its run by it, so `ftl runs sync` never logs it twice.
+        "run_uid": uuid.uuid4().hex,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "inputs": inputs,
         "params": params,

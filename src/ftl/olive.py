@@ -41,6 +41,9 @@ FTL_PASSES = {
     "FtlGenaiBuilder": {"module_path": "ftl.export.genai_pass.FtlGenaiBuilder", "supported_providers": ["*"],
                         "supported_accelerators": ["*"], "supported_precisions": ["*"], "supported_algorithms": [],
                         "supported_quantization_encodings": []},
+    "FtlLoRA": {"module_path": "ftl.finetune.lora_pass.FtlLoRA", "supported_providers": ["*"],
+                "supported_accelerators": ["*"], "supported_precisions": ["*"], "supported_algorithms": [],
+                "supported_quantization_encodings": []},
     "FtlQScale": {"module_path": "ftl.finetune.qscale_pass.FtlQScale", "supported_providers": ["*"],
                   "supported_accelerators": ["*"], "supported_precisions": ["*"], "supported_algorithms": [],
                   "supported_quantization_encodings": []},
@@ -90,8 +93,10 @@ def save_config(config: dict, path: Path) -> Path:
     return path
 
 
-def run(config: dict, work_dir: Path, on_line: Callable[[str], None] | None = None) -> Path:
-    """Run one workflow; return the log path. Raises OliveRunError on a non-zero exit."""
+def run(config: dict, work_dir: Path, on_line: Callable[[str], None] | None = None,
+        env: dict[str, str] | None = None) -> Path:
+    """Run one workflow; return the log path. Raises OliveRunError on a non-zero exit. ``env`` adds
+    variables for the child (MLflow's run, see :func:`ftl.tracking.child_env`)."""
     work_dir = Path(work_dir).resolve()
     config_path = save_config(config, work_dir / "olive_config.json")
     log_path = work_dir / LOG_NAME
@@ -100,7 +105,7 @@ def run(config: dict, work_dir: Path, on_line: Callable[[str], None] | None = No
         process = subprocess.Popen(
             [sys.executable, "-m", "olive", "run", "--config", str(config_path),
              "--package-config", str(package_config(work_dir))],
-            cwd=work_dir, env=isolated_env(work_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=work_dir, env={**isolated_env(work_dir), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, bufsize=1,  # text mode splits on \r too, so tqdm updates arrive as lines
         )
         try:

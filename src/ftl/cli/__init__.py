@@ -24,6 +24,8 @@ from ftl.cli.finetune import finetune
 from ftl.cli.generate import chat, generate
 from ftl.cli.models import models
 from ftl.cli.pipeline import run_pipeline
+from ftl.cli.runs import runs
+from ftl.cli.sweep import sweep_command
 from ftl.config import settings_error
 from ftl.errors import FtlError
 from ftl.progress import console
@@ -43,7 +45,7 @@ def cli(debug: bool) -> None:
     _route_logs(debug)
 
 
-for command in (models, distill, finetune, export_onnx, generate, chat, eval_command, run_pipeline):
+for command in (models, distill, finetune, export_onnx, generate, chat, eval_command, run_pipeline, sweep_command, runs):
     cli.add_command(command)
 
 

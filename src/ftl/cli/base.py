@@ -74,3 +74,48 @@ def emit(result: Any, as_json: bool, show: Callable[[Any], None]) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+
+
+_TRACKING = ("tracking_uri", "experiment", "no_track", "log_model")
+
+
+def tracking_options(func: Callable) -> Callable:
+    """--tracking-uri, --experiment, --no-track and --log-model: every stage is an MLflow run."""
+    for decorator in reversed([
+        click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a SQLite store "
+                                            "beside the runs: runs/mlflow.db, or <workdir>/mlflow.db for ftl run)."),
+        click.option("--experiment", help="MLflow experiment (default: $MLFLOW_EXPERIMENT_NAME, else ftl; the "
+                                          "pipeline's name for ftl run)."),
+        click.option("--no-track", is_flag=True, help="Log nothing to MLflow; the manifest is written as always."),
+        click.option("--log-model", is_flag=True, help="Log the weights to MLflow too (not by default: they are "
+                                                       "large, and the folder holds them)."),
+    ]):
+        func = decorator(func)
+    return func
+
+
+def pop_tracking(options: dict) -> dict:
+    return {key: options.pop(key) for key in _TRACKING}
+
+
+def open_tracker(tracking: dict, default_dir: Path = Path("runs"), experiment: str | None = None):
+    """The tracker these options ask for; an unknown URI scheme is an error before anything runs."""
+    from ftl import tracking as t
+
+    uri = t.resolve_uri(tracking.get("tracking_uri"), default_dir)
+    return t.Tracker.open(uri, tracking.get("experiment") or experiment, enabled=not tracking.get("no_track"))
+
+
+def tracked_stage(stage: str, manifest_path: Path, tracking: dict):
+    """Run a lone stage inside its MLflow run (see :meth:`ftl.tracking.Tracker.stage`)."""
+    tracker = open_tracker(tracking)
+    return tracker.stage(stage, manifest_path, log_model=bool(tracking.get("log_model")))
+
+
+def report_run(run) -> None:
+    from ftl.progress import console
+    from ftl.tracking import redact
+
+    if run.run_id and run.tracker.on:
+        console.print(f"MLflow: run {run.run_id} in experiment {run.tracker.experiment!r} at "
+                      f"{redact(run.tracker.uri)}", highlight=False, soft_wrap=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ftl.cli.base import build, comma_list, emit, json_option, option
+from ftl.cli.base import (build, comma_list, emit, json_option, option, pop_tracking, report_run, tracked_stage,
+                          tracking_options)
 from ftl.distill.config import DistillConfig as C
 from ftl.progress import console, task_progress
 
@@ -41,20 +42,27 @@ from ftl.progress import console, task_progress
 @option(C, "price_output", "--price-output", type=float)
 @option(C, "retry_rejects", "--retry-rejects", metavar="REASONS",
         help="Ask again for the rejected seeds with these reasons, e.g. truncated,refusal (or all).")
+@tracking_options
 @json_option
 def distill(as_json: bool, **options) -> None:
     """A teacher answers seed questions into Q/A JSONL that ftl finetune takes as it is."""
     from ftl.distill import distill as run_distill
 
+    from ftl.distill.stage import manifest_path
+
+    tracking = pop_tracking(options)
     options["retry_rejects"] = comma_list(options["retry_rejects"])
     config = build(C, **options)
-    with task_progress("distilling", total=None) as (progress, task):
+    with tracked_stage("distill", manifest_path(config.output), tracking) as run, \
+            task_progress("distilling", total=None) as (progress, task):
         def on_progress(result):
             rejected, pending = sum(result.rejected.values()), sum(result.pending.values())
             progress.update(task, completed=result.answered + rejected + pending,
                             info=f"{result.answered} ok, {rejected} rejected, {pending} pending, "
                                  f"{result.completion_tokens} tokens, {sum(result.retries.values())} retries")
         result = run_distill(config, on_progress=on_progress)
+        run.skipped = not result.answered and not sum(result.rejected.values()) and not result.pending
+    report_run(run)
     emit(result, as_json, show_distill)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ftl.cli.base import build, emit, json_option, option
+from ftl.cli.base import build, emit, json_option, option, pop_tracking, report_run, tracked_stage, tracking_options
 from ftl.eval.config import EvalConfig as C
 from ftl.progress import console, task_progress
 
@@ -28,15 +28,19 @@ _TERMINAL_COLUMNS = [0, 1, 3, 6, 7, 10, 12, 13, 14]
 @click.option("--no-memory", is_flag=True, help="Skip the peak-RSS probe (one child process per model).")
 @option(C, "compare", "--compare", type=click.Path(path_type=Path))
 @option(C, "force", "--force", is_flag=True)
+@tracking_options
 @json_option
 def eval_command(no_memory: bool, as_json: bool, **options) -> None:
     """Compare models on perplexity, quantization damage (KL, top-1), ROUGE and latency."""
     from ftl.eval import evaluate
 
+    tracking = pop_tracking(options)
     options["models"] = list(options["models"])
     config = build(C, memory=not no_memory, **options)
-    with task_progress("evaluating", total=None) as (progress, task):
+    with tracked_stage("eval", config.output / "manifest.json", tracking) as run, \
+            task_progress("evaluating", total=None) as (progress, task):
         result = evaluate(config, on_progress=lambda i, n: progress.update(task, completed=i, total=n))
+    report_run(run)
     emit(result.summary if as_json else result, as_json, show_eval)
 
 

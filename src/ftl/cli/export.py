@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from ftl.cli.base import build, comma_list, emit, json_option, option
+from ftl.cli.base import (build, comma_list, emit, json_option, option, pop_tracking, report_run, tracked_stage,
+                          tracking_options)
 from ftl.export.config import ExportConfig as C
 from ftl.progress import console, task_progress
 
@@ -29,17 +30,25 @@ from ftl.progress import console, task_progress
 @option(C, "keep_adapter_separate", "--keep-adapter-separate", is_flag=True)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
 @option(C, "force", "--force", is_flag=True)
+@tracking_options
 @json_option
 def export_onnx(save_config: Path | None, as_json: bool, **options) -> None:
     """Build an int4 onnxruntime-genai folder for CPU through Olive: a qscale fine-tune's grid written
     exactly, or a LoRA merged into the base and quantised."""
     from ftl.export import export_onnx as run_export
 
+    tracking = pop_tracking(options)
     options["op_types"] = comma_list(options["op_types"])
     options["block_size"] = int(options["block_size"])
     config = build(C, **options)
-    with task_progress("exporting int4 ONNX (Olive)"):
+    if save_config:
         result = run_export(config, save_config=save_config)
+    else:
+        with tracked_stage("export", config.output / "manifest.json", tracking) as run, \
+                task_progress("exporting int4 ONNX (Olive)"):
+            result = run_export(config)
+            run.skipped = result.skipped
+        report_run(run)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     emit(result, as_json, show_export)

@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from ftl.cli.base import build, comma_list, emit, json_option, option
+from ftl.cli.base import (build, comma_list, emit, json_option, option, pop_tracking, report_run, tracked_stage,
+                          tracking_options)
 from ftl.finetune.config import FinetuneConfig as C
 from ftl.progress import console, run_with_progress
 
@@ -38,20 +39,33 @@ from ftl.progress import console, run_with_progress
 @option(C, "logging_steps", "--logging-steps", type=int)
 @option(C, "save_steps", "--save-steps", type=int)
 @option(C, "train_on_prompt", "--train-on-prompt", is_flag=True)
+@option(C, "val_split", "--val-split", type=float)
+@option(C, "val_data", "--val-data", multiple=True, type=click.Path(path_type=Path),
+        help="Validation rows from this file instead of a split; repeat for several.")
+@option(C, "eval_steps", "--eval-steps", type=int)
+@option(C, "early_stopping_patience", "--early-stopping-patience", type=int)
 @option(C, "seed", "--seed", type=int)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
 @option(C, "force", "--force", is_flag=True)
+@tracking_options
 @json_option
 def finetune(save_config: Path | None, as_json: bool, **options) -> None:
     """Fine-tuning through Olive: a LoRA adapter, or (--method qscale) the int4 grid's own scales.
     Every row is used; the loss goes to the manifest."""
     from ftl.finetune import finetune as run_finetune
 
+    tracking = pop_tracking(options)
     options["data"] = list(options["data"])
+    options["val_data"] = list(options["val_data"]) or None
     options["target_modules"] = comma_list(options["target_modules"])
     config = build(C, **options)
-    result = run_with_progress("fine-tuning", lambda cb: run_finetune(config, save_config=save_config,
-                                                                        on_progress=cb))
+    if save_config:
+        result = run_finetune(config, save_config=save_config)
+    else:
+        with tracked_stage("finetune", config.output / "manifest.json", tracking) as run:
+            result = run_with_progress("fine-tuning", lambda cb: run_finetune(config, on_progress=cb))
+            run.skipped = result.skipped
+        report_run(run)
     emit(result, as_json, show_finetune)
 
 

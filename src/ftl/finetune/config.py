@@ -42,6 +42,14 @@ class FinetuneConfig(StrictModel):
     save_steps: int = Field(10, gt=0, description="Checkpoint interval, for resume after an interruption")
     train_on_prompt: bool = Field(False, description="Train on the whole row, prompt included (default: the loss "
                                                      "covers the answers only)")
+    val_split: float | None = Field(None, gt=0, lt=1, description="Hold out this share of the rows (chosen by "
+                                                                  "--seed) as validation rows for eval_loss")
+    val_data: list[Path] | None = Field(None, description="Validation rows from these files instead of a split")
+    eval_steps: int | None = Field(None, gt=0, description="eval_loss every N steps (default: --save-steps); "
+                                                           "a checkpoint is saved at each, so the best can be kept")
+    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after N evaluations without a better "
+                                                                        "eval_loss; the best checkpoint is the "
+                                                                        "adapter written")
     seed: int = Field(42, description="Random seed for LoRA init and data order")
     force: bool = Field(False, description="Replace a finished result in the output folder")
 
@@ -59,8 +67,24 @@ class FinetuneConfig(StrictModel):
     def data_files(self) -> list[Path]:
         return list(self.data)
 
+    @field_validator("val_data", mode="before")
+    @classmethod
+    def _val_one_or_many(cls, value):
+        return [value] if isinstance(value, (str, Path)) else (value or None)
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.val_split or self.val_data)
+
     @model_validator(mode="after")
     def _fields_differ(self):
         if self.question_field == self.answer_field:
             raise ValueError("question_field and answer_field must differ")
+        if self.val_split and self.val_data:
+            raise ValueError("val_split and val_data both set: choose a split of the data or a validation file")
+        if self.early_stopping_patience and not self.validates:
+            raise ValueError("early_stopping_patience needs validation rows: set val_split or val_data")
+        if self.validates and self.method == "qscale":
+            raise ValueError("validation and early stopping run with method lora or qlora; qscale trains a fixed "
+                             "number of steps (drop val_split/val_data, or use method lora)")
         return self

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftl import manifest, olive
+from ftl import manifest, olive, tracking
 from ftl.chat import PromptFormat, answer_start, prompt_format_for
 from ftl.data import Example, Fields, load_examples
 from ftl.errors import DataError, DeviceError, OutputExistsError
@@ -26,6 +27,8 @@ from ftl.lineage import ADAPTER, QSCALE
 from ftl.models import model_identity, resolve_model
 
 PREPARED = "train.prepared.jsonl"
+VAL_PREPARED = "val.prepared.jsonl"
+SUMMARY = "training_summary.json"
 CHECKPOINTS = "checkpoints"
 _STEP = re.compile(r"(\d+)/(\d+) \[")
 _LOSS = re.compile(r"'loss': '?([0-9.]+(?:e-?\d+)?)")
@@ -56,6 +59,7 @@ class _Plan:
     base: dict
     fmt: PromptFormat
     examples: list[Example]
+    val_examples: list[Example]
     token_counts: list[int]
     answer_tokens: int
     steps: int
@@ -69,19 +73,20 @@ def plan(config: FinetuneConfig) -> _Plan:
     if config.method == "qlora":
         _require_cuda()
     model_dir = resolve_model(config.model)
-    examples = load_training_rows(config)
+    examples, val_examples = split_rows(config, load_training_rows(config))
     fmt = prompt_format_for(model_dir, text_template=config.text_template, question_field=config.question_field,
                             answer_field=config.answer_field, system_prompt=config.system_prompt)
-    for example in examples:
+    for example in examples + val_examples:
         fmt.check_messages(example.messages, f"{example.source}:{example.line}")
-    token_counts, answer_tokens = _count_tokens(model_dir, fmt, examples, config)
+    token_counts, answer_tokens = _count_tokens(model_dir, fmt, examples + val_examples, config)
+    token_counts = token_counts[:len(examples)]  # the validation rows are checked for length, not counted
     steps, logging_steps = steps_for(config, len(examples))
     base = model_identity(model_dir)
     params = config.model_dump(mode="json", exclude={"force", "output"})
-    data_hashes = [manifest.sha256_file(f) for f in config.data_files]
+    data_hashes = [manifest.sha256_file(f) for f in config.data_files + list(config.val_data or [])]
     fingerprint = manifest.sha256_json({"base": base["sha256"], "data": data_hashes,
                                         "params": params, "format": fmt.model_dump()})
-    return _Plan(model_dir, base, fmt, examples, token_counts, answer_tokens, steps, logging_steps, data_hashes,
+    return _Plan(model_dir, base, fmt, examples, val_examples, token_counts, answer_tokens, steps, logging_steps, data_hashes,
                  fingerprint)
 
 
@@ -91,9 +96,28 @@ def load_training_rows(config: FinetuneConfig) -> list[Example]:
     return [e for path in config.data_files for e in load_examples(path, fields, config.system_prompt)]
 
 
-def build_olive_config(config: FinetuneConfig, p: _Plan, out: Path) -> dict:
+def split_rows(config: FinetuneConfig, rows: list[Example]) -> tuple[list[Example], list[Example]]:
+    """(training rows, validation rows): a seeded split, or the --val-data files."""
+    if config.val_data:
+        fields = Fields(config.question_field, config.answer_field, config.messages_field)
+        val = [e for path in config.val_data for e in load_examples(path, fields, config.system_prompt)]
+        return rows, val
+    if not config.val_split:
+        return rows, []
+    held = max(1, round(len(rows) * config.val_split))
+    if held >= len(rows):
+        where = ", ".join(str(f) for f in config.data_files)
+        raise DataError(f"--val-split {config.val_split} of {len(rows)} rows leaves no training rows", where,
+                        "lower --val-split, add rows, or pass --val-data FILE")
+    order = list(range(len(rows)))
+    random.Random(config.seed).shuffle(order)
+    val = set(order[:held])
+    return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
+
+
+def build_olive_config(config: FinetuneConfig, p: _Plan, out: Path, *, report_to: str = "none") -> dict:
     return olive_workflow(config, out, model_dir=p.model_dir, max_seq_len=max(p.token_counts), steps=p.steps,
-                          logging_steps=p.logging_steps)
+                          logging_steps=p.logging_steps, report_to=report_to)
 
 
 def steps_for(config: FinetuneConfig, rows: int) -> tuple[int, int]:
@@ -104,7 +128,7 @@ def steps_for(config: FinetuneConfig, rows: int) -> tuple[int, int]:
 
 
 def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_seq_len: int, steps: int,
-                   logging_steps: int) -> dict:
+                   logging_steps: int, report_to: str = "none") -> dict:
     """The Olive workflow for these settings; a dry run builds it before the base model exists."""
     if config.method == "qscale":
         workflow = olive.workflow("finetune_qscale.json", work_dir=out, output_dir=out / "olive-output")
@@ -126,11 +150,19 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         data["user_script"] = olive_data.__file__
         data["pre_process_data_config"] = {"type": "ftl_answer_only", "answer_only": True}
     lora = workflow["passes"]["lora"]
+    lora["summary_path"] = str((out / CHECKPOINTS / SUMMARY).resolve())
+    if config.validates:
+        val = json.loads(json.dumps(data))
+        val["name"] = "val_data"
+        val["load_dataset_config"]["data_files"] = str((out / VAL_PREPARED).resolve())
+        workflow["data_configs"].append(val)
+        lora["eval_data_config"] = "val_data"
+        lora["early_stopping_patience"] = config.early_stopping_patience
     lora.update(r=config.r, alpha=config.alpha, lora_dropout=config.dropout)
     if config.target_modules:
         lora["target_modules"] = config.target_modules
     if config.method == "qlora":
-        lora.update(type="QLoRA", torch_dtype="bfloat16")
+        lora.update(torch_dtype="bfloat16")
     lora["training_args"] = {
         "output_dir": str((out / CHECKPOINTS).resolve()),
         "per_device_train_batch_size": config.batch_size,
@@ -147,8 +179,21 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         "lr_scheduler_type": "cosine",
         "warmup_ratio": 0.05,
         "dataloader_num_workers": 0,
-        "report_to": "none",
+        # "mlflow" when the stage is tracked: the Trainer logs loss (and eval_loss) per step into the
+        # stage's run, found through the environment ftl gives Olive (ftl.tracking.child_env).
+        "report_to": report_to,
     }
+    if config.validates:
+        # A checkpoint at every evaluation, so the best one can be restored and is the adapter written.
+        eval_steps = config.eval_steps or config.save_steps
+        lora["training_args"].update(eval_strategy="steps", eval_steps=eval_steps, save_steps=eval_steps,
+                                     per_device_eval_batch_size=config.batch_size, load_best_model_at_end=True,
+                                     metric_for_best_model="eval_loss", greater_is_better=False)
+    if config.method == "qlora":
+        # Olive's own pass: no early stopping or summary there (validation still reports eval_loss).
+        lora["type"] = "QLoRA"
+        lora.pop("summary_path")
+        lora.pop("early_stopping_patience", None)
     return workflow
 
 
@@ -158,6 +203,8 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     p = plan(config)
     if save_config:
         olive.save_config(build_olive_config(config, p, out), save_config)
+        # ftl's passes (FtlLoRA, FtlQScale) are in this package config: olive run --config … --package-config …
+        olive.package_config(out, Path(save_config).with_suffix(".package_config.json"))
         return FinetuneResult(out, out / ADAPTER, len(p.examples), sum(p.token_counts), p.steps, None,
                               config_only=True, answer_tokens=p.answer_tokens)
     if manifest.is_complete(out, p.fingerprint) and not config.force:
@@ -172,27 +219,39 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     record["prompt_format"] = p.fmt.model_dump()
     manifest.write(out, record)
 
-    log = olive.run(build_olive_config(config, p, out), out, on_line=_progress_parser(p.steps, on_progress))
+    env = tracking.child_env()  # empty when nothing is tracked
+    workflow = build_olive_config(config, p, out, report_to="mlflow" if env else "none")
+    log = olive.run(workflow, out, on_line=_progress_parser(p.steps, on_progress), env=env)
     if config.method == "qscale":
         produced = out / "olive-output" / "model"  # the pass's small HF folder (ftl.finetune.qscale_pass)
         olive.require_files(produced, [QSCALE, "trainer_log.json"], log)
         shutil.move(str(produced / QSCALE), out / QSCALE)
         curve = json.loads((produced / "trainer_log.json").read_text())["loss_curve"]
         outputs = {"qscale": QSCALE, "qscale_sha256": manifest.sha256_file(out / QSCALE)}
+        summary = {}
     else:
         produced = out / "olive-output" / ADAPTER
         olive.require_files(produced, ["adapter_config.json", "adapter_model.safetensors"], log)
         shutil.rmtree(out / ADAPTER, ignore_errors=True)
         shutil.move(str(produced), out / ADAPTER)
-        curve = _loss_curve(out / CHECKPOINTS)
+        summary = _training_summary(out / CHECKPOINTS)
+        if summary:
+            shutil.copy2(out / CHECKPOINTS / SUMMARY, out / SUMMARY)
+        curve = summary.get("loss_curve") or _loss_curve(out / CHECKPOINTS)
         outputs = {"adapter": ADAPTER, "adapter_sha256": manifest.sha256_dir(out / ADAPTER)}
     shutil.rmtree(out / "olive-output", ignore_errors=True)
     olive.clean_cache(out)
 
     seconds = time.perf_counter() - started
-    record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics={
-        "rows": len(p.examples), "tokens": sum(p.token_counts), "answer_tokens": p.answer_tokens, "steps": p.steps,
-        "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve, "resumed": resumed})
+    metrics = {"rows": len(p.examples), "tokens": sum(p.token_counts), "answer_tokens": p.answer_tokens,
+               "steps": p.steps, "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
+               "resumed": resumed}
+    if p.val_examples:
+        metrics.update(val_rows=len(p.val_examples), steps_run=summary.get("global_step"),
+                       stop_reason=summary.get("stop_reason"), best_step=summary.get("best_step"),
+                       best_eval_loss=summary.get("best_eval_loss"), best_checkpoint=summary.get("best_checkpoint"),
+                       eval_curve=summary.get("eval_curve", []))
+    record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics=metrics)
     record["outputs"] = outputs
     manifest.write(out, record)
     return FinetuneResult(out, out / (QSCALE if config.method == "qscale" else ADAPTER), len(p.examples),
@@ -241,8 +300,14 @@ def _drop_partial_checkpoints(checkpoints: Path) -> None:
 
 
 def _write_prepared(path: Path, p: _Plan) -> None:
+    _write_rows(path, p, p.examples)
+    if p.val_examples:
+        _write_rows(path.with_name(VAL_PREPARED), p, p.val_examples)
+
+
+def _write_rows(path: Path, p: _Plan, examples: list[Example]) -> None:
     with open(path, "w", encoding="utf-8") as handle:
-        for example in p.examples:
+        for example in examples:
             # "prompt": what answer-only training masks (everything before the last answer).
             handle.write(json.dumps({"text": p.fmt.render_example(example.messages),
                                      "prompt": p.fmt.render_prompt(example.messages[:-1])},
@@ -250,14 +315,20 @@ def _write_prepared(path: Path, p: _Plan) -> None:
 
 
 def _inputs(config: FinetuneConfig, p: _Plan) -> dict:
-    data = [{"path": str(Path(f).resolve()), "sha256": h} for f, h in zip(config.data_files, p.data_hashes)]
-    return {"base_model": p.base, "data": data[0] if len(data) == 1 else data}
+    files = config.data_files + list(config.val_data or [])
+    data = [{"path": str(Path(f).resolve()), "sha256": h} for f, h in zip(files, p.data_hashes)]
+    train, val = data[:len(config.data_files)], data[len(config.data_files):]
+    inputs = {"base_model": p.base, "data": train[0] if len(train) == 1 else train}
+    if val:
+        inputs["val_data"] = val
+    return inputs
 
 
 def _params(config: FinetuneConfig, p: _Plan) -> dict:
     params = config.model_dump(mode="json", exclude={"force"})
     params.update(learning_rate=config.lr, steps=p.steps, logging_steps=p.logging_steps, rows=len(p.examples),
-                  tokens=sum(p.token_counts), answer_tokens=p.answer_tokens, longest_row_tokens=max(p.token_counts))
+                  tokens=sum(p.token_counts), answer_tokens=p.answer_tokens, longest_row_tokens=max(p.token_counts),
+                  val_rows=len(p.val_examples))
     return params
 
 
@@ -281,6 +352,12 @@ def _progress_parser(total: int, on_progress):
             on_progress(None, total, state["loss"])
 
     return handle
+
+
+def _training_summary(checkpoints: Path) -> dict:
+    """What FtlLoRA wrote about the run (ftl.finetune.lora_pass); empty for Olive's QLoRA pass."""
+    path = checkpoints / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _loss_curve(checkpoints: Path) -> list[dict]:

@@ -9,10 +9,11 @@ Relative paths in the YAML are relative to the current directory.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -27,6 +28,7 @@ from ftl.export.config import ExportConfig
 from ftl.finetune.config import FinetuneConfig
 from ftl.lineage import ADAPTER, QSCALE
 from ftl.progress import console, run_with_progress, task_progress
+from ftl.tracking import TAG_STAGE, Tracker, flat_params, redact, summary_metrics
 from rich.table import Table
 
 STAGES = ("import", "distill", "finetune", "export", "generate", "eval")
@@ -109,11 +111,15 @@ class PipelinePlan:
     export: ExportConfig
     generate: GenerateStage | None
     eval: EvalConfig | None
+    stage_dirs: dict[str, Path] = field(default_factory=dict)
+
+    def folder(self, stage: str) -> Path:
+        """The work folder a stage writes under: the pipeline's, or a sweep variant's own."""
+        return self.stage_dirs.get(stage, self.work)
 
 
-def load_pipeline(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> PipelinePlan:
-    """Read, override, validate every stage block and build every stage's config, or raise one
-    ConfigError that lists every problem by its YAML key."""
+def read_pipeline(path: Path) -> dict:
+    """The pipeline YAML as a mapping, with name and workdir filled in."""
     try:
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as exc:
@@ -124,6 +130,17 @@ def load_pipeline(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> Pi
         raise ConfigError("a pipeline must be a YAML mapping", str(path), "see pipelines/quickstart.yaml")
     raw.setdefault("name", Path(path).stem)
     raw.setdefault("workdir", f"runs/{raw['name']}")
+    return raw
+
+
+def load_pipeline(path: Path, overrides: tuple[str, ...] | list[str] = (), *, raw: dict | None = None,
+                  stage_dirs: dict[str, Path] | None = None) -> PipelinePlan:
+    """Read, override, validate every stage block and build every stage's config, or raise one
+    ConfigError that lists every problem by its YAML key."""
+    raw = copy.deepcopy(raw) if raw is not None else read_pipeline(path)
+    if "matrix" in raw:
+        raise ConfigError("this pipeline has a matrix: block", str(path),
+                          f"run it with `ftl sweep {path}`, or remove the block")
     for item in overrides:
         _apply_override(raw, item)
     try:
@@ -131,14 +148,18 @@ def load_pipeline(path: Path, overrides: tuple[str, ...] | list[str] = ()) -> Pi
     except ValidationError as exc:
         raise settings_error(exc, source=str(path), model=PipelineSpec,
                              fix="see pipelines/quickstart.yaml for the keys each stage takes") from None
-    return _build(spec, str(path))
+    return _build(spec, str(path), stage_dirs or {})
 
 
-def _build(spec: PipelineSpec, source: str) -> PipelinePlan:
+def _build(spec: PipelineSpec, source: str, stage_dirs: dict[str, Path]) -> PipelinePlan:
     from ftl.models import default_models_dir
 
     work = Path(spec.workdir)
     stages = spec.stages
+
+    def under(stage: str) -> Path:
+        return stage_dirs.get(stage, work)
+
     models_dir = spec.models_dir or default_models_dir()
     model_dir = models_dir / (stages.import_.name or stages.import_.source)
     built, problems = {}, []
@@ -157,15 +178,16 @@ def _build(spec: PipelineSpec, source: str) -> PipelinePlan:
     if stages.distill is not None:
         # The distilled Q/A is trained on after the finetune stage's own data files.
         make("distill", DistillConfig, {"model": str(model_dir), **_set(stages.distill),
-                                        "output": work / "distill" / "qa.jsonl"})
+                                        "output": under("distill") / "distill" / "qa.jsonl"})
     finetune = _set(stages.finetune)
     if "distill" in built:
         own = finetune.get("data") or []
         finetune["data"] = (own if isinstance(own, list) else [own]) + [built["distill"].output]
-    make("finetune", FinetuneConfig, {**finetune, "model": str(model_dir), "output": work / "finetune"})
-    make("export", ExportConfig, {**_set(stages.export), "adapter": work / "finetune", "output": work / "export"})
+    make("finetune", FinetuneConfig, {**finetune, "model": str(model_dir), "output": under("finetune") / "finetune"})
+    make("export", ExportConfig, {**_set(stages.export), "adapter": under("finetune") / "finetune",
+                                  "output": under("export") / "export"})
     if stages.eval is not None:
-        named = {"export": f"onnx:{work / 'export'}", "finetune": f"torch:{work / 'finetune'}",
+        named = {"export": f"onnx:{under('export') / 'export'}", "finetune": f"torch:{under('finetune') / 'finetune'}",
                  "base": f"torch:{model_dir}"}
         settings = stages.eval.model_dump(exclude_unset=True)
         settings["models"] = [named.get(m, m) for m in stages.eval.models]
@@ -175,11 +197,11 @@ def _build(spec: PipelineSpec, source: str) -> PipelinePlan:
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 problems.append(f"stages.eval.models: unknown model {model!r}{hint}; use export, finetune, base, "
                                 "onnx:PATH or torch:PATH")
-        make("eval", EvalConfig, {**settings, "output": work / "eval"})
+        make("eval", EvalConfig, {**settings, "output": under("eval") / "eval"})
     if problems:
         raise ConfigError("; ".join(problems), source, "see pipelines/quickstart.yaml for the keys each stage takes")
     return PipelinePlan(spec, source, work, models_dir, model_dir, built.get("distill"), built["finetune"],
-                        built["export"], stages.generate, built.get("eval"))
+                        built["export"], stages.generate, built.get("eval"), dict(stage_dirs))
 
 
 def _set(block) -> dict:
@@ -225,7 +247,7 @@ def check(plan: PipelinePlan) -> list[StageReport]:
     if plan.generate:
         questions = _questions(plan.generate)
         reports.append(StageReport("generate", "planned", 0.0, f"{len(questions)} questions",
-                                   str(plan.work / "generate")))
+                                   str(plan.folder("generate") / "generate")))
     if plan.eval:
         samples = load_test_set(plan.eval)
         produced = {f"onnx:{plan.export.output}", f"torch:{plan.finetune.output}", f"torch:{plan.model_dir}"}
@@ -253,12 +275,15 @@ def write_workflows(plan: PipelinePlan, reports: list[StageReport]) -> None:
         olive.save_config(olive_workflow(plan.finetune, plan.finetune.output, model_dir=plan.model_dir,
                                          max_seq_len=plan.finetune.max_seq_len, steps=steps,
                                          logging_steps=logging_steps), path)
+        olive.package_config(plan.work, path.with_suffix(".package_config.json"))
     by_stage["finetune"].detail += f"; Olive workflow → {path}"
     path = plan.work / "export.olive_config.json"
     qscale = plan.finetune.method == "qscale"
     olive.save_config(export_workflow(plan.export, plan.export.output, model_dir=plan.model_dir,
                                       adapter=None if qscale else plan.finetune.output / ADAPTER,
                                       qscale=plan.finetune.output / QSCALE if qscale else None), path)
+    # ftl's own Olive passes are in the package config: olive run --config X --package-config Y
+    olive.package_config(plan.work, path.with_suffix(".package_config.json"))
     by_stage["export"].detail += f"; Olive workflow → {path}"
 
 
@@ -269,19 +294,70 @@ def load_rows_safely(config: FinetuneConfig) -> list:
     return load_training_rows(config.model_copy(update={"data": existing})) if existing else []
 
 
-def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False) -> list[StageReport]:
-    """Check every stage, then run each top to bottom, then a summary table. Returns the reports."""
-    from ftl.export import export_onnx
-    from ftl.finetune import finetune
-    from ftl.models import import_model
+def stage_manifests(plan: PipelinePlan) -> dict[str, Path]:
+    """Where each stage of this plan keeps its manifest."""
+    from ftl.distill.stage import manifest_path
 
+    found = {"distill": manifest_path(plan.distill.output)} if plan.distill else {}
+    found.update(finetune=plan.finetune.output / manifest.MANIFEST, export=plan.export.output / manifest.MANIFEST)
+    if plan.generate:
+        found["generate"] = plan.folder("generate") / "generate" / manifest.MANIFEST
+    if plan.eval:
+        found["eval"] = plan.eval.output / manifest.MANIFEST
+    return found
+
+
+def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False, tracker: Tracker | None = None,
+        parent: str | None = None, run_name: str | None = None, log_model: bool = False, kind: str = "pipeline",
+        extra_tags: dict | None = None, extra_params: dict | None = None,
+        run_ids: dict | None = None) -> list[StageReport]:
+    """Check every stage, then run each top to bottom, then a summary table. Returns the reports.
+
+    With a tracker, the pipeline is an MLflow run (a child of ``parent``, for a sweep's variants)
+    and each stage that runs is a run nested under it."""
     planned = check(plan)
-    work = plan.work
-    console.rule(f"[bold]pipeline {plan.spec.name}[/] → {work}")
+    console.rule(f"[bold]pipeline {plan.spec.name}[/] → {plan.work}")
     if dry_run:
         write_workflows(plan, planned)
         _summary(plan, planned, write=False)  # a plan must not replace the last real run's summary
         return planned
+    tracker = tracker or Tracker.open(None, enabled=False)
+    pipeline_run = tracker.start(run_name or plan.spec.name, parent=parent,
+                                 tags={TAG_STAGE: kind, "ftl.pipeline": plan.source, **(extra_tags or {})})
+    if run_ids is not None:
+        run_ids["pipeline"] = pipeline_run
+    tracker.log(pipeline_run, params={**flat_params(plan.spec.model_dump(mode="json", exclude_unset=True,
+                                                                         exclude={"workdir", "models_dir"})),
+                                      **(extra_params or {})})
+    status = "FAILED"
+    try:
+        reports = _run_stages(plan, force, tracker, pipeline_run, log_model)
+        status = "FINISHED"
+        return reports
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.log(pipeline_run, metrics=summary_metrics(stage_manifests(plan)))
+        tracker.log_files(pipeline_run, [p for p in [plan.work / "pipeline_summary.json"] if p.is_file()])
+        tracker.end(pipeline_run, status)
+        if pipeline_run and tracker.on:
+            console.print(f"MLflow: pipeline run {pipeline_run} in experiment {tracker.experiment!r} at "
+                          f"{redact(tracker.uri)}", highlight=False, soft_wrap=True)
+
+
+def _run_stages(plan: PipelinePlan, force: bool, tracker: Tracker, parent: str | None,
+                log_model: bool) -> list[StageReport]:
+    from ftl.export import export_onnx
+    from ftl.finetune import finetune
+    from ftl.models import import_model
+
+    work = plan.work
+    manifests = stage_manifests(plan)
+
+    def tracked(stage: str):
+        return tracker.stage(stage, manifests[stage], parent=parent, log_model=log_model)
+
     work.mkdir(parents=True, exist_ok=True)
     reports: list[StageReport] = []
     started = time.perf_counter()
@@ -292,26 +368,35 @@ def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False) -> li
     reports.append(StageReport("import", "skipped" if imported.skipped else "ran", time.perf_counter() - started,
                                f"{imported.parameters / 1e6:.0f}M params", str(imported.path)))
     if plan.distill:
-        reports.append(_distill(plan.distill))
+        with tracked("distill") as stage_run:
+            reports.append(_distill(plan.distill))
+            stage_run.skipped = reports[-1].status == "skipped"
         if "pending" in reports[-1].detail:  # training now would need --force once they are answered
             _summary(plan, reports)
             raise DistillPending(f"the distil left seeds pending ({reports[-1].detail})", str(plan.distill.output),
                                  "run the same command again to ask for them; finished answers are kept")
     started = time.perf_counter()
-    tuned = run_with_progress(f"finetune (Olive, {plan.finetune.method})", lambda cb: _replacing(
-        lambda f: finetune(plan.finetune.model_copy(update={"force": f}), on_progress=cb), force))
+    with tracked("finetune") as stage_run:
+        tuned = run_with_progress(f"finetune (Olive, {plan.finetune.method})", lambda cb: _replacing(
+            lambda f: finetune(plan.finetune.model_copy(update={"force": f}), on_progress=cb), force))
+        stage_run.skipped = tuned.skipped
     reports.append(StageReport("finetune", _status(tuned), time.perf_counter() - started,
                                f"{tuned.rows} rows, {tuned.tokens} tokens, {tuned.steps} steps, final loss "
                                f"{tuned.final_loss if tuned.final_loss is not None else '—'}", str(tuned.output)))
     started = time.perf_counter()
-    with task_progress("export int4 ONNX (Olive)"):
+    with tracked("export") as stage_run, task_progress("export int4 ONNX (Olive)"):
         exported = _replacing(lambda f: export_onnx(plan.export.model_copy(update={"force": f})), force)
+        stage_run.skipped = exported.skipped
     reports.append(StageReport("export", _status(exported), time.perf_counter() - started,
                                f"{exported.size_mb} MB", str(exported.output)))
     if plan.generate:
-        reports.append(_generate(plan.generate, exported.output, work / "generate", force))
+        with tracked("generate") as stage_run:
+            reports.append(_generate(plan.generate, exported.output, plan.folder("generate") / "generate", force))
+            stage_run.skipped = reports[-1].status == "skipped"
     if plan.eval:
-        reports.append(_eval(plan.eval, force))
+        with tracked("eval") as stage_run:
+            reports.append(_eval(plan.eval, force))
+            stage_run.skipped = reports[-1].status == "skipped"
     _summary(plan, reports)
     return reports
 

@@ -1,0 +1,76 @@
+"""``FtlLoRA``: Olive's LoRA pass plus early stopping and a training summary.
+
+Olive 0.13's LoRA pass builds its ``transformers.Trainer`` inside ``train_and_save_new_model``
+with no callbacks and returns nothing about the run. This subclass gives that Trainer HF's own
+``EarlyStoppingCallback`` (with ``load_best_model_at_end``, so the adapter Olive saves is the best
+checkpoint's) and writes ``training_summary.json``: the best step, its eval_loss, why training
+stopped, and the loss and eval_loss history. Everything else (data, PEFT set-up, checkpoints,
+resume) is Olive's. Imported only inside Olive's child process (``olive run``), which runs this
+one workflow, so swapping the Trainer class for the length of the pass touches nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import transformers
+from olive.hardware.accelerator import AcceleratorSpec
+from olive.passes.olive_pass import PassConfigParam
+from olive.passes.pytorch.lora import LoRA
+
+
+class FtlLoRA(LoRA):
+    """Olive's LoRA with early stopping on eval_loss and a summary file."""
+
+    @classmethod
+    def _default_config(cls, accelerator_spec: AcceleratorSpec) -> dict[str, PassConfigParam]:
+        config = super()._default_config(accelerator_spec)
+        config["early_stopping_patience"] = PassConfigParam(
+            type_=int, default_value=None,
+            description="Stop after this many evaluations without a better eval_loss (needs eval_data_config)")
+        config["summary_path"] = PassConfigParam(type_=str, default_value=None,
+                                                 description="Where to write training_summary.json")
+        return config
+
+    def _run_for_config(self, model, config, output_model_path: str):
+        patience, summary_path = config.early_stopping_patience, config.summary_path
+        original = transformers.Trainer
+
+        class Trainer(original):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                if patience:
+                    self.add_callback(transformers.EarlyStoppingCallback(early_stopping_patience=patience))
+
+            def train(self, *args, **kwargs):
+                result = super().train(*args, **kwargs)
+                if summary_path:
+                    write_summary(self.state, Path(summary_path), patience)
+                return result
+
+        transformers.Trainer = Trainer
+        try:
+            return super()._run_for_config(model, config, output_model_path)
+        finally:
+            transformers.Trainer = original
+
+
+def write_summary(state, path: Path, patience: int | None) -> None:
+    """What the manifest records about a training run, from the Trainer's final state."""
+    history = state.log_history
+    stopped_early = bool(patience) and state.global_step < state.max_steps
+    summary = {
+        "global_step": state.global_step,
+        "max_steps": state.max_steps,
+        "stop_reason": "early_stopping" if stopped_early else "max_steps",
+        "best_step": state.best_global_step,
+        "best_eval_loss": state.best_metric,
+        "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
+        "loss_curve": [{"step": h["step"], "loss": round(float(h["loss"]), 4), "epoch": round(float(h.get("epoch", 0)), 3)}
+                       for h in history if "loss" in h],
+        "eval_curve": [{"step": h["step"], "eval_loss": round(float(h["eval_loss"]), 4)}
+                       for h in history if "eval_loss" in h],
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary, indent=2) + "\n")

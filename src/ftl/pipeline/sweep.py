@@ -1,0 +1,275 @@
+"""``ftl sweep``: one pipeline, a grid of settings, run one variant after another.
+
+The grid comes from ``--set stage.key=v1,v2`` and/or a ``matrix:`` block in the pipeline YAML
+(``finetune.r: [8, 16]``). The first combination is the control. A stage that no swept key
+touches, with nothing upstream of it swept, has the same inputs in every variant: it writes to
+the pipeline's own work folder, so it runs once and the other variants find it finished (the
+fingerprint check every stage already makes). Each variant writes the rest under
+``<workdir>/sweep/<variant>/``. In MLflow the sweep is a run, each variant a child run, and each
+stage that ran a run under its variant. The sweep ends with the comparison, ranked by a metric
+(default: the exported model's answer perplexity from the eval stage), in the terminal, in
+``<workdir>/sweep/comparison.html`` and in ``sweep_summary.json``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ftl.errors import ConfigError, FtlError
+from ftl.pipeline.runner import STAGES, Stages, load_pipeline, read_pipeline, run, stage_manifests
+from ftl.progress import console
+from ftl.tracking import TAG_STAGE, Tracker, summary_metrics
+
+DEFAULT_RANK = ("eval.exported.perplexity_answer", "finetune.best_eval_loss", "finetune.final_loss")
+_HIGHER_IS_BETTER = ("rouge", "top1", "exact_match", "tokens_per_s", "accuracy")
+
+
+@dataclass
+class Variant:
+    index: int
+    values: dict[str, object]
+    name: str
+    status: str = "planned"
+    run_id: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def control(self) -> bool:
+        return self.index == 0
+
+
+def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, list]:
+    """``finetune.r=8,16`` → {"finetune.r": [8, 16]}; commas inside [...] or {...} do not split."""
+    grid: dict[str, list] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not key=value[,value…]", None, "e.g. --set finetune.r=8,16")
+        key, text = item.split("=", 1)
+        values = [yaml.safe_load(part) for part in _split(text) if part.strip()]
+        if not values:
+            raise ConfigError(f"--set {key}= gives no values: the grid would be empty", None,
+                              f"e.g. --set {key}=8,16")
+        grid[key.strip()] = values
+    return grid
+
+
+def _split(text: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for char in text:
+        if char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    return parts + [current]
+
+
+def check_keys(grid: dict[str, list], source: str) -> None:
+    """Every key names a stage setting (with a did-you-mean), before anything runs."""
+    fields = {name: Stages.model_fields[attr].annotation for attr, name in
+              (("import_", "import"), ("distill", "distill"), ("finetune", "finetune"), ("export", "export"),
+               ("generate", "generate"), ("eval", "eval"))}
+    known = []
+    for stage, annotation in fields.items():
+        model = next((a for a in getattr(annotation, "__args__", (annotation,)) if hasattr(a, "model_fields")), None)
+        known += [f"{stage}.{f}" for f in model.model_fields if f not in getattr(model, "filled", ())] if model else []
+    for key, values in grid.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"unknown sweep key {key!r}{hint}", source,
+                              "sweep a stage setting as stage.key, e.g. finetune.learning_rate")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep key {key!r} has no values: the grid would be empty", source,
+                              "give a list, e.g. finetune.r: [8, 16]")
+
+
+def plan_variants(grid: dict[str, list]) -> list[Variant]:
+    keys = list(grid)
+    variants = []
+    for index, combo in enumerate(itertools.product(*(grid[k] for k in keys))):
+        values = dict(zip(keys, combo))
+        slug = "-".join(f"{k.split('.', 1)[1]}={_short(v)}" for k, v in values.items())
+        variants.append(Variant(index, values, f"v{index}-{re.sub(r'[^A-Za-z0-9_.=+-]', '_', slug)[:80]}"))
+    return variants
+
+
+def _short(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def shared_stages(grid: dict[str, list]) -> list[str]:
+    """Stages with the same inputs in every variant: none of their keys, nor any upstream, is swept."""
+    touched = {key.split(".", 1)[0] for key in grid}
+    shared = []
+    for stage in STAGES:
+        if stage in touched:
+            break
+        shared.append(stage)
+    return shared
+
+
+def sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides: list[str] | tuple[str, ...] = (),
+          rank_by: str | None = None, force: bool = False, tracker: Tracker | None = None,
+          log_model: bool = False) -> list[Variant]:
+    """Run every variant of the grid, then compare them. Returns the variants, ranked."""
+    raw = read_pipeline(path)
+    matrix = raw.pop("matrix", None) or {}
+    if not isinstance(matrix, dict):
+        raise ConfigError("matrix: must map stage.key to a list of values", str(path), "e.g. finetune.r: [8, 16]")
+    grid = {**{str(k): v for k, v in matrix.items()}, **parse_sets(sets)}
+    if not grid:
+        raise ConfigError("nothing to sweep: no --set and no matrix: block", str(path),
+                          "e.g. ftl sweep PIPELINE --set finetune.r=8,16")
+    check_keys(grid, str(path))
+    variants = plan_variants(grid)
+    base = Path(raw["workdir"])
+    shared = shared_stages(grid)
+    stage_dirs = {stage: base for stage in shared}
+    plans = []
+    for variant in variants:  # every variant is built and validated before the first one runs
+        raw_variant = {**raw, "workdir": str(base / "sweep" / variant.name)}
+        items = list(overrides) + [f"{k}={json.dumps(v)}" for k, v in variant.values.items()]
+        try:
+            plans.append(load_pipeline(path, items, raw=raw_variant, stage_dirs=stage_dirs))
+        except ConfigError as exc:
+            raise ConfigError(f"variant {variant.name}: {exc.what}", exc.where, exc.fix) from None
+    tracker = tracker or Tracker.open(None, enabled=False)
+    sweep_run = tracker.start(f"sweep {raw['name']}", tags={TAG_STAGE: "sweep", "ftl.pipeline": str(path)})
+    tracker.log(sweep_run, params={"grid": json.dumps(grid), "shared_stages": ",".join(shared) or "none",
+                                   "variants": len(variants)})
+    console.print(f"sweep of {len(variants)} variants; shared stages (run once): {', '.join(shared) or 'none'}")
+    status = "FAILED"
+    try:
+        for variant, plan in zip(variants, plans):
+            console.rule(f"[bold]variant {variant.index + 1}/{len(variants)}: {variant.name}"
+                         + (" (control)" if variant.control else ""))
+            ids: dict = {}
+            try:
+                run(plan, force=force, tracker=tracker, parent=sweep_run, run_name=variant.name,
+                    log_model=log_model, kind="variant", run_ids=ids,
+                    extra_tags={"ftl.control": "1" if variant.control else "0", "ftl.sweep": raw["name"]},
+                    extra_params={f"sweep.{k}": v for k, v in variant.values.items()})
+                variant.status = "ran"
+            except FtlError as exc:
+                variant.status, variant.error = "failed", exc.one_line()
+                console.print(f"[red]variant {variant.name} failed:[/] {exc.one_line()}", highlight=False)
+            variant.run_id = ids.get("pipeline")
+            variant.metrics = summary_metrics(stage_manifests(plan))
+        status = "FINISHED" if all(v.status == "ran" for v in variants) else "FAILED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        ranked = rank(variants, rank_by)
+        out = base / "sweep"
+        out.mkdir(parents=True, exist_ok=True)
+        _write_summary(out / "sweep_summary.json", ranked, grid, shared, rank_by)
+        report = _report(tracker, ranked, out / "comparison.html", raw["name"])
+        tracker.log_files(sweep_run, [p for p in (out / "sweep_summary.json", report) if p and p.is_file()])
+        if ranked and ranked[0][1] is not None:
+            tracker.log(sweep_run, metrics={"best." + ranked[0][2]: ranked[0][1]}, tags={"ftl.best": ranked[0][0].name})
+        tracker.end(sweep_run, status)
+        show(ranked)
+    failed = [v for v in variants if v.status == "failed"]
+    if failed:
+        raise FtlError(f"{len(failed)} of {len(variants)} variants failed: {failed[0].error}", str(out),
+                       "the others are in the comparison; fix the cause and run the sweep again (finished "
+                       "stages are skipped)")
+    return [v for v, _, _ in ranked]
+
+
+def rank(variants: list[Variant], rank_by: str | None) -> list[tuple[Variant, float | None, str]]:
+    """(variant, its value, the metric) best first; variants without the metric last."""
+    metric, direction = _metric(variants, rank_by)
+    higher = direction == "max"
+
+    def key(v: Variant):
+        value = v.metrics.get(metric)
+        return (value is None, -(value or 0) if higher else (value or 0))
+
+    return [(v, v.metrics.get(metric), metric) for v in sorted(variants, key=key)]
+
+
+def _metric(variants: list[Variant], rank_by: str | None) -> tuple[str, str]:
+    if rank_by:
+        name, _, direction = rank_by.partition(":")
+        if direction not in ("", "min", "max"):
+            raise ConfigError(f"--rank-by {rank_by!r}: the direction is min or max", None,
+                              "e.g. --rank-by eval.exported.rougeL:max")
+        return name, direction or ("max" if any(h in name for h in _HIGHER_IS_BETTER) else "min")
+    for name in DEFAULT_RANK:
+        if any(name in v.metrics for v in variants):
+            return name, "min"
+    return DEFAULT_RANK[0], "min"
+
+
+def check_rank_by(rank_by: str | None) -> None:
+    if rank_by:
+        _metric([], rank_by)
+
+
+def show(ranked: list[tuple[Variant, float | None, str]]) -> None:
+    from rich.table import Table
+
+    if not ranked:
+        return
+    metric = ranked[0][2]
+    swept = list(ranked[0][0].values)
+    extra = [k for k in ("finetune.final_loss", "finetune.best_eval_loss", "export.size_mb",
+                         "eval.exported.ppl_ratio", "eval.exported.rougeL") if k != metric and
+             any(k in v.metrics for v, _, _ in ranked)]
+    table = Table("rank", "variant", *swept, metric, *extra, "status", title="sweep")
+    for position, (variant, value, _) in enumerate(ranked, 1):
+        table.add_row(str(position), variant.name + (" (control)" if variant.control else ""),
+                      *(_short(variant.values[k]) for k in swept), _fmt(value),
+                      *(_fmt(variant.metrics.get(k)) for k in extra), variant.status)
+    console.print(table)
+
+
+def _fmt(value) -> str:
+    return "—" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _write_summary(path: Path, ranked, grid: dict, shared: list[str], rank_by: str | None) -> None:
+    path.write_text(json.dumps({
+        "grid": grid, "shared_stages": shared, "rank_by": ranked[0][2] if ranked else rank_by,
+        "variants": [{"rank": i, "name": v.name, "control": v.control, "values": v.values, "status": v.status,
+                      "error": v.error, "mlflow_run_id": v.run_id, "value": value, "metrics": v.metrics}
+                     for i, (v, value, _) in enumerate(ranked, 1)],
+    }, indent=2, default=str) + "\n")
+
+
+def _report(tracker: Tracker, ranked, path: Path, name: str) -> Path | None:
+    """The comparison report, from MLflow when it is on (the curves come from the finetune runs),
+    else from the manifests."""
+    from ftl.runs import RunView, with_curves, write_html
+
+    views = []
+    for variant, _, _ in ranked:
+        if tracker.on and variant.run_id:
+            run = tracker.client.get_run(variant.run_id)
+            views.append(RunView(variant.run_id, variant.name, "variant", run.info.status, run.info.start_time or 0,
+                                 dict(run.data.params), dict(run.data.metrics)))
+        else:
+            views.append(RunView(variant.name, variant.name, "variant", variant.status, 0,
+                                 {k: _short(v) for k, v in variant.values.items()}, dict(variant.metrics)))
+    if tracker.on:
+        with_curves(tracker, [v for v in views if v.run_id != v.name])
+    try:
+        return write_html(path, views, title=f"ftl sweep {name}", force=True)
+    except OSError as exc:
+        console.print(f"[yellow]warning:[/] comparison report not written: {exc}")
+        return None
