@@ -242,3 +242,22 @@ def test_sweep_bad_input_is_one_line_before_anything_runs(tmp_path, tiny_model, 
         load_pipeline(_sweep_spec(tmp_path, tiny_model, qa_file, matrix={"finetune.r": [8, 16]}))
     result = ftl("sweep", path, "--set", "finetune.r=8", "--rank-by", "x:best", cwd=tmp_path)
     assert result.returncode == 1 and "min or max" in result.stderr
+
+
+def test_qscale_validates_stops_early_and_logs_live_from_its_olive_pass(tiny_model, tmp_path):
+    train = [{"Question": f"What colour is item {i}?", "Answer": "red red red red"} for i in range(24)]
+    val = [{"Question": f"What colour is item {i}?", "Answer": "green blue yellow purple"} for i in range(6)]
+    config = FinetuneConfig(model=str(tiny_model), data=write_jsonl(tmp_path / "train.jsonl", train),
+                            val_data=write_jsonl(tmp_path / "val.jsonl", val), output=tmp_path / "ft", method="qscale",
+                            max_steps=60, batch_size=4, learning_rate=2e-2, eval_steps=2, early_stopping_patience=2)
+    tracker = Tracker.open(store(tmp_path))
+    with tracker.stage("finetune", tmp_path / "ft" / "manifest.json") as run:
+        finetune(config)
+    metrics = manifest.read(tmp_path / "ft")["metrics"]
+    best = min(metrics["eval_curve"], key=lambda p: p["eval_loss"])
+    assert metrics["stop_reason"] == "early_stopping" and metrics["steps_run"] < 60
+    assert metrics["best_step"] == best["step"]
+    client = MlflowClient(tracker.uri)
+    logged = sorted((m.step, round(m.value, 4)) for m in client.get_metric_history(run.run_id, "eval_loss"))
+    assert logged == [(p["step"], p["eval_loss"]) for p in metrics["eval_curve"]]
+    assert len(client.get_metric_history(run.run_id, "loss")) == metrics["steps_run"]

@@ -326,6 +326,30 @@ def child_env() -> dict[str, str]:
             "MLFLOW_MAX_LOG_PARAMS": "0", "HF_MLFLOW_LOG_ARTIFACTS": "0", "MLFLOW_NESTED_RUN": "false"}
 
 
+def live_logger():
+    """In a child process: a function logging metrics at a step into the run :func:`child_env`
+    named; a no-op when there is none. A failure to log never stops training (the manifest
+    keeps the curve, and ``ftl runs sync`` can log it later)."""
+    uri, run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID")
+    if not uri or not run_id:
+        return lambda metrics, step: None
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    client, state = MlflowClient(tracking_uri=uri), {"ok": True}
+
+    def log(metrics: dict, step: int) -> None:
+        if not state["ok"]:
+            return
+        try:
+            client.log_batch(run_id, metrics=[Metric(_metric_name(k), float(v), _now_ms(), int(step))
+                                              for k, v in metrics.items() if _number(v)])
+        except Exception:  # noqa: BLE001
+            state["ok"] = False
+
+    return log
+
+
 def active_run() -> StageRun | None:
     return _ACTIVE
 

@@ -84,7 +84,4 @@ class FinetuneConfig(StrictModel):
             raise ValueError("val_split and val_data both set: choose a split of the data or a validation file")
         if self.early_stopping_patience and not self.validates:
             raise ValueError("early_stopping_patience needs validation rows: set val_split or val_data")
-        if self.validates and self.method == "qscale":
-            raise ValueError("validation and early stopping run with method lora or qlora; qscale trains a fixed "
-                             "number of steps (drop val_split/val_data, or use method lora)")
         return self

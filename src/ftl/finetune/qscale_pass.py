@@ -18,6 +18,7 @@ from olive.passes import Pass
 from olive.passes.olive_pass import PassConfigParam
 
 from ftl.quant.qscale import TrainSettings, run
+from ftl.tracking import live_logger
 
 _SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "chat_template.jinja")
@@ -43,6 +44,11 @@ class FtlQScale(Pass):
             "answer_only": PassConfigParam(type_=bool, default_value=True, description="loss on answers only"),
             "checkpoint_dir": PassConfigParam(type_=str, required=True,
                                               description="where an interrupted run resumes from"),
+            "val_data_file": PassConfigParam(type_=str, default_value=None,
+                                             description="validation rows, prepared as the training rows"),
+            "eval_steps": PassConfigParam(type_=int, default_value=d.eval_steps, description="eval_loss interval"),
+            "early_stopping_patience": PassConfigParam(type_=int, default_value=None,
+                                                       description="evaluations without a better eval_loss"),
         }
 
     @staticmethod
@@ -56,13 +62,20 @@ class FtlQScale(Pass):
         settings = TrainSettings(steps=config.steps, batch_size=config.batch_size,
                                  learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio,
                                  seed=config.seed, logging_steps=config.logging_steps, save_steps=config.save_steps,
-                                 form=config.grid_form)
+                                 form=config.grid_form, eval_steps=config.eval_steps,
+                                 patience=config.early_stopping_patience)
         checkpoints = Path(config.checkpoint_dir)
+        to_mlflow = live_logger()  # the stage's MLflow run, when ftl tracks it
 
         def log(point: dict) -> None:  # one line per logging step; ftl's progress parser reads it
-            print(f"qscale step {point['step']}/{config.steps} loss {point['loss']}", flush=True)
+            if "loss" in point:
+                print(f"qscale step {point['step']}/{config.steps} loss {point['loss']}", flush=True)
+            else:
+                print(f"qscale eval step {point['step']} eval_loss {point['eval_loss']}", flush=True)
+            to_mlflow({k: v for k, v in point.items() if k != "step"}, point["step"])
 
-        run(base, Path(config.train_data_file), checkpoints, settings, answer_only=config.answer_only, on_log=log)
+        run(base, Path(config.train_data_file), checkpoints, settings, answer_only=config.answer_only, on_log=log,
+            val_prepared=Path(config.val_data_file) if config.val_data_file else None)
         out = Path(output_model_path)
         out.mkdir(parents=True, exist_ok=True)
         for name in ("qscale.safetensors", "trainer_log.json"):

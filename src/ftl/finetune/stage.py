@@ -137,6 +137,10 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
             train_data_file=str((out / PREPARED).resolve()), checkpoint_dir=str((out / CHECKPOINTS).resolve()),
             steps=steps, batch_size=config.batch_size, learning_rate=config.lr, seed=config.seed,
             logging_steps=logging_steps, save_steps=config.save_steps, answer_only=not config.train_on_prompt)
+        if config.validates:
+            workflow["passes"]["qscale"].update(val_data_file=str((out / VAL_PREPARED).resolve()),
+                                                eval_steps=config.eval_steps or config.save_steps,
+                                                early_stopping_patience=config.early_stopping_patience)
         return workflow
     workflow = olive.workflow("finetune_lora.json", work_dir=out, output_dir=out / "olive-output")
     workflow["input_model"]["model_path"] = str(Path(model_dir).resolve())
@@ -226,9 +230,10 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
         produced = out / "olive-output" / "model"  # the pass's small HF folder (ftl.finetune.qscale_pass)
         olive.require_files(produced, [QSCALE, "trainer_log.json"], log)
         shutil.move(str(produced / QSCALE), out / QSCALE)
-        curve = json.loads((produced / "trainer_log.json").read_text())["loss_curve"]
+        summary = json.loads((produced / "trainer_log.json").read_text())
+        (out / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+        curve = summary["loss_curve"]
         outputs = {"qscale": QSCALE, "qscale_sha256": manifest.sha256_file(out / QSCALE)}
-        summary = {}
     else:
         produced = out / "olive-output" / ADAPTER
         olive.require_files(produced, ["adapter_config.json", "adapter_model.safetensors"], log)

@@ -148,6 +148,8 @@ class TrainSettings:
     logging_steps: int = 1
     save_steps: int = 10
     form: str = "float-min"
+    eval_steps: int = 10
+    patience: int | None = None
 
 
 @dataclass
@@ -157,6 +159,26 @@ class TrainResult:
     loss_curve: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     resumed_at: int = 0
+    eval_curve: list[dict] = field(default_factory=list)
+    best_step: int | None = None
+    best_eval_loss: float | None = None
+    stop_reason: str = "max_steps"
+    global_step: int = 0
+
+
+def eval_loss(model: nn.Module, rows: Rows, pad_id: int, batch_size: int) -> float:
+    """Mean loss per answer token over every row (the validation loss)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(rows.ids), batch_size):
+            picks = list(range(start, min(start + batch_size, len(rows.ids))))
+            count = sum(len(rows.ids[i]) - rows.prompt_lengths[i] for i in picks)
+            total += float(batch_loss(model, rows, picks, pad_id)) * count
+            tokens += count
+    model.train(was_training)
+    return total / max(1, tokens)
 
 
 def _order(rows: int, steps: int, batch: int, seed: int) -> list[list[int]]:
@@ -174,11 +196,13 @@ def _order(rows: int, steps: int, batch: int, seed: int) -> list[list[int]]:
 
 
 def train(model: nn.Module, rows: Rows, settings: TrainSettings, *, pad_id: int, checkpoint: Path | None = None,
-          on_log: Callable[[dict], None] | None = None) -> TrainResult:
+          on_log: Callable[[dict], None] | None = None, val: Rows | None = None) -> TrainResult:
     """Train the scales (and minimums) of a model whose projections are GridLinear (see attach).
 
     AdamW with a cosine schedule and linear warm-up, as the LoRA recipe; a checkpoint of the scales
-    and the optimiser every ``save_steps`` lets an interrupted run resume where it stopped."""
+    and the optimiser every ``save_steps`` lets an interrupted run resume where it stopped. With
+    ``val`` rows, eval_loss every ``eval_steps``; the best scales are the ones returned, and
+    ``patience`` evaluations without a better one stop the run (as HF's EarlyStoppingCallback)."""
     started = time.perf_counter()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -197,6 +221,8 @@ def train(model: nn.Module, rows: Rows, settings: TrainSettings, *, pad_id: int,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     curve: list[dict] = []
     start = 0
+    # Validation: the eval curve, the best scales so far, evaluations since the best, and whether to stop.
+    watch: dict = {"curve": [], "best": None, "best_step": None, "best_params": None, "bad": 0, "stop": False}
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         with torch.no_grad():
@@ -205,11 +231,15 @@ def train(model: nn.Module, rows: Rows, settings: TrainSettings, *, pad_id: int,
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, curve = state["step"], state["curve"]
+        watch = state.get("watch", watch)
     model.train()
     running = []
+    done = start
     for step, picks in enumerate(_order(len(rows.ids), settings.steps, settings.batch_size, settings.seed)):
         if step < start:
             continue
+        if watch["stop"]:
+            break
         loss = batch_loss(model, rows, picks, pad_id)
         loss.backward()
         optimizer.step()
@@ -224,19 +254,36 @@ def train(model: nn.Module, rows: Rows, settings: TrainSettings, *, pad_id: int,
             curve.append(point)
             if on_log:
                 on_log(point)
+        if val is not None and (done % settings.eval_steps == 0 or done == settings.steps):
+            loss_v = eval_loss(model, val, pad_id, settings.batch_size)
+            watch["curve"].append({"step": done, "eval_loss": round(loss_v, 4)})
+            if on_log:
+                on_log({"step": done, "eval_loss": round(loss_v, 4)})
+            if watch["best"] is None or loss_v < watch["best"]:
+                watch.update(best=loss_v, best_step=done, bad=0,
+                             best_params=[p.detach().clone() for p in params])
+            else:
+                watch["bad"] += 1
+                watch["stop"] = bool(settings.patience) and watch["bad"] >= settings.patience
         if checkpoint is not None and (done % settings.save_steps == 0) and done < settings.steps:
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"step": done, "params": [p.detach().clone() for p in params],
                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "curve": curve}, tmp)
+                        "curve": curve, "watch": watch}, tmp)
             tmp.replace(checkpoint)
     model.eval()
+    if watch["best_params"] is not None:  # the best evaluation's scales, not the last step's
+        with torch.no_grad():
+            for p, best in zip(params, watch["best_params"]):
+                p.copy_(best)
     round_to_artefact(model)
-    return TrainResult(grids(model), {}, curve, time.perf_counter() - started, start)
+    return TrainResult(grids(model), {}, curve, time.perf_counter() - started, start, eval_curve=watch["curve"],
+                       best_step=watch["best_step"], best_eval_loss=watch["best"],
+                       stop_reason="early_stopping" if watch["stop"] else "max_steps", global_step=done)
 
 
 def run(model_dir: Path, prepared: Path, out: Path, settings: TrainSettings, *, answer_only: bool = True,
-        on_log: Callable[[dict], None] | None = None) -> TrainResult:
+        on_log: Callable[[dict], None] | None = None, val_prepared: Path | None = None) -> TrainResult:
     """Load the base, put it on its grid, train, and write the artefact (qscale.safetensors) to ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -247,15 +294,18 @@ def run(model_dir: Path, prepared: Path, out: Path, settings: TrainSettings, *, 
     exact = attach(model, settings.form)
     rows = tokenize_rows(tokenizer, prepared, answer_only)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result = train(model, rows, settings, pad_id=pad, checkpoint=out / "qscale-checkpoint.pt", on_log=on_log)
+    val = tokenize_rows(tokenizer, val_prepared, answer_only) if val_prepared else None
+    result = train(model, rows, settings, pad_id=pad, checkpoint=out / "qscale-checkpoint.pt", on_log=on_log, val=val)
     result.exact = exact
     save_scales(out / ARTEFACT, result.grids, {
         "form": settings.form, "block_size": "32", "grid": "exact" if all(exact.values()) else "round-to-nearest",
         "answer_tokens": str(rows.answer_tokens)})
     (out / "qscale-checkpoint.pt").unlink(missing_ok=True)
-    (out / "trainer_log.json").write_text(json.dumps({"loss_curve": result.loss_curve,
-                                                      "answer_tokens": rows.answer_tokens,
-                                                      "rows": len(rows.ids)}, indent=1))
+    summary = {"loss_curve": result.loss_curve, "answer_tokens": rows.answer_tokens, "rows": len(rows.ids),
+               "global_step": result.global_step, "max_steps": settings.steps, "stop_reason": result.stop_reason}
+    if val is not None:
+        summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss, eval_curve=result.eval_curve)
+    (out / "trainer_log.json").write_text(json.dumps(summary, indent=1))
     return result
 
 
