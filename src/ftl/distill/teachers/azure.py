@@ -38,4 +38,17 @@ def _entra_token_provider():
     except ImportError:
         raise ConfigError("no AZURE_OPENAI_API_KEY, and azure-identity is not installed for Entra ID",
                           "--teacher azure", "export AZURE_OPENAI_API_KEY, or pip install azure-identity") from None
-    return get_bearer_token_provider(DefaultAzureCredential(), SCOPE)
+    from azure.core.exceptions import ClientAuthenticationError
+
+    inner = get_bearer_token_provider(DefaultAzureCredential(), SCOPE)
+
+    def provider() -> str:
+        try:
+            return inner()
+        except ClientAuthenticationError:
+            raise ConfigError("no AZURE_OPENAI_API_KEY, and Entra ID sign-in found no credential "
+                              "(DefaultAzureCredential)", "--teacher azure",
+                              "run `az login`, set AZURE_TENANT_ID/AZURE_CLIENT_ID/AZURE_CLIENT_SECRET (or a managed "
+                              "identity), or export AZURE_OPENAI_API_KEY") from None
+
+    return provider
