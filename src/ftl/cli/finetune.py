@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
+from ftl.azure.jobs import DEFAULT_IMAGE
 from ftl.cli.base import (build, comma_list, emit, json_option, option, pop_tracking, report_run, tracked_stage,
                           tracking_options)
 from ftl.finetune.config import FinetuneConfig as C
@@ -47,18 +48,39 @@ from ftl.progress import console, run_with_progress
 @option(C, "seed", "--seed", type=int)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
 @option(C, "force", "--force", is_flag=True)
+@click.option("--target", type=click.Choice(["local", "azureml"]), default="local", show_default=True,
+              help="Where to train: this machine, or an Azure ML job (needs the [azure] extra).")
+@click.option("--compute", help="azureml: the compute cluster to run on.")
+@click.option("--instance-count", type=int, default=1, show_default=True, help="azureml: nodes.")
+@click.option("--gpus-per-node", type=int, default=1, show_default=True,
+              help="azureml: processes per node (PyTorch distribution when nodes × GPUs > 1).")
+@click.option("--image", default=DEFAULT_IMAGE, show_default=True, help="azureml: the base image of the environment.")
+@click.option("--dry-run", is_flag=True, help="azureml: write job.yml, the environment, az.sh beside --output "
+                                              "(<output>.azureml/) and submit nothing.")
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="azureml: poll until the job ends and download its output into --output; or print its name.")
+@click.option("--queue-timeout", type=float, default=240, show_default=True, help="azureml: minutes queued before giving up waiting.")
+@click.option("--run-timeout", type=float, default=2880, show_default=True, help="azureml: minutes running before giving up waiting.")
+@click.option("--subscription", help="azureml: subscription id (else $AZURE_SUBSCRIPTION_ID, else .azureml/config.json).")
+@click.option("--resource-group", help="azureml: resource group (else $AZURE_RESOURCE_GROUP, else the config file).")
+@click.option("--workspace", help="azureml: workspace name (else $AZUREML_WORKSPACE_NAME, else the config file).")
 @tracking_options
 @json_option
 def finetune(save_config: Path | None, as_json: bool, **options) -> None:
     """Fine-tuning through Olive: a LoRA adapter, or (--method qscale) the int4 grid's own scales.
-    Every row is used; the loss goes to the manifest."""
+    Every row is used; the loss goes to the manifest. --target azureml runs it as an Azure ML job."""
     from ftl.finetune import finetune as run_finetune
 
+    azure = {key: options.pop(key) for key in _AZURE}
+    forwarded = forwarded_flags(click.get_current_context(), options)
     tracking = pop_tracking(options)
     options["data"] = list(options["data"])
     options["val_data"] = list(options["val_data"]) or None
     options["target_modules"] = comma_list(options["target_modules"])
     config = build(C, **options)
+    if azure["target"] == "azureml":
+        emit(_on_azure(config, forwarded, tracking, azure), as_json, _show_azure)
+        return
     if save_config:
         result = run_finetune(config, save_config=save_config)
     else:
@@ -83,3 +105,74 @@ def show_finetune(result) -> None:
     console.print(table)
     what = "int4 grid scales" if result.adapter.name.endswith(".safetensors") else "adapter"
     console.print(f"[green]✓[/] {what} → {result.adapter}")
+
+
+_AZURE = ("target", "compute", "instance_count", "gpus_per_node", "image", "dry_run", "wait", "queue_timeout",
+          "run_timeout", "subscription", "resource_group", "workspace")
+# Become job inputs and outputs, or make no sense inside the job.
+_NOT_FORWARDED = {"model", "data", "val_data", "output", "force", "save_config", "as_json", "tracking_uri",
+                  "no_track", "log_model", "experiment"}
+
+
+def forwarded_flags(ctx: click.Context, options: dict) -> list[str]:
+    """The flags the user set (not defaults), as the Azure ML job repeats them to `ftl finetune`."""
+    flags: list[str] = []
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name in _NOT_FORWARDED or param.name in _AZURE:
+            continue
+        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
+            continue
+        value, flag = options.get(param.name), max(param.opts, key=len)
+        if param.is_flag:
+            flags += [flag] if value else []
+        elif param.multiple:
+            for item in value:
+                flags += [flag, str(item)]
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _on_azure(config, forwarded: list[str], tracking: dict, azure: dict):
+    """Submit the fine-tune as an Azure ML command job (or, with --dry-run, write it)."""
+    from ftl import manifest
+    from ftl.azure import jobs, workspace
+    from ftl.errors import ConfigError
+    from ftl.finetune.stage import plan
+
+    if not azure["compute"]:
+        raise ConfigError("--target azureml needs a compute cluster", "--compute", "pass --compute NAME "
+                          "(`ftl azure check` lists them)")
+    plan(config)  # the rows, template and model are checked here, before anything is uploaded
+    manifest.check_output(config.output, force=config.force, stage="finetune")
+    try:
+        ref = workspace.resolve_workspace(azure["subscription"], azure["resource_group"], azure["workspace"])
+    except ConfigError:
+        if not azure["dry_run"]:
+            raise
+        ref = None
+    prepared = jobs.prepare(config, forwarded, compute=azure["compute"], instance_count=azure["instance_count"],
+                            gpus_per_node=azure["gpus_per_node"], image=azure["image"],
+                            experiment=tracking.get("experiment") or "ftl", workspace=ref)
+    if azure["dry_run"]:
+        return {"dry_run": True, "folder": str(prepared.folder), "job": str(prepared.job_yml),
+                "az_sh": str(prepared.folder / "az.sh"), "command": prepared.command}
+    ml = workspace.ml_client(ref)
+    limits = jobs.WaitLimits(queue_s=azure["queue_timeout"] * 60, run_s=azure["run_timeout"] * 60)
+    result = jobs.submit(ml, prepared, wait=azure["wait"], limits=limits, compute=azure["compute"],
+                         download_to=config.output if azure["wait"] else None,
+                         say=lambda line: console.print(line, highlight=False))
+    return {"dry_run": False, "job": result.name, "status": result.status, "studio_url": result.studio_url,
+            "output": str(result.downloaded) if result.downloaded else None}
+
+
+def _show_azure(result: dict) -> None:
+    if result["dry_run"]:
+        console.print(f"[green]✓[/] Azure ML job written, nothing submitted: {result['job']}\n"
+                      f"  run it with: bash {result['az_sh']}", highlight=False)
+    elif result["output"]:
+        console.print(f"[green]✓[/] job {result['job']} {result['status']}; output → {result['output']}",
+                      highlight=False)
+    else:
+        console.print(f"[green]✓[/] submitted job {result['job']} ({result['status']})"
+                      + (f": {result['studio_url']}" if result["studio_url"] else ""), highlight=False)

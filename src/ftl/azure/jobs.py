@@ -1,0 +1,364 @@
+"""``ftl finetune --target azureml``: the same fine-tune as an Azure ML command job.
+
+:func:`prepare` writes everything the job needs into a folder beside the output
+(``<output>.azureml/``), in the forms ``az ml`` takes, and checks the YAML with the SDK's own
+loaders (``load_job``, ``load_environment``):
+
+- ``job.yml``: a CLI v2 command job that installs ftl from its wheel and runs ``ftl finetune``
+  with the same flags; ``az ml job create -f job.yml`` runs it;
+- ``environment/``: ``environment.yml`` (an ACPT PyTorch GPU image plus ftl's pinned
+  requirements, named by their content hash) and ``conda.yml``;
+- ``code/``: ftl's wheel; ``code_manifest.json``: its files and hashes;
+- ``az.sh``: the ``az ml`` commands, data assets first.
+
+The training data (and a local base model) become data assets named by content hash
+(``ftl-data-<sha12>``), so a second job with the same data uploads nothing. :func:`submit` does
+through azure-ai-ml what ``az.sh`` does, then polls the job. Inside the job, Azure ML sets
+``MLFLOW_TRACKING_URI`` and ``MLFLOW_RUN_ID``: ftl's finetune run logs to the workspace, nested
+under the job's run (:mod:`ftl.tracking`). Downloading outputs and reading logs go through
+:class:`Transfer`, the one seam between ftl and what azure-core's transport does not carry.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from ftl import manifest
+from ftl.azure.workspace import AzureError, WorkspaceRef, service_error
+from ftl.errors import ConfigError
+
+# A curated Azure ML image with PyTorch, CUDA and the Azure ML runtime bits (ACPT); ftl's pinned
+# requirements go on top (torch==2.13.0 from PyPI is the CUDA build on Linux).
+DEFAULT_IMAGE = "mcr.microsoft.com/azureml/curated/acpt-pytorch-2.2-cuda12.1:latest"
+OUTPUT = "finetune"
+QUEUED = {"NotStarted", "Queued", "Preparing", "Starting", "Provisioning"}
+RUNNING = {"Running", "Finalizing", "CancelRequested"}
+TERMINAL = {"Completed", "Failed", "Canceled", "NotResponding", "Paused"}
+
+
+@dataclass
+class Asset:
+    input_name: str
+    name: str
+    path: Path
+    type: str  # uri_file or uri_folder
+
+    @property
+    def ref(self) -> str:
+        return f"azureml:{self.name}:1"
+
+
+@dataclass
+class Prepared:
+    folder: Path
+    job_yml: Path
+    environment_yml: Path
+    environment_name: str
+    assets: list[Asset]
+    job_name: str
+    command: str
+
+
+@dataclass
+class Submitted:
+    name: str
+    status: str
+    studio_url: str | None = None
+    downloaded: Path | None = None
+    polls: int = 0
+
+
+def staging_folder(output: Path) -> Path:
+    """Where the job's files go: beside the output folder, which the job's result later fills."""
+    output = Path(output)
+    return output.with_name(output.name + ".azureml")
+
+
+def prepare(config, forwarded: list[str], *, compute: str, instance_count: int = 1, gpus_per_node: int = 1,
+            image: str = DEFAULT_IMAGE, experiment: str = "ftl", workspace: WorkspaceRef | None = None,
+            wheel: Path | None = None) -> Prepared:
+    """Write the job's folder and check it with the SDK's loaders. ``forwarded`` are the ``ftl finetune``
+    flags the job repeats (everything but the model, data and output, which become job inputs)."""
+    from ftl.models import resolve_model
+
+    folder = staging_folder(config.output)
+    if folder.exists():
+        shutil.rmtree(folder)
+    (folder / "environment").mkdir(parents=True)
+    (folder / "code").mkdir()
+    assets = [_asset(f"data_{i}", path, "uri_file", "data") for i, path in enumerate(config.data_files)]
+    assets += [_asset(f"val_{i}", path, "uri_file", "data") for i, path in enumerate(config.val_data or [])]
+    model_arg = config.model
+    try:
+        model_dir = resolve_model(config.model)
+    except Exception:  # noqa: BLE001 — not a local model: a Hub id the job downloads itself
+        model_dir = None
+    if model_dir is not None:
+        from ftl.models import model_identity
+
+        digest = model_identity(model_dir)["sha256"]
+        assets.append(Asset("model", f"ftl-model-{digest[:12]}", Path(model_dir).resolve(), "uri_folder"))
+        model_arg = "${{inputs.model}}"
+    wheel = wheel or build_wheel(folder / "code")
+    if wheel.parent != folder / "code":
+        shutil.copy2(wheel, folder / "code" / wheel.name)
+    env_name = _write_environment(folder / "environment", image)
+    job_name = f"ftl-finetune-{re.sub(r'[^a-z0-9-]', '-', Path(config.output).name.lower())[:40]}-" \
+               f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d%H%M%S')}"
+    data = " ".join(f"--data ${{{{inputs.{a.input_name}}}}}" for a in assets if a.input_name.startswith("data_"))
+    val = " ".join(f"--val-data ${{{{inputs.{a.input_name}}}}}" for a in assets if a.input_name.startswith("val_"))
+    command = " ".join(part for part in (
+        f"pip install --no-deps {wheel.name} &&", "ftl finetune", f"--model {shlex.quote(model_arg) if model_dir is None else model_arg}",
+        data, val, f"--output ${{{{outputs.{OUTPUT}}}}}", " ".join(shlex.quote(f) for f in forwarded),
+        f"--experiment {shlex.quote(experiment)}") if part)
+    job = {
+        "$schema": "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json",
+        "type": "command",
+        "name": job_name,
+        "display_name": f"ftl finetune {Path(config.output).name}",
+        "experiment_name": experiment,
+        "description": "ftl finetune as an Azure ML job (written by ftl; `az ml job create -f job.yml` runs it)",
+        "code": "./code",
+        "command": command,
+        "environment": f"azureml:{env_name}:1",
+        "compute": f"azureml:{compute}",
+        "inputs": {a.input_name: {"type": a.type, "path": a.ref} for a in assets},
+        "outputs": {OUTPUT: {"type": "uri_folder", "mode": "rw_mount"}},
+        "resources": {"instance_count": instance_count},
+        "environment_variables": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"},
+    }
+    if instance_count * gpus_per_node > 1:
+        # torchrun-style launch: each process runs the command; the trainer reads RANK/WORLD_SIZE.
+        job["distribution"] = {"type": "pytorch", "process_count_per_instance": gpus_per_node}
+    job_yml = folder / "job.yml"
+    job_yml.write_text(yaml.safe_dump(job, sort_keys=False, width=1000))
+    (folder / "code_manifest.json").write_text(json.dumps(
+        {str(p.relative_to(folder / "code")): manifest.sha256_file(p) for p in sorted((folder / "code").rglob("*"))
+         if p.is_file()}, indent=2) + "\n")
+    _write_az_sh(folder / "az.sh", assets, env_name, workspace)
+    prepared = Prepared(folder, job_yml, folder / "environment" / "environment.yml", env_name, assets, job_name,
+                        command)
+    check(prepared)
+    return prepared
+
+
+def _asset(input_name: str, path: Path, kind: str, prefix: str) -> Asset:
+    path = Path(path).resolve()
+    digest = manifest.sha256_file(path) if path.is_file() else manifest.sha256_dir(path)
+    return Asset(input_name, f"ftl-{prefix}-{digest[:12]}", path, kind)
+
+
+def requirements() -> list[str]:
+    """ftl's own pinned requirements (no extras), as its installed metadata states them."""
+    from importlib import metadata
+
+    return [r for r in metadata.requires("ftl") or [] if "extra ==" not in r]
+
+
+def _write_environment(folder: Path, image: str) -> str:
+    conda = {"name": "ftl", "channels": ["conda-forge"],
+             "dependencies": ["python=3.11", "pip", {"pip": requirements()}]}
+    text = yaml.safe_dump(conda, sort_keys=False)
+    (folder / "conda.yml").write_text(text)
+    name = "ftl-env-" + hashlib.sha256((image + "\n" + text).encode()).hexdigest()[:12]
+    (folder / "environment.yml").write_text(yaml.safe_dump({
+        "$schema": "https://azuremlschemas.azureedge.net/latest/environment.schema.json",
+        "name": name, "version": "1", "image": image, "conda_file": "conda.yml",
+        "description": "ftl's pinned requirements on an ACPT PyTorch GPU image; named by their content hash"},
+        sort_keys=False))
+    return name
+
+
+def _write_az_sh(path: Path, assets: list[Asset], env_name: str, workspace: WorkspaceRef | None) -> None:
+    ws = (f" --subscription {workspace.subscription_id} --resource-group {workspace.resource_group} "
+          f"--workspace-name {workspace.workspace_name}") if workspace else ""
+    lines = ["#!/usr/bin/env bash", "# The az ml commands ftl would run (written by ftl finetune --target azureml --dry-run).",
+             "# Without workspace flags, az uses `az configure --defaults group=… workspace=…`.",
+             "set -euo pipefail", 'cd "$(dirname "$0")"']
+    for a in assets:
+        lines.append(f"az ml data show --name {a.name} --version 1{ws} >/dev/null 2>&1 || "
+                     f"az ml data create --name {a.name} --version 1 --type {a.type} --path {shlex.quote(str(a.path))}{ws}")
+    lines.append(f"az ml environment show --name {env_name} --version 1{ws} >/dev/null 2>&1 || "
+                 f"az ml environment create --file environment/environment.yml{ws}")
+    lines.append(f"az ml job create --file job.yml{ws}")
+    path.write_text("\n".join(lines) + "\n")
+    path.chmod(0o755)
+
+
+def check(prepared: Prepared) -> None:
+    """The written YAML loads with the SDK's own loaders (as ``az ml`` would read it)."""
+    try:
+        from azure.ai.ml import load_environment, load_job
+    except ImportError:
+        raise ConfigError("Azure ML needs the [azure] extra (azure-ai-ml)", None, 'pip install -e ".[azure]"') from None
+    for loader, path in ((load_job, prepared.job_yml), (load_environment, prepared.environment_yml)):
+        try:
+            loader(source=str(path))
+        except Exception as exc:  # noqa: BLE001 — a bug in ftl's YAML, said in one line
+            raise ConfigError(f"the written YAML does not load: {str(exc).strip().splitlines()[0][:300]}", str(path),
+                              "report this as an ftl bug") from None
+
+
+def build_wheel(dest: Path) -> Path:
+    """ftl's wheel (pip wheel . --no-deps), which ships olive_configs/ as ftl.olive_configs."""
+    root = Path(__file__).resolve().parents[3]
+    if not (root / "pyproject.toml").is_file():  # installed from a wheel: no source tree to build from
+        raise ConfigError("ftl is not installed from a source tree, so its wheel cannot be built", str(root),
+                          "install ftl with pip install -e . from a clone, or pass the wheel")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                               "-w", tmp, str(root)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ConfigError(f"building ftl's wheel failed: {done.stderr.strip().splitlines()[-1:]}", str(root),
+                              "run `pip wheel . --no-deps` to see why")
+        built = next(Path(tmp).glob("ftl-*.whl"))
+        return Path(shutil.copy2(built, dest / built.name))
+
+
+# -- submission ------------------------------------------------------------------------------------
+
+
+class Transfer:
+    """What azure-core's transport does not carry: job output downloads and log files. The real one
+    uses the SDK (blob storage); tests give a local one."""
+
+    def download(self, ml, job_name: str, dest: Path) -> Path:
+        with tempfile.TemporaryDirectory() as tmp:
+            ml.jobs.download(job_name, download_path=tmp, output_name=OUTPUT)
+            found = Path(tmp) / "named-outputs" / OUTPUT
+            shutil.move(str(found), dest)
+        return dest
+
+    def log_tail(self, ml, job_name: str, lines: int = 20) -> list[str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                ml.jobs.download(job_name, download_path=tmp, all=False)
+            except Exception:  # noqa: BLE001 — logs are a courtesy on the way to an error
+                return []
+            logs = sorted(Path(tmp).rglob("std_log*.txt")) or sorted(Path(tmp).rglob("*.txt"))
+            return logs[-1].read_text(errors="replace").splitlines()[-lines:] if logs else []
+
+
+@dataclass
+class WaitLimits:
+    queue_s: float = 4 * 3600
+    run_s: float = 48 * 3600
+    poll_s: float = 30.0
+
+
+def submit(ml, prepared: Prepared, *, wait: bool = True, limits: WaitLimits | None = None,
+           transfer: Transfer | None = None, download_to: Path | None = None, compute: str | None = None,
+           say: Callable[[str], None] = print) -> Submitted:
+    """Create the data assets and environment if missing, submit the job, and (with ``wait``) poll
+    it with a heartbeat line until it ends, then download its output into ``download_to``."""
+    from azure.ai.ml import load_environment, load_job
+    from azure.ai.ml.entities import Data
+    from azure.core.exceptions import ResourceNotFoundError
+
+    limits, transfer = limits or WaitLimits(), transfer or Transfer()
+    if compute:
+        _check_compute(ml, compute)
+    for asset in prepared.assets:
+        try:
+            ml.data.get(asset.name, version="1")
+        except ResourceNotFoundError:
+            _call(lambda: ml.data.create_or_update(Data(name=asset.name, version="1", type=asset.type,
+                                                        path=str(asset.path))), f"uploading {asset.path.name}")
+        except Exception as exc:  # noqa: BLE001
+            raise service_error(exc, f"looking up data asset {asset.name}") from None
+    try:
+        ml.environments.get(prepared.environment_name, version="1")
+    except ResourceNotFoundError:
+        _call(lambda: ml.environments.create_or_update(load_environment(source=str(prepared.environment_yml))),
+              "creating the environment")
+    except Exception as exc:  # noqa: BLE001
+        raise service_error(exc, "looking up the environment") from None
+    job = _call(lambda: ml.jobs.create_or_update(load_job(source=str(prepared.job_yml))), "submitting the job")
+    result = Submitted(job.name, _status(job), _studio(job))
+    if not wait:
+        return result
+    started, phase_started, phase = time.monotonic(), time.monotonic(), "queued"
+    while True:
+        job = _call(lambda: ml.jobs.get(result.name), "polling the job")
+        result.polls += 1
+        status = _status(job)
+        now = time.monotonic()
+        if status in RUNNING and phase == "queued":
+            phase, phase_started = "running", now
+        say(f"job {result.name}: {status} ({_clock(now - started)})")
+        if status in TERMINAL:
+            result.status = status
+            break
+        limit = limits.queue_s if phase == "queued" else limits.run_s
+        if now - phase_started > limit:
+            raise AzureError(f"job {result.name} still {status} after {_clock(limit)} ({phase} limit)",
+                             result.studio_url, "it keeps going in Azure ML: follow it in the studio, or raise "
+                             "--queue-timeout / --run-timeout")
+        time.sleep(limits.poll_s)
+    if result.status != "Completed":
+        tail = transfer.log_tail(ml, result.name)
+        last = " | ".join(line.strip() for line in tail[-5:] if line.strip()) or "no log lines"
+        raise AzureError(f"job {result.name} ended {result.status}; last log lines: {last}", result.studio_url,
+                         "open the studio link for the full logs")
+    if download_to is not None:
+        result.downloaded = transfer.download(ml, result.name, Path(download_to))
+    return result
+
+
+def _check_compute(ml, name: str) -> None:
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        ml.compute.get(name)
+    except ResourceNotFoundError:
+        try:
+            names = sorted(c.name for c in ml.compute.list())
+        except Exception:  # noqa: BLE001
+            names = []
+        raise ConfigError(f"no compute named {name!r} in the workspace", "--compute",
+                          f"use one of: {', '.join(names)}" if names else "create a GPU cluster in the studio first") from None
+    except Exception as exc:  # noqa: BLE001
+        raise service_error(exc, f"looking up compute {name}") from None
+
+
+def _call(work: Callable, doing: str):
+    try:
+        return work()
+    except (ConfigError, AzureError):
+        raise
+    except Exception as exc:  # noqa: BLE001 — the service's message, in one line
+        raise service_error(exc, doing) from None
+
+
+def _status(job) -> str:
+    """The job's status as the service spells it (the SDK's JobStatus is a str enum; str() of it is
+    "JobStatus.COMPLETED" on Python 3.11)."""
+    status = job.status
+    return str(getattr(status, "value", status))
+
+
+def _studio(job) -> str | None:
+    services = getattr(job, "services", None) or {}
+    studio = services.get("Studio") if isinstance(services, dict) else None
+    return getattr(studio, "endpoint", None) or getattr(job, "studio_url", None)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

@@ -1,0 +1,238 @@
+"""ftl finetune --target azureml, offline: the real azure-ai-ml SDK against a fake workspace on 127.0.0.1.
+
+MLClient is never mocked: requests go through azure-core's transport to ``azure_fake.FakeAzureML``,
+which answers as the REST API and blob storage would. Only ftl's Transfer seam (output download
+and log files, which azure-core's transport does not carry) is replaced, by a local one.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("azure.ai.ml", reason="the [azure] extra is not installed")
+
+from azure.ai.ml import load_environment, load_job  # noqa: E402
+from azure.core.credentials import AccessToken  # noqa: E402
+from azure.core.exceptions import ClientAuthenticationError  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from azure_fake import RG, SUB, WS, FakeAzureML, FakeCredential, LocalTransport, patch_all_azure_transports  # noqa: E402
+from ftl import manifest  # noqa: E402
+from ftl.azure import jobs  # noqa: E402
+from ftl.azure.workspace import AzureError, WorkspaceRef, check, ml_client, resolve_workspace  # noqa: E402
+from ftl.errors import ConfigError  # noqa: E402
+from ftl.finetune.config import FinetuneConfig  # noqa: E402
+from ftl.tracking import TAG_PARENT  # noqa: E402
+
+REF = WorkspaceRef(SUB, RG, WS, "test")
+
+
+def ftl(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "ftl.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "COLUMNS": "250", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    return jobs.build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture
+def fake():
+    server = FakeAzureML()
+    server.start()
+    undo = patch_all_azure_transports(server.port)  # the blob clients the SDK builds itself
+    yield server
+    undo()
+    server.stop()
+
+
+def client(fake):
+    return ml_client(REF, FakeCredential(), transport=LocalTransport(fake.port), retry_total=3,
+                     retry_backoff_factor=0.01)
+
+
+class LocalTransfer(jobs.Transfer):
+    """The seam, locally: the job's output is a folder this test made; its log is a list of lines."""
+
+    def __init__(self, produced: Path | None = None, log: list[str] | None = None):
+        self.produced, self.log = produced, log or []
+
+    def download(self, ml, job_name, dest):
+        shutil.copytree(self.produced, dest)
+        return dest
+
+    def log_tail(self, ml, job_name, lines=20):
+        return self.log[-lines:]
+
+
+def config(tmp_path, tiny_model, qa_file, **kw):
+    return FinetuneConfig(model=str(tiny_model), data=qa_file, output=tmp_path / "runs" / "ft", **kw)
+
+
+def test_dry_run_writes_a_job_that_loads_and_submits_nothing(tmp_path, tiny_model, qa_file):
+    result = ftl("finetune", "--target", "azureml", "--compute", "gpu-cluster", "--dry-run", "--model", tiny_model,
+                 "--data", qa_file, "--output", "runs/ft", "--lora-r", 8, "--val-split", "0.34",
+                 "--instance-count", 2, "--gpus-per-node", 4, cwd=tmp_path,
+                 env={"AZURE_SUBSCRIPTION_ID": "", "AZURE_RESOURCE_GROUP": "", "AZUREML_WORKSPACE_NAME": ""})
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "runs" / "ft.azureml"
+    job = load_job(source=str(folder / "job.yml"))
+    raw = yaml.safe_load((folder / "job.yml").read_text())
+    assert raw["compute"] == "azureml:gpu-cluster" and job.compute == "gpu-cluster" and job.resources.instance_count == 2
+    assert job.distribution.process_count_per_instance == 4
+    digest = manifest.sha256_file(qa_file)[:12]
+    assert raw["inputs"]["data_0"]["path"] == f"azureml:ftl-data-{digest}:1" and job.inputs["model"].type == "uri_folder"
+    # The job runs ftl finetune with the flags that were set, and only those.
+    assert "ftl finetune --model ${{inputs.model}} --data ${{inputs.data_0}} --output ${{outputs.finetune}}" in \
+        job.command and "--lora-r 8 --val-split 0.34" in job.command and "--lora-alpha" not in job.command
+    env = load_environment(source=str(folder / "environment" / "environment.yml"))
+    conda = yaml.safe_load((folder / "environment" / "conda.yml").read_text())
+    assert raw["environment"] == f"azureml:{env.name}:1" and env.name.startswith("ftl-env-")
+    assert "olive-ai==0.13.0" in conda["dependencies"][-1]["pip"]
+    files = json.loads((folder / "code_manifest.json").read_text())
+    (wheel_name,) = files
+    assert re.fullmatch(r"ftl-.*\.whl", wheel_name) and files[wheel_name] == manifest.sha256_file(
+        folder / "code" / wheel_name)
+    az = (folder / "az.sh").read_text()
+    assert f"az ml data create --name ftl-data-{digest} --version 1 --type uri_file" in az
+    assert "az ml environment create --file environment/environment.yml" in az and "az ml job create --file job.yml" in az
+    assert not (tmp_path / "runs" / "ft").exists()
+
+
+def test_submit_uploads_once_polls_and_downloads_through_the_real_sdk(tmp_path, tiny_model, qa_file, fake, wheel):
+    prepared = jobs.prepare(config(tmp_path, tiny_model, qa_file), ["--lora-r", "8"], compute="gpu-cluster",
+                            instance_count=2, gpus_per_node=2, wheel=wheel)
+    produced = tmp_path / "produced"
+    produced.mkdir()
+    (produced / "manifest.json").write_text("{}")
+    said = []
+    result = jobs.submit(client(fake), prepared, limits=jobs.WaitLimits(poll_s=0), compute="gpu-cluster",
+                         transfer=LocalTransfer(produced), download_to=tmp_path / "runs" / "ft", say=said.append)
+    assert result.status == "Completed" and result.polls == 3 and (tmp_path / "runs" / "ft" / "manifest.json").is_file()
+    assert [line.split(": ")[1].split(" ")[0] for line in said] == ["Queued", "Running", "Completed"]
+    puts = [(m, p.split("?")[0]) for m, h, p in fake.log if m == "PUT" and ".blob." not in h]
+    kinds = [re.search(r"/(data|environments|codes|jobs)/", p).group(1) for _, p in puts]
+    assert kinds.count("data") == 2 and kinds.count("environments") == 1 and kinds[-1] == "jobs"
+    assert any(".blob." in h and m == "PUT" for m, h, _ in fake.log)  # the data really went to (fake) storage
+    body = json.loads(fake.bodies[[i for i, (m, h, p) in enumerate(fake.log) if m == "PUT" and "/jobs/" in p][-1]])
+    props = body["properties"]
+    assert props["computeId"].endswith("/computes/gpu-cluster")
+    assert props["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": 2}
+    assert props["resources"]["instanceCount"] == 2
+    assert props["environmentId"].endswith(f"/environments/{prepared.environment_name}/versions/1")
+    assert props["inputs"]["data_0"]["uri"].endswith(f"/data/{prepared.assets[0].name}/versions/1")
+    assert "ftl finetune" in props["command"] and "--lora-r 8" in props["command"]
+    # A second job with the same data and environment creates neither again (their names are content hashes).
+    fake.log.clear()
+    jobs.submit(client(fake), prepared, wait=False)
+    again = [p.split("?")[0] for m, h, p in fake.log if m == "PUT"]
+    assert not [p for p in again if "/data/" in p or "/environments/" in p or "LocalUpload" in p]
+    assert again[-1].endswith(f"/jobs/{prepared.job_name}")
+
+
+def test_no_wait_prints_the_name_and_a_503_is_retried(tmp_path, tiny_model, qa_file, fake, wheel):
+    prepared = jobs.prepare(config(tmp_path, tiny_model, qa_file), [], compute="gpu-cluster", wheel=wheel)
+    fake.fail_plan.append({"method": "PUT", "path_re": "/jobs/", "status": 503,
+                           "body": {"error": {"code": "ServiceUnavailable", "message": "busy"}}})
+    result = jobs.submit(client(fake), prepared, wait=False)
+    job_requests = [m for m, h, p in fake.log if "/jobs/" in p]
+    assert job_requests == ["PUT", "PUT"] and result.name == prepared.job_name
+    assert result.studio_url and result.name in result.studio_url
+
+
+def test_a_quota_error_is_the_services_message_in_one_line(tmp_path, tiny_model, qa_file, fake, wheel):
+    prepared = jobs.prepare(config(tmp_path, tiny_model, qa_file), [], compute="gpu-cluster", wheel=wheel)
+    message = "Not enough quota available for Standard_NC24ads_A100_v4 in eastus. Current usage/limit: 24/24."
+    fake.fail_plan.append({"method": "PUT", "path_re": "/jobs/", "status": 400,
+                           "body": {"error": {"code": "UserError", "message": message}}})
+    with pytest.raises(AzureError) as error:
+        jobs.submit(client(fake), prepared)
+    assert message in error.value.one_line() and "\n" not in error.value.one_line()
+
+
+def test_an_unknown_compute_lists_the_ones_that_exist(tmp_path, tiny_model, qa_file, fake, wheel):
+    prepared = jobs.prepare(config(tmp_path, tiny_model, qa_file), [], compute="gpu", wheel=wheel)
+    with pytest.raises(ConfigError, match="no compute named 'gpu'.*use one of: cpu-cluster, gpu-cluster"):
+        jobs.submit(client(fake), prepared, compute="gpu")
+    assert not any("/jobs/" in p for _, _, p in fake.log)
+
+
+def test_a_failed_job_says_its_last_log_lines_and_studio_link(tmp_path, tiny_model, qa_file, fake, wheel):
+    prepared = jobs.prepare(config(tmp_path, tiny_model, qa_file), [], compute="gpu-cluster", wheel=wheel)
+    fake.job_status_sequence = ["Queued", "Running", "Failed"]
+    transfer = LocalTransfer(log=["step 1", "Traceback (most recent call last):", "torch.OutOfMemoryError: CUDA"])
+    with pytest.raises(AzureError) as error:
+        jobs.submit(client(fake), prepared, limits=jobs.WaitLimits(poll_s=0), transfer=transfer)
+    line = error.value.one_line()
+    assert "ended Failed" in line and "torch.OutOfMemoryError: CUDA" in line and "https://ml.azure.com/runs/" in line
+
+
+def test_waiting_gives_up_after_the_queue_limit(tmp_path, tiny_model, qa_file, fake, wheel):
+    prepared = jobs.prepare(config(tmp_path, tiny_model, qa_file), [], compute="gpu-cluster", wheel=wheel)
+    fake.job_status_sequence = ["Queued"]
+    with pytest.raises(AzureError, match="still Queued after .*queued limit"):
+        jobs.submit(client(fake), prepared, limits=jobs.WaitLimits(queue_s=0.05, poll_s=0.02))
+
+
+def test_workspace_settings_come_from_flags_then_environment_then_config_file(tmp_path, monkeypatch):
+    for name in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZUREML_WORKSPACE_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError) as error:
+        resolve_workspace(start=tmp_path)
+    assert all(way in error.value.one_line() for way in ("--subscription", "AZUREML_WORKSPACE_NAME",
+                                                         ".azureml/config.json"))
+    (tmp_path / ".azureml").mkdir()
+    (tmp_path / ".azureml" / "config.json").write_text(json.dumps(
+        {"subscription_id": "s-file", "resource_group": "rg-file", "workspace_name": "ws-file"}))
+    (tmp_path / "sub").mkdir()
+    assert resolve_workspace(start=tmp_path / "sub").workspace_name == "ws-file"
+    monkeypatch.setenv("AZUREML_WORKSPACE_NAME", "ws-env")
+    found = resolve_workspace(start=tmp_path)
+    assert (found.workspace_name, found.resource_group) == ("ws-env", "rg-file")
+    assert resolve_workspace("s", "rg", "ws-flag", start=tmp_path).workspace_name == "ws-flag"
+
+
+def test_azure_check_reports_each_part_and_a_credential_failure_names_az_login(fake):
+    lines = dict(check(REF, FakeCredential(), transport=LocalTransport(fake.port)))
+    assert "eastus" in lines["workspace"] and "gpu-cluster" in lines["computes"] and "FakeCredential" in lines["credential"]
+
+    class NoSignIn:
+        def get_token(self, *scopes, **kwargs):
+            raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token")
+
+    with pytest.raises(AzureError, match="az login"):
+        check(REF, NoSignIn(), transport=LocalTransport(fake.port))
+    assert isinstance(FakeCredential().get_token("x"), AccessToken)
+
+
+def test_the_jobs_own_command_runs_here_and_logs_under_the_jobs_run(tmp_path, tiny_model, qa_file, wheel):
+    """The command Azure ML runs, with ${{inputs.*}}/${{outputs.*}} as Azure ML fills them and the
+    environment it sets (RANK, MLFLOW_TRACKING_URI, MLFLOW_RUN_ID), on the tiny model."""
+    prepared = jobs.prepare(config(tmp_path, tiny_model, qa_file), ["--max-steps", "2", "--batch-size", "2"],
+                            compute="gpu-cluster", wheel=wheel)
+    out = tmp_path / "mnt" / "outputs" / "finetune"
+    out.mkdir(parents=True)  # Azure ML mounts an empty output folder
+    command = prepared.command.split("&&", 1)[1]  # ftl is installed here already (the job pip-installs the wheel)
+    for asset in prepared.assets:
+        command = command.replace("${{inputs.%s}}" % asset.input_name, str(asset.path))
+    command = command.replace("${{outputs.finetune}}", str(out))
+    uri = f"sqlite:///{tmp_path / 'workspace-mlflow.db'}"
+    job_run = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("job")).info.run_id
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                               "RANK": "0", "WORLD_SIZE": "1", "MLFLOW_TRACKING_URI": uri,
+                               "MLFLOW_RUN_ID": job_run, "AZUREML_RUN_ID": job_run})
+    assert done.returncode == 0, done.stderr
+    assert manifest.read(out)["status"] == "complete" and (out / "adapter" / "adapter_model.safetensors").is_file()
+    client_ = MlflowClient(uri)
+    runs = client_.search_runs([client_.get_experiment_by_name("ftl").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags[TAG_PARENT] == job_run
+    assert [m.step for m in client_.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2]
