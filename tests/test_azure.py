@@ -79,15 +79,14 @@ def config(tmp_path, tiny_model, qa_file, **kw):
 
 def test_dry_run_writes_a_job_that_loads_and_submits_nothing(tmp_path, tiny_model, qa_file):
     result = ftl("finetune", "--target", "azureml", "--compute", "gpu-cluster", "--dry-run", "--model", tiny_model,
-                 "--data", qa_file, "--output", "runs/ft", "--lora-r", 8, "--val-split", "0.34",
-                 "--instance-count", 2, "--gpus-per-node", 4, cwd=tmp_path,
+                 "--data", qa_file, "--output", "runs/ft", "--lora-r", 8, "--val-split", "0.34", cwd=tmp_path,
                  env={"AZURE_SUBSCRIPTION_ID": "", "AZURE_RESOURCE_GROUP": "", "AZUREML_WORKSPACE_NAME": ""})
     assert result.returncode == 0, result.stderr
     folder = tmp_path / "runs" / "ft.azureml"
     job = load_job(source=str(folder / "job.yml"))
     raw = yaml.safe_load((folder / "job.yml").read_text())
-    assert raw["compute"] == "azureml:gpu-cluster" and job.compute == "gpu-cluster" and job.resources.instance_count == 2
-    assert job.distribution.process_count_per_instance == 4
+    assert raw["compute"] == "azureml:gpu-cluster" and job.compute == "gpu-cluster" and job.resources.instance_count == 1
+    assert "distribution" not in raw
     digest = manifest.sha256_file(qa_file)[:12]
     assert raw["inputs"]["data_0"]["path"] == f"azureml:ftl-data-{digest}:1" and job.inputs["model"].type == "uri_folder"
     # The job runs ftl finetune with the flags that were set, and only those.
@@ -105,6 +104,10 @@ def test_dry_run_writes_a_job_that_loads_and_submits_nothing(tmp_path, tiny_mode
     assert f"az ml data create --name ftl-data-{digest} --version 1 --type uri_file" in az
     assert "az ml environment create --file environment/environment.yml" in az and "az ml job create --file job.yml" in az
     assert not (tmp_path / "runs" / "ft").exists()
+    # Several processes are refused in one line until the fine-tune is rank-aware.
+    result = ftl("finetune", "--target", "azureml", "--compute", "gpu-cluster", "--dry-run", "--model", tiny_model,
+                 "--data", qa_file, "--output", "runs/ft2", "--gpus-per-node", 4, cwd=tmp_path)
+    assert result.returncode == 1 and "not rank-aware" in result.stderr
 
 
 def test_submit_uploads_once_polls_and_downloads_through_the_real_sdk(tmp_path, tiny_model, qa_file, fake, wheel):

@@ -143,6 +143,11 @@ def _on_azure(config, forwarded: list[str], tracking: dict, azure: dict):
     if not azure["compute"]:
         raise ConfigError("--target azureml needs a compute cluster", "--compute", "pass --compute NAME "
                           "(`ftl azure check` lists them)")
+    if azure["instance_count"] * azure["gpus_per_node"] > 1:
+        # The job YAML can say it (PyTorch distribution), but ftl's finetune is not rank-aware yet: every
+        # process would write the same manifest, Olive cache and adapter.
+        raise ConfigError("multi-process jobs are not supported yet: ftl's finetune is not rank-aware",
+                          "--instance-count / --gpus-per-node", "run on one GPU (the defaults) for now")
     plan(config)  # the rows, template and model are checked here, before anything is uploaded
     manifest.check_output(config.output, force=config.force, stage="finetune")
     try:
