@@ -261,3 +261,47 @@ def test_qscale_validates_stops_early_and_logs_live_from_its_olive_pass(tiny_mod
     logged = sorted((m.step, round(m.value, 4)) for m in client.get_metric_history(run.run_id, "eval_loss"))
     assert logged == [(p["step"], p["eval_loss"]) for p in metrics["eval_curve"]]
     assert len(client.get_metric_history(run.run_id, "loss")) == metrics["steps_run"]
+
+
+def test_uris_are_checked_and_made_absolute_and_no_track_checks_nothing(tmp_path, monkeypatch):
+    from ftl.cli.base import open_tracker
+    from ftl.tracking import check_uri
+
+    assert check_uri("sqlite:///runs/mlflow.db", "x") == f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"
+    assert check_uri("sqlite:////abs/m.db", "x") == "sqlite:////abs/m.db"
+    assert check_uri("databricks", "x") == "databricks"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/mlruns")
+    assert not open_tracker({"no_track": True}).on  # --no-track: the environment's URI is not even read
+    with pytest.raises(ConfigError, match="file store"):
+        open_tracker({})
+
+
+def test_a_failed_stage_never_logs_the_previous_result_as_its_own(tmp_path):
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    old = manifest.new("finetune", inputs={}, params={"r": 8}, fingerprint="old")
+    old["status"] = "complete"
+    manifest.write(folder, old)
+    tracker = Tracker.open(store(tmp_path))
+    with pytest.raises(DataError):
+        with tracker.stage("finetune", folder / "manifest.json") as run:
+            run.ensure()
+            raise DataError("bad row", "qa.jsonl:3", "fix it")
+    got = MlflowClient(tracker.uri).get_run(run.run_id)
+    assert got.info.status == "FAILED" and "r" not in got.data.params
+    assert "ftl.run_uid" not in got.data.tags and "ftl.mirrored" not in got.data.tags
+
+
+def test_secrets_in_url_settings_do_not_reach_mlflow_params():
+    from ftl.tracking import _param_value, flat_params
+
+    params = flat_params({"distill": {"base_url": "https://user:s3cret@host/v1?api-key=k3y", "n": 3}})
+    assert {k: _param_value(v) for k, v in params.items()} == {"distill.base_url": "https://host/v1",
+                                                               "distill.n": "3"}
+
+
+def test_reading_an_unknown_experiment_lists_the_ones_there(tracked_finetune):
+    _, uri, _ = tracked_finetune
+    result = ftl("runs", "list", "--tracking-uri", uri, "--experiment", "nope")
+    assert result.returncode == 1 and "no experiment 'nope'" in result.stderr and "lone" in result.stderr
+    assert MlflowClient(uri).get_experiment_by_name("nope") is None

@@ -77,6 +77,11 @@ def isolated_env(work_dir: Path) -> dict[str, str]:
     return env
 
 
+def _child_env(work_dir: Path, extra: dict[str, str | None] | None) -> dict[str, str]:
+    merged = {**isolated_env(work_dir), **(extra or {})}
+    return {key: value for key, value in merged.items() if value is not None}  # None: unset for the child
+
+
 def workflow(template: str, *, work_dir: Path, output_dir: Path, **sections) -> dict:
     """Fill a template: paths for cache and output, then the given top-level sections."""
     config = load_template(template)
@@ -94,7 +99,7 @@ def save_config(config: dict, path: Path) -> Path:
 
 
 def run(config: dict, work_dir: Path, on_line: Callable[[str], None] | None = None,
-        env: dict[str, str] | None = None) -> Path:
+        env: dict[str, str | None] | None = None) -> Path:
     """Run one workflow; return the log path. Raises OliveRunError on a non-zero exit. ``env`` adds
     variables for the child (MLflow's run, see :func:`ftl.tracking.child_env`)."""
     work_dir = Path(work_dir).resolve()
@@ -105,7 +110,7 @@ def run(config: dict, work_dir: Path, on_line: Callable[[str], None] | None = No
         process = subprocess.Popen(
             [sys.executable, "-m", "olive", "run", "--config", str(config_path),
              "--package-config", str(package_config(work_dir))],
-            cwd=work_dir, env={**isolated_env(work_dir), **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            cwd=work_dir, env=_child_env(work_dir, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, bufsize=1,  # text mode splits on \r too, so tqdm updates arrive as lines
         )
         try:

@@ -229,11 +229,11 @@ def sync(tracker: Tracker, folders: list[Path], *, log_model: bool = False) -> l
 
 def _pipeline_run(tracker: Tracker, work: Path, found: list[Path]) -> str | None:
     """The parent run of a synced pipeline folder, found again by a uid made from its stages' uids."""
-    import hashlib
+    from ftl.tracking import pipeline_uid
 
-    from ftl.tracking import run_uid
-
-    uid = hashlib.sha256("".join(run_uid(manifest.read_file(p) or {}) for p in found).encode()).hexdigest()[:32]
+    if not tracker.on:
+        return None
+    uid = pipeline_uid(found)
     hits = tracker.client.search_runs([tracker.experiment_id], f"tags.`{TAG_UID}` = '{uid}'", max_results=1)
     if hits:
         return hits[0].info.run_id

@@ -48,6 +48,8 @@ TAG_STAGE = "ftl.stage"
 TAG_MIRRORED = "ftl.mirrored"
 TAG_FOLDER = "ftl.folder"
 TAG_PARENT = "mlflow.parentRunId"
+OFF = "FTL_MLFLOW_OFF"
+_SET_BY_FTL: set[str] = set()
 _METRIC_NAME = re.compile(r"[^0-9A-Za-z_\-. /]")
 # user:password@ in any URL an error message quotes (MLflow's own errors repeat the request URL)
 _CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
@@ -70,6 +72,11 @@ def resolve_uri(explicit: str | None, default_dir: Path) -> str:
 
 
 def check_uri(uri: str, where: str) -> str:
+    """A known scheme; a SQLite path made absolute (Olive's child process runs in another folder)."""
+    if uri == "databricks" or uri.startswith("databricks://"):
+        return uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
     scheme = urlsplit(uri).scheme.split("+", 1)[0].lower()
     if scheme == "file" or (not scheme and uri):
         raise ConfigError(f"{redact(uri)!r} is MLflow's file store, which MLflow 3 deprecates", where,
@@ -97,13 +104,17 @@ class Tracker:
     runs: list[str] = field(default_factory=list)
 
     @classmethod
-    def open(cls, uri: str | None, experiment: str | None = None, *, enabled: bool = True) -> "Tracker":
+    def open(cls, uri: str | None, experiment: str | None = None, *, enabled: bool = True,
+             create: bool = True) -> "Tracker":
+        """``create=False`` (reading runs): an unknown experiment is an error, not a new empty one."""
         if not enabled or uri is None:
             return cls(uri or "", experiment or DEFAULT_EXPERIMENT, problem="tracking is off (--no-track)")
         experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         tracker = cls(uri, experiment, parent_env=os.environ.get("MLFLOW_RUN_ID"))
         try:
-            tracker._connect()
+            tracker._connect(create)
+        except ConfigError:
+            raise
         except Exception as exc:  # noqa: BLE001 — any failure to reach the store is a warning, never fatal
             tracker._fail(exc, "nothing was logged")
         return tracker
@@ -112,16 +123,23 @@ class Tracker:
     def on(self) -> bool:
         return self.client is not None
 
-    def _connect(self) -> None:
-        # A dead server must cost seconds, not MLflow's default minutes of retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    def _connect(self, create: bool = True) -> None:
+        # A dead server must cost seconds, not MLflow's default minutes of retries: set for ftl's
+        # own process only when the user has not (Olive's child gets the user's environment).
+        for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
+            if key not in os.environ:
+                os.environ[key] = value
+                _SET_BY_FTL.add(key)
         from mlflow.tracking import MlflowClient
 
         if self.uri.startswith("sqlite:///"):
             Path(self.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=self.uri)
         found = client.get_experiment_by_name(self.experiment)
+        if found is None and not create:
+            names = sorted(e.name for e in client.search_experiments())
+            raise ConfigError(f"no experiment {self.experiment!r} at {redact(self.uri)}", "--experiment",
+                              f"experiments there: {', '.join(names)}" if names else "nothing has been logged there yet")
         if found is None:
             location = None
             if self.uri.startswith("sqlite:///"):  # else MLflow puts artefacts in ./mlruns of the cwd
@@ -131,11 +149,13 @@ class Tracker:
             self.experiment_id = found.experiment_id
         self.client = client
 
-    def _fail(self, exc: BaseException, what: str) -> None:
+    def _fail(self, exc: BaseException, what: str, *, disable: bool = True) -> None:
+        """One warning; with ``disable`` (the store itself failed) nothing more is tried this command."""
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reason = _CREDENTIALS.sub(r"\1", reason.replace(self.uri, redact(self.uri)))[:200]
         self.problem = f"MLflow at {redact(self.uri)} failed: {reason}"
-        self.client = None
+        if disable:
+            self.client = None
         _warn(f"{self.problem}; {what} — the results are in the manifests; `ftl runs sync FOLDER` logs them later")
 
     # -- runs -----------------------------------------------------------------------------------
@@ -202,8 +222,8 @@ class Tracker:
                                               else path.name)
                 elif path.is_file():
                     self.client.log_artifact(run_id, str(path), artifact_path)
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc, "some artefacts were not logged")
+        except Exception as exc:  # noqa: BLE001 — e.g. an unwritable artefact folder: the run itself is fine
+            self._fail(exc, "some artefacts were not logged", disable=False)
 
     # -- stages ---------------------------------------------------------------------------------
 
@@ -215,13 +235,17 @@ class Tracker:
         is mirrored into it. A stage that skipped itself (same inputs, already done) makes no run."""
         global _ACTIVE
         run = StageRun(self, None, Path(manifest_path), stage, name or run_name(stage, Path(manifest_path)), parent)
+        before = manifest.read_file(run.manifest_path)
+        before_uid = run_uid(before) if before else None
         previous, _ACTIVE = _ACTIVE, run
         try:
             yield run
         except BaseException as exc:
             _ACTIVE = previous
             if run.ensure():
-                self.mirror(run.run_id, run.manifest_path)
+                now = manifest.read_file(run.manifest_path)
+                if now and run_uid(now) != before_uid:  # never the previous result left in the folder
+                    self.mirror(run.run_id, run.manifest_path, failed=True)
                 self.end(run.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         _ACTIVE = previous
@@ -234,7 +258,8 @@ class Tracker:
             self.mirror(run.run_id, run.manifest_path, log_model=log_model)
             self.end(run.run_id)
 
-    def mirror(self, run_id: str | None, manifest_path: Path, *, log_model: bool = False) -> None:
+    def mirror(self, run_id: str | None, manifest_path: Path, *, log_model: bool = False,
+               failed: bool = False) -> None:
         """Parameters, metrics, tags and small files of a finished (or failed) stage, from its manifest."""
         record = manifest.read_file(manifest_path)
         if not run_id or not self.on or record is None:
@@ -248,11 +273,13 @@ class Tracker:
         metrics, histories = stage_metrics(record)
         self.log(run_id, params=flat_params(record.get("params") or {}), metrics=metrics,
                  tags={k: v for k, v in tags.items() if v is not None})
-        run = self._get(run_id)
-        live = set(run.data.metrics) if run else set()
         for name, points in histories.items():
-            if name not in live:  # the HF Trainer already logged it per step while training
-                self.log_history(run_id, name, points)
+            # The HF Trainer logged these per step while training; a resumed run only from its checkpoint.
+            try:
+                logged = {m.step for m in self.client.get_metric_history(run_id, _metric_name(name))}
+            except Exception:  # noqa: BLE001
+                logged = set()
+            self.log_history(run_id, name, [(s, v) for s, v in points if s not in logged])
         folder = manifest_path.parent
         files = [manifest_path] + [folder / n for n in ARTEFACTS if n != manifest.MANIFEST]
         if record.get("stage") == "eval":
@@ -260,7 +287,7 @@ class Tracker:
         self.log_files(run_id, [f for f in files if f.is_file()])
         if log_model:
             self.log_files(run_id, [folder / n for n in MODEL_FILES if (folder / n).exists()], "model")
-        if record.get("status") == "complete":
+        if record.get("status") == "complete" and not failed:
             self.log(run_id, tags={TAG_MIRRORED: "1"})
 
     def _get(self, run_id: str):
@@ -286,14 +313,15 @@ class Tracker:
     def sync(self, manifest_path: Path, *, parent: str | None = None, log_model: bool = False) -> tuple[str | None, bool]:
         """Mirror one finished result; (run id, whether a new run was made). Idempotent."""
         existing = self.find(manifest_path)
-        if existing and self._get(existing).data.tags.get(TAG_MIRRORED) == "1":
+        found = self._get(existing) if existing else None
+        if found is not None and found.data.tags.get(TAG_MIRRORED) == "1":
             return existing, False
         record = manifest.read_file(manifest_path) or {}
         run_id = existing or self.start(run_name(record.get("stage", "stage"), Path(manifest_path)), parent=parent,
                                         tags={TAG_STAGE: record.get("stage")})
         self.mirror(run_id, manifest_path, log_model=log_model)
         self.end(run_id, "FINISHED" if record.get("status") == "complete" else "FAILED")
-        return run_id, existing is None
+        return run_id, bool(run_id) and existing is None
 
 
 @dataclass
@@ -315,15 +343,25 @@ class StageRun:
 _ACTIVE: StageRun | None = None
 
 
-def child_env() -> dict[str, str]:
-    """Environment for a child process (Olive) that logs into the active stage's run, made now;
-    empty when nothing is tracked. The HF Trainer reads it with ``report_to: mlflow``."""
+def child_env() -> dict[str, str | None]:
+    """Environment for a child process (Olive) that logs into the active stage's run, made now
+    (None: unset the variable there). The HF Trainer reads it with ``report_to: mlflow``."""
     if _ACTIVE is None or not _ACTIVE.tracker.on or not _ACTIVE.ensure():
-        return {}
-    # The Trainer's own parameter dump (~150 TrainingArguments and model-config keys) is off: ftl
-    # logs the stage's settings itself, and the Olive config that ran is an artefact.
-    return {"MLFLOW_TRACKING_URI": _ACTIVE.tracker.uri, "MLFLOW_RUN_ID": _ACTIVE.run_id,
-            "MLFLOW_MAX_LOG_PARAMS": "0", "HF_MLFLOW_LOG_ARTIFACTS": "0", "MLFLOW_NESTED_RUN": "false"}
+        return {OFF: "1"}  # an inherited MLFLOW_RUN_ID (an Azure ML job's) must not get the metrics either
+    tracker = _ACTIVE.tracker
+    env = {"MLFLOW_TRACKING_URI": tracker.uri, "MLFLOW_RUN_ID": _ACTIVE.run_id,
+           # the run's own experiment: the Trainer calls set_experiment() first, and a different one fails
+           "MLFLOW_EXPERIMENT_NAME": tracker.experiment, "MLFLOW_EXPERIMENT_ID": str(tracker.experiment_id),
+           # The Trainer's own parameter dump (~150 TrainingArguments and model-config keys) is off: ftl
+           # logs the stage's settings itself, and the Olive config that ran is an artefact.
+           "MLFLOW_MAX_LOG_PARAMS": "0", "HF_MLFLOW_LOG_ARTIFACTS": "0", "MLFLOW_NESTED_RUN": "false", OFF: None}
+    for key in _SET_BY_FTL:  # MLflow's own retries for the child, unless the user set them
+        env[key] = None
+    return env
+
+
+def tracks(env: dict[str, str]) -> bool:
+    return bool(env.get("MLFLOW_RUN_ID"))
 
 
 def live_logger():
@@ -331,7 +369,7 @@ def live_logger():
     named; a no-op when there is none. A failure to log never stops training (the manifest
     keeps the curve, and ``ftl runs sync`` can log it later)."""
     uri, run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID")
-    if not uri or not run_id:
+    if not uri or not run_id or os.environ.get(OFF):
         return lambda metrics, step: None
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -418,6 +456,12 @@ def stage_metrics(record: dict) -> tuple[dict[str, float], dict[str, list[tuple[
     return metrics, histories
 
 
+def pipeline_uid(manifests: list[Path]) -> str:
+    """A pipeline run's id for `ftl runs sync`: made from its stages' own ids."""
+    uids = [run_uid(manifest.read_file(p) or {}) for p in manifests if Path(p).is_file()]
+    return hashlib.sha256("".join(uids).encode()).hexdigest()[:32]
+
+
 def summary_metrics(manifests: dict[str, Path]) -> dict[str, float]:
     """The key results of a pipeline's stages, as ``<stage>.<metric>``: what a sweep ranks and compares."""
     keep = {"finetune": ("final_loss", "best_eval_loss", "best_step", "seconds"),
@@ -476,6 +520,8 @@ def _metric_name(name: str) -> str:
 
 def _param_value(value) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
+    if "://" in text:  # an endpoint or base URL: no user:key@ and no ?api-key=… in MLflow
+        text = re.sub(r"\?[^\s\"']*", "", _CREDENTIALS.sub(r"\1", text))
     return text[:6000]
 
 

@@ -316,7 +316,15 @@ def submit(ml, prepared: Prepared, *, wait: bool = True, limits: WaitLimits | No
         raise AzureError(f"job {result.name} ended {result.status}; last log lines: {last}", result.studio_url,
                          "open the studio link for the full logs")
     if download_to is not None:
-        result.downloaded = transfer.download(ml, result.name, Path(download_to))
+        # Into a fresh sibling first; the folder that --output names is replaced only once it is all here.
+        final = Path(download_to)
+        staging = manifest.staging_folder(final)
+        try:
+            transfer.download(ml, result.name, staging / OUTPUT)
+            manifest.swap_in(staging / OUTPUT, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        result.downloaded = final
     return result
 
 

@@ -98,12 +98,16 @@ def pop_tracking(options: dict) -> dict:
     return {key: options.pop(key) for key in _TRACKING}
 
 
-def open_tracker(tracking: dict, default_dir: Path = Path("runs"), experiment: str | None = None):
-    """The tracker these options ask for; an unknown URI scheme is an error before anything runs."""
+def open_tracker(tracking: dict, default_dir: Path = Path("runs"), experiment: str | None = None, *,
+                 create: bool = True):
+    """The tracker these options ask for; an unknown URI scheme is an error before anything runs.
+    ``create=False`` for commands that only read runs."""
     from ftl import tracking as t
 
+    if tracking.get("no_track"):
+        return t.Tracker.open(None, enabled=False)
     uri = t.resolve_uri(tracking.get("tracking_uri"), default_dir)
-    return t.Tracker.open(uri, tracking.get("experiment") or experiment, enabled=not tracking.get("no_track"))
+    return t.Tracker.open(uri, tracking.get("experiment") or experiment, create=create)
 
 
 def tracked_stage(stage: str, manifest_path: Path, tracking: dict):

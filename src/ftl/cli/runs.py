@@ -29,7 +29,7 @@ def list_command(tracking_uri: str | None, experiment: str | None, limit: int) -
     """The runs of an experiment, newest first, with their key metrics."""
     from ftl.runs import key_metrics, list_runs
 
-    tracker = open_tracker({"tracking_uri": tracking_uri, "experiment": experiment})
+    tracker = open_tracker({"tracking_uri": tracking_uri, "experiment": experiment}, create=False)
     views = list_runs(tracker, limit=limit)
     shown = [k for k in key_metrics(views) if k in _HEADLINE or k.startswith(("eval.exported.", "exported."))][:6]
     table = Table("run", "name", "stage", "status", "started", *shown, title=f"experiment {tracker.experiment}")
@@ -56,7 +56,7 @@ def compare_command(run_ids: tuple[str, ...], tracking_uri: str | None, experime
 
     if not run_ids and not experiment:
         raise click.UsageError("give run ids, or --experiment NAME")
-    tracker = open_tracker({"tracking_uri": tracking_uri, "experiment": experiment})
+    tracker = open_tracker({"tracking_uri": tracking_uri, "experiment": experiment}, create=False)
     views = resolve(tracker, list(run_ids)) if run_ids else experiment_runs(tracker)
     if len(views) < 2:
         raise click.UsageError(f"{len(views)} run found to compare; need at least two")

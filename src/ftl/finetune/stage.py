@@ -78,8 +78,9 @@ def plan(config: FinetuneConfig) -> _Plan:
                             answer_field=config.answer_field, system_prompt=config.system_prompt)
     for example in examples + val_examples:
         fmt.check_messages(example.messages, f"{example.source}:{example.line}")
-    token_counts, answer_tokens = _count_tokens(model_dir, fmt, examples + val_examples, config)
-    token_counts = token_counts[:len(examples)]  # the validation rows are checked for length, not counted
+    token_counts, answer_tokens = _count_tokens(model_dir, fmt, examples, config)
+    if val_examples:
+        _count_tokens(model_dir, fmt, val_examples, config)  # checked for length, not counted
     steps, logging_steps = steps_for(config, len(examples))
     base = model_identity(model_dir)
     params = config.model_dump(mode="json", exclude={"force", "output"})
@@ -224,7 +225,7 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     manifest.write(out, record)
 
     env = tracking.child_env()  # empty when nothing is tracked
-    workflow = build_olive_config(config, p, out, report_to="mlflow" if env else "none")
+    workflow = build_olive_config(config, p, out, report_to="mlflow" if tracking.tracks(env) else "none")
     log = olive.run(workflow, out, on_line=_progress_parser(p.steps, on_progress), env=env)
     if config.method == "qscale":
         produced = out / "olive-output" / "model"  # the pass's small HF folder (ftl.finetune.qscale_pass)

@@ -28,7 +28,7 @@ from ftl.export.config import ExportConfig
 from ftl.finetune.config import FinetuneConfig
 from ftl.lineage import ADAPTER, QSCALE
 from ftl.progress import console, run_with_progress, task_progress
-from ftl.tracking import TAG_STAGE, Tracker, flat_params, redact, summary_metrics
+from ftl.tracking import TAG_STAGE, TAG_UID, Tracker, flat_params, pipeline_uid, redact, summary_metrics
 from rich.table import Table
 
 STAGES = ("import", "distill", "finetune", "export", "generate", "eval")
@@ -338,7 +338,10 @@ def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False, track
         status = "KILLED"
         raise
     finally:
-        tracker.log(pipeline_run, metrics=summary_metrics(stage_manifests(plan)))
+        manifests = stage_manifests(plan)
+        # The same id `ftl runs sync` gives this work folder, so syncing it later adds nothing.
+        tracker.log(pipeline_run, metrics=summary_metrics(manifests),
+                    tags={TAG_UID: pipeline_uid([p for p in manifests.values() if p.is_file()])})
         tracker.log_files(pipeline_run, [p for p in [plan.work / "pipeline_summary.json"] if p.is_file()])
         tracker.end(pipeline_run, status)
         if pipeline_run and tracker.on:

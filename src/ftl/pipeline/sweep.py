@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from ftl.errors import ConfigError, FtlError
-from ftl.pipeline.runner import STAGES, Stages, load_pipeline, read_pipeline, run, stage_manifests
+from ftl.pipeline.runner import STAGES, Stages, _apply_override, load_pipeline, read_pipeline, run, stage_manifests
 from ftl.progress import console
 from ftl.tracking import TAG_STAGE, Tracker, summary_metrics
 
@@ -53,7 +53,12 @@ def parse_sets(items: list[str] | tuple[str, ...]) -> dict[str, list]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r} is not key=value[,value…]", None, "e.g. --set finetune.r=8,16")
         key, text = item.split("=", 1)
-        values = [yaml.safe_load(part) for part in _split(text) if part.strip()]
+        try:
+            values = [yaml.safe_load(part) for part in _split(text) if part.strip()]
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: a value does not parse: {getattr(exc, 'problem', exc)}", None,
+                              "values are YAML, comma-separated: --set finetune.target_modules=[q_proj,v_proj],[o_proj]") \
+                from None
         if not values:
             raise ConfigError(f"--set {key}= gives no values: the grid would be empty", None,
                               f"e.g. --set {key}=8,16")
@@ -126,6 +131,8 @@ def sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides: list
           log_model: bool = False) -> list[Variant]:
     """Run every variant of the grid, then compare them. Returns the variants, ranked."""
     raw = read_pipeline(path)
+    for item in overrides:  # before the variants' folders are derived from workdir
+        _apply_override(raw, item)
     matrix = raw.pop("matrix", None) or {}
     if not isinstance(matrix, dict):
         raise ConfigError("matrix: must map stage.key to a list of values", str(path), "e.g. finetune.r: [8, 16]")
@@ -141,7 +148,7 @@ def sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides: list
     plans = []
     for variant in variants:  # every variant is built and validated before the first one runs
         raw_variant = {**raw, "workdir": str(base / "sweep" / variant.name)}
-        items = list(overrides) + [f"{k}={json.dumps(v)}" for k, v in variant.values.items()]
+        items = [f"{k}={json.dumps(v)}" for k, v in variant.values.items()]
         try:
             plans.append(load_pipeline(path, items, raw=raw_variant, stage_dirs=stage_dirs))
         except ConfigError as exc:
@@ -197,10 +204,10 @@ def rank(variants: list[Variant], rank_by: str | None) -> list[tuple[Variant, fl
     higher = direction == "max"
 
     def key(v: Variant):
-        value = v.metrics.get(metric)
+        value = v.metrics.get(metric) if v.status == "ran" else None  # a failed variant's files may be old
         return (value is None, -(value or 0) if higher else (value or 0))
 
-    return [(v, v.metrics.get(metric), metric) for v in sorted(variants, key=key)]
+    return [(v, v.metrics.get(metric) if v.status == "ran" else None, metric) for v in sorted(variants, key=key)]
 
 
 def _metric(variants: list[Variant], rank_by: str | None) -> tuple[str, str]:
