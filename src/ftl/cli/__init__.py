@@ -61,6 +61,8 @@ def _route_logs(debug: bool) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error" if not debug else "info")
     if not debug:  # "Loading weights" bars; ftl shows its own progress
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        # MLflow logs to its own stderr handler ("Creating initial MLflow database tables…"); ftl says what matters
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     handlers: list[logging.Handler] = []
     try:
         path = log_path()
