@@ -239,3 +239,31 @@ def test_the_jobs_own_command_runs_here_and_logs_under_the_jobs_run(tmp_path, ti
     runs = client_.search_runs([client_.get_experiment_by_name("ftl").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags[TAG_PARENT] == job_run
     assert [m.step for m in client_.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2]
+
+
+def test_jobs_status_logs_download_and_cancel(tmp_path, tiny_model, qa_file, fake, wheel):
+    prepared = jobs.prepare(config(tmp_path, tiny_model, qa_file), [], compute="gpu-cluster", wheel=wheel)
+    ml = client(fake)
+    fake.job_status_sequence = ["Queued", "Running", "Running", "Completed"]
+    name = jobs.submit(ml, prepared, wait=False).name
+    found = jobs.status(ml, name)
+    assert found["status"] == "Queued" and found["compute"] == "gpu-cluster" and name in found["studio_url"]
+    produced = tmp_path / "produced"
+    produced.mkdir()
+    (produced / "manifest.json").write_text("{}")
+    transfer = LocalTransfer(produced, log=[f"line {i}" for i in range(300)])
+    with pytest.raises(AzureError, match="is Running, not Completed"):
+        jobs.download(ml, name, tmp_path / "dl", transfer=transfer)
+    assert jobs.logs(ml, name, 3, transfer=transfer) == ["line 297", "line 298", "line 299"]
+    assert jobs.download(ml, name, tmp_path / "dl", transfer=transfer) == tmp_path / "dl"
+    assert (tmp_path / "dl" / "manifest.json").is_file() and not list(tmp_path.glob(".dl.new-*"))
+    # A folder ftl did not write is never replaced.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(Exception, match="not written by ftl"):
+        jobs.download(ml, name, tmp_path / "mine", force=True, transfer=transfer)
+    cancelled = jobs.cancel(ml, name)
+    assert any(m == "POST" and p.split("?")[0].endswith(f"/jobs/{name}/cancel") for m, _, p in fake.log)
+    assert cancelled["name"] == name
+    with pytest.raises(AzureError, match="not found"):
+        jobs.status(ml, "no-such-job")

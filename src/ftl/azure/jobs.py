@@ -316,16 +316,51 @@ def submit(ml, prepared: Prepared, *, wait: bool = True, limits: WaitLimits | No
         raise AzureError(f"job {result.name} ended {result.status}; last log lines: {last}", result.studio_url,
                          "open the studio link for the full logs")
     if download_to is not None:
-        # Into a fresh sibling first; the folder that --output names is replaced only once it is all here.
-        final = Path(download_to)
-        staging = manifest.staging_folder(final)
-        try:
-            transfer.download(ml, result.name, staging / OUTPUT)
-            manifest.swap_in(staging / OUTPUT, final)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        result.downloaded = final
+        result.downloaded = download_output(ml, result.name, Path(download_to), transfer)
     return result
+
+
+def download_output(ml, job_name: str, final: Path, transfer: Transfer | None = None) -> Path:
+    """The job's ``finetune`` output into ``final``: into a fresh sibling first, so the folder is
+    replaced only once all of it is here."""
+    staging = manifest.staging_folder(final)
+    try:
+        (transfer or Transfer()).download(ml, job_name, staging / OUTPUT)
+        manifest.swap_in(staging / OUTPUT, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+# -- ftl jobs status | logs | download | cancel ---------------------------------------------------------
+
+
+def status(ml, job_name: str) -> dict:
+    job = _call(lambda: ml.jobs.get(job_name), f"reading job {job_name}")
+    created = getattr(getattr(job, "creation_context", None), "created_at", None)
+    return {"name": job.name, "status": _status(job), "compute": getattr(job, "compute", None),
+            "experiment": getattr(job, "experiment_name", None), "created": str(created) if created else None,
+            "studio_url": _studio(job)}
+
+
+def cancel(ml, job_name: str) -> dict:
+    _call(lambda: ml.jobs.begin_cancel(job_name).result(), f"cancelling job {job_name}")
+    return status(ml, job_name)
+
+
+def logs(ml, job_name: str, lines: int = 200, transfer: Transfer | None = None) -> list[str]:
+    _call(lambda: ml.jobs.get(job_name), f"reading job {job_name}")  # an unknown name is the service's 404
+    return (transfer or Transfer()).log_tail(ml, job_name, lines)
+
+
+def download(ml, job_name: str, dest: Path, *, force: bool = False, transfer: Transfer | None = None) -> Path:
+    """A finished job's output into ``dest``, by the same rules as every ftl output folder."""
+    manifest.check_output(dest, force=force, stage="finetune")
+    found = status(ml, job_name)
+    if found["status"] != "Completed":
+        raise AzureError(f"job {job_name} is {found['status']}, not Completed: nothing to download yet",
+                         found["studio_url"], "wait for it (ftl jobs status), or read ftl jobs logs")
+    return download_output(ml, job_name, Path(dest), transfer)
 
 
 def _check_compute(ml, name: str) -> None:

@@ -23,6 +23,7 @@ from ftl.cli.eval import eval_command
 from ftl.cli.export import export_onnx
 from ftl.cli.finetune import finetune
 from ftl.cli.generate import chat, generate
+from ftl.cli.jobs import jobs
 from ftl.cli.models import models
 from ftl.cli.pipeline import run_pipeline
 from ftl.cli.runs import runs
@@ -46,7 +47,7 @@ def cli(debug: bool) -> None:
     _route_logs(debug)
 
 
-for command in (models, distill, finetune, export_onnx, generate, chat, eval_command, run_pipeline, sweep_command, runs, azure):
+for command in (models, distill, finetune, export_onnx, generate, chat, eval_command, run_pipeline, sweep_command, runs, azure, jobs):
     cli.add_command(command)
 
 
