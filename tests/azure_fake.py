@@ -205,6 +205,9 @@ class FakeAzureML:
                 props = (body or {}).get("properties", {})
                 if kind == "environments":
                     props.setdefault("environmentType", "UserCreated")
+                if kind == "models":  # what the service fills in, and the SDK reads back
+                    for key in ("flavors", "properties", "tags"):
+                        props[key] = props.get(key) or {}
                 obj = {"id": f"{WS_PREFIX}/{kind}/{name}/versions/{ver}", "name": ver,
                        "type": f"Microsoft.MachineLearningServices/workspaces/{kind}/versions",
                        "properties": props, "systemData": self.system_data()}
@@ -249,6 +252,26 @@ class FakeAzureML:
                               "Retry-After": "0"}
         if rel.startswith("/operationResults/") and method == "GET":
             return 200, {"status": "Succeeded"}, h
+        m = re.fullmatch(r"/onlineEndpoints/([^/]+)(/deployments/([^/]+))?", rel)
+        if m:  # a managed online endpoint or deployment: the long-running create is done at once
+            name = m.group(3) or m.group(1)
+            if method in ("PUT", "PATCH"):
+                obj = dict(body or {})
+                obj.update(id=f"{WS_PREFIX}{rel}", name=name, location="eastus", systemData=self.system_data(),
+                           type="Microsoft.MachineLearningServices/workspaces/onlineEndpoints"
+                           + ("/deployments" if m.group(2) else ""))
+                props = obj.setdefault("properties", {})
+                props["provisioningState"] = "Succeeded"
+                if not m.group(2):
+                    props["scoringUri"] = f"https://{name}.eastus.inference.ml.azure.com/score"
+                else:  # what the service fills in for a deployment
+                    props.setdefault("scaleSettings", {"scaleType": "Default"})
+                self.assets[rel] = obj
+                return 200, obj, h
+            if method == "GET":
+                if rel in self.assets:
+                    return 200, self.assets[rel], h
+                return (*arm_error("ResourceNotFound", f"{name} not found", 404), h)
         if rel == "/computes" and method == "GET":
             return 200, {"value": [self.compute_json(n) for n in self.computes]}, h
         m = re.fullmatch(r"/computes/([^/]+)", rel)
@@ -285,7 +308,8 @@ class FakeAzureML:
 
     # ------------------------------------------------------------------ canned bodies
     def system_data(self):
-        return {"createdAt": "2024-01-01T00:00:00Z", "createdBy": "fake", "createdByType": "User"}
+        return {"createdAt": "2024-01-01T00:00:00Z", "createdBy": "fake", "createdByType": "User",
+                "lastModifiedAt": "2024-01-01T00:00:00Z", "lastModifiedBy": "fake", "lastModifiedByType": "User"}
 
     def workspace_json(self):
         return {

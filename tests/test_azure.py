@@ -267,3 +267,83 @@ def test_jobs_status_logs_download_and_cancel(tmp_path, tiny_model, qa_file, fak
     assert cancelled["name"] == name
     with pytest.raises(AzureError, match="not found"):
         jobs.status(ml, "no-such-job")
+
+
+def _score_module(model_dir, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setenv("AZUREML_MODEL_DIR", str(model_dir))
+    monkeypatch.setenv("FTL_THREADS", "2")
+    spec = importlib.util.spec_from_file_location("ftl_score_under_test", jobs.__file__.replace("jobs.py", "score.py"))
+    score = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score)
+    score.init()
+    return score
+
+
+def test_score_py_answers_and_bad_requests_are_400(tiny_export, tmp_path, monkeypatch):
+    # Azure ML mounts the model as AZUREML_MODEL_DIR/<asset folder>/…: score.py finds the export inside.
+    shutil.copytree(tiny_export, tmp_path / "model" / "export")
+    score = _score_module(tmp_path / "model", monkeypatch)
+    answer = score.run(json.dumps({"question": "What is 2 + 3?", "max_new_tokens": 5}))
+    assert answer["completion_tokens"] == 5 and answer["finish_reason"] == "length" and answer["prompt_tokens"] > 0
+    assert isinstance(answer["text"], str) and answer["latency_ms"] > 0
+    chat = score.run({"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 2, "temperature": 0.7})
+    assert chat["completion_tokens"] <= 2
+    for body, message in [("{not json", "not JSON"), (json.dumps({"max_new_tokens": 4}), "give \"messages\""),
+                          (json.dumps({"question": "x", "max_new_tokens": 10 ** 7}), "exceeds the model's context"),
+                          (json.dumps({"question": "x", "temprature": 1}), "unknown field(s) ['temprature']"),
+                          (json.dumps([1, 2]), "JSON object")]:
+        response = score.run(body)
+        assert response.status_code == 400 and message in json.loads(response.message)["error"], body
+
+
+def test_deploy_dry_run_writes_yaml_that_loads(tiny_export, tmp_path):
+    from azure.ai.ml import load_model, load_online_deployment, load_online_endpoint
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    result = ftl("deploy", export, "--endpoint", "ftl-tiny", "--instance-type", "Standard_F4s_v2", "--dry-run",
+                 cwd=tmp_path, env={"AZURE_SUBSCRIPTION_ID": "", "AZURE_RESOURCE_GROUP": "", "AZUREML_WORKSPACE_NAME": ""})
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "export.deploy"
+    endpoint = load_online_endpoint(source=str(folder / "endpoint.yml"))
+    deployment = load_online_deployment(source=str(folder / "deployment.yml"))
+    model = load_model(source=str(folder / "model.yml"))
+    assert endpoint.auth_mode == "key" and deployment.instance_type == "Standard_F4s_v2"
+    assert deployment.code_configuration.scoring_script == "score.py" and (folder / "score" / "score.py").is_file()
+    assert deployment.liveness_probe.failure_threshold >= 30 and deployment.readiness_probe.timeout >= 10
+    assert model.name.startswith("ftl-export-") and Path(model.path) == export.resolve()
+    conda = (folder / "environment" / "conda.yml").read_text()
+    assert "onnxruntime-genai==" in conda and "azureml-inference-server-http==1.5.1" in conda
+    assert json.loads((folder / "sample-request.json").read_text())["messages"][0]["role"] == "user"
+    az = (folder / "az.sh").read_text()
+    assert "az ml online-deployment create --file deployment.yml --all-traffic" in az
+    assert "az ml online-endpoint invoke --name ftl-tiny --request-file sample-request.json" in az
+    bad = ftl("deploy", export, "--endpoint", "1 bad", "--dry-run", cwd=tmp_path)
+    assert bad.returncode == 1 and "not valid for Azure ML" in bad.stderr
+
+
+def test_deploy_registers_once_and_creates_endpoint_and_deployment_through_the_real_sdk(tiny_export, tmp_path, fake):
+    from ftl.azure import deploy
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export, export)
+    prepared = deploy.prepare(export, "ftl-tiny", instance_type="Standard_F4s_v2")
+    done = deploy.deploy(client(fake), prepared)
+    assert done["traffic"] == {"blue": 100} and done["scoring_uri"].startswith("https://ftl-tiny.")
+    puts = [(i, p.split("?")[0]) for i, (m, h, p) in enumerate(fake.log) if m == "PUT" and ".blob." not in h]
+    assert any(p.endswith(f"/models/{prepared.model_name}/versions/1") for _, p in puts)
+    index, _ = next((i, p) for i, p in puts if p.endswith("/onlineEndpoints/ftl-tiny/deployments/blue"))
+    body = json.loads(fake.bodies[index])
+    props = body["properties"]
+    assert body["sku"]["capacity"] == 1 and props["instanceType"] == "Standard_F4s_v2"
+    assert props["codeConfiguration"]["scoringScript"] == "score.py" and props["endpointComputeType"] == "Managed"
+    assert props["model"].endswith(f"/models/{prepared.model_name}/versions/1")
+    assert props["livenessProbe"]["failureThreshold"] >= 30
+    endpoint_puts = [json.loads(fake.bodies[i]) for i, p in puts if p.endswith("/onlineEndpoints/ftl-tiny")]
+    assert endpoint_puts[0]["properties"]["authMode"] == "Key" and endpoint_puts[-1]["properties"]["traffic"] == {"blue": 100}
+    # The model is already there: a second deploy registers nothing.
+    fake.log.clear()
+    deploy.deploy(client(fake), prepared)
+    assert not [p for m, h, p in fake.log if m == "PUT" and "/models/" in p]

@@ -17,7 +17,7 @@ import click
 from pydantic import ValidationError
 from rich.markup import escape
 
-from ftl.cli.azure import azure
+from ftl.cli.azure import azure, deploy_command, register_command
 from ftl.cli.distill import distill
 from ftl.cli.eval import eval_command
 from ftl.cli.export import export_onnx
@@ -47,7 +47,8 @@ def cli(debug: bool) -> None:
     _route_logs(debug)
 
 
-for command in (models, distill, finetune, export_onnx, generate, chat, eval_command, run_pipeline, sweep_command, runs, azure, jobs):
+for command in (models, distill, finetune, export_onnx, generate, chat, eval_command, run_pipeline, sweep_command, runs, azure, jobs, register_command,
+                deploy_command):
     cli.add_command(command)
 
 
