@@ -347,3 +347,43 @@ def test_deploy_registers_once_and_creates_endpoint_and_deployment_through_the_r
     fake.log.clear()
     deploy.deploy(client(fake), prepared)
     assert not [p for m, h, p in fake.log if m == "PUT" and "/models/" in p]
+
+
+def _azure_sweep_pipeline(tmp_path, tiny_model, qa_file):
+    spec = {"name": "tiny-az", "workdir": str(tmp_path / "runs" / "tiny-az"),
+            "stages": {"import": {"source": str(tiny_model), "name": "tiny"},
+                       "finetune": {"data": str(qa_file), "max_steps": 2, "val_split": 0.34}}}
+    path = tmp_path / "az.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_sweep_on_azure_is_one_sweep_job_with_a_bandit_policy(tmp_path, tiny_model, qa_file, fake, wheel):
+    from ftl.cli.finetune import finetune as finetune_command
+    from ftl.pipeline.sweep import azure_sweep
+    import click
+
+    path = _azure_sweep_pipeline(tmp_path, tiny_model, qa_file)
+    (tmp_path / "models").mkdir(exist_ok=True)
+    result = ftl("sweep", path, "--target", "azureml", "--compute", "gpu-cluster", "--dry-run",
+                 "--set", "finetune.r=8,16", "--set", "finetune.learning_rate=1e-4,2e-4", cwd=tmp_path,
+                 env={"FTL_MODELS_DIR": str(tmp_path / "models"), "AZURE_SUBSCRIPTION_ID": ""})
+    assert result.returncode == 1 and "ftl models import" in result.stderr  # the pipeline's model is not imported yet
+    flags = {p.name: max(p.opts, key=len) for p in finetune_command.params if isinstance(p, click.Option)}
+    from ftl.models import import_model
+
+    import_model(str(tiny_model), name="tiny")
+    prepared, submitted = azure_sweep(path, ["finetune.r=8,16", "finetune.learning_rate=1e-4,2e-4"], flags=flags,
+                                      compute="gpu-cluster", ml=client(fake), wheel=wheel)
+    job = load_job(source=str(prepared.job_yml))
+    assert type(job).__name__ == "SweepJob" and job.objective.primary_metric == "eval_loss"
+    assert type(job.early_termination).__name__ == "BanditPolicy" and job.limits.max_total_trials == 4
+    assert "--lora-r ${{search_space.r}}" in job.trial.command and "--val-split 0.34" in job.trial.command
+    body = json.loads(fake.bodies[[i for i, (m, h, p) in enumerate(fake.log) if m == "PUT" and "/jobs/" in p][-1]])
+    props = body["properties"]
+    assert props["jobType"] == "Sweep" and props["samplingAlgorithm"]["samplingAlgorithmType"] == "Grid"
+    assert props["objective"] == {"goal": "minimize", "primaryMetric": "eval_loss"}
+    assert props["earlyTermination"]["policyType"] == "Bandit" and props["limits"]["maxConcurrentTrials"] == 4
+    assert props["searchSpace"]["r"] == ["choice", [[8, 16]]] and submitted.name == prepared.job_name
+    with pytest.raises(ConfigError, match="only finetune.\\* can be swept"):
+        azure_sweep(path, ["export.block_size=32,64"], flags=flags, compute="gpu-cluster", dry_run=True, wheel=wheel)

@@ -39,7 +39,7 @@ import yaml
 
 from ftl import manifest
 from ftl.azure.workspace import AzureError, WorkspaceRef, service_error
-from ftl.errors import ConfigError
+from ftl.errors import ConfigError, ModelNotFoundError
 
 # A curated Azure ML image with PyTorch, CUDA and the Azure ML runtime bits (ACPT); ftl's pinned
 # requirements go on top (torch==2.13.0 from PyPI is the CUDA build on Linux).
@@ -74,6 +74,43 @@ class Prepared:
 
 
 @dataclass
+class SweepSpec:
+    """An Azure ML sweep job over ftl finetune: a grid of choices (``${{search_space.<name>}}`` in the
+    trial's flags), the MLflow metric the trainer logs as the objective, and a Bandit policy that
+    stops trials falling behind."""
+
+    search_space: dict[str, list]
+    primary_metric: str = "eval_loss"
+    max_concurrent: int = 4
+    trial_timeout_s: int = 24 * 3600
+
+    def job(self, command_job: dict, compute: str) -> dict:
+        trials = 1
+        for values in self.search_space.values():
+            trials *= len(values)
+        return {
+            "$schema": "https://azuremlschemas.azureedge.net/latest/sweepJob.schema.json",
+            "type": "sweep",
+            "name": command_job["name"],
+            "display_name": command_job["display_name"].replace("ftl finetune", "ftl sweep"),
+            "experiment_name": command_job["experiment_name"],
+            "description": "ftl sweep as an Azure ML sweep job; each trial is ftl finetune (written by ftl)",
+            "compute": f"azureml:{compute}",
+            "sampling_algorithm": "grid",
+            "search_space": {name: {"type": "choice", "values": values} for name, values in self.search_space.items()},
+            "objective": {"primary_metric": self.primary_metric, "goal": "minimize"},
+            "early_termination": {"type": "bandit", "slack_factor": 0.1, "evaluation_interval": 1,
+                                  "delay_evaluation": 2},
+            "limits": {"max_total_trials": trials, "max_concurrent_trials": min(trials, self.max_concurrent),
+                       "timeout": trials * self.trial_timeout_s, "trial_timeout": self.trial_timeout_s},
+            "inputs": command_job["inputs"],
+            "outputs": command_job["outputs"],
+            "trial": {"code": command_job["code"], "command": command_job["command"],
+                      "environment": command_job["environment"]},
+        }
+
+
+@dataclass
 class Submitted:
     name: str
     status: str
@@ -90,9 +127,10 @@ def staging_folder(output: Path) -> Path:
 
 def prepare(config, forwarded: list[str], *, compute: str, instance_count: int = 1, gpus_per_node: int = 1,
             image: str = DEFAULT_IMAGE, experiment: str = "ftl", workspace: WorkspaceRef | None = None,
-            wheel: Path | None = None) -> Prepared:
+            wheel: Path | None = None, sweep: "SweepSpec | None" = None) -> Prepared:
     """Write the job's folder and check it with the SDK's loaders. ``forwarded`` are the ``ftl finetune``
-    flags the job repeats (everything but the model, data and output, which become job inputs)."""
+    flags the job repeats (everything but the model, data and output, which become job inputs). With
+    ``sweep``, the job is an Azure ML sweep job whose trial is that command (see :class:`SweepSpec`)."""
     from ftl.models import resolve_model
 
     folder = staging_folder(config.output)
@@ -105,8 +143,11 @@ def prepare(config, forwarded: list[str], *, compute: str, instance_count: int =
     model_arg = config.model
     try:
         model_dir = resolve_model(config.model)
-    except Exception:  # noqa: BLE001 — not a local model: a Hub id the job downloads itself
-        model_dir = None
+    except ModelNotFoundError:
+        given = Path(config.model)
+        if given.is_absolute() or given.parent.is_dir() and str(given.parent) != "." or len(given.parts) != 2:
+            raise  # a local path that is not there (a Hub id is exactly org/name)
+        model_dir = None  # a Hub id: the job downloads it itself
     if model_dir is not None:
         from ftl.models import model_identity
 
@@ -117,13 +158,13 @@ def prepare(config, forwarded: list[str], *, compute: str, instance_count: int =
     if wheel.parent != folder / "code":
         shutil.copy2(wheel, folder / "code" / wheel.name)
     env_name = _write_environment(folder / "environment", image)
-    job_name = f"ftl-finetune-{re.sub(r'[^a-z0-9-]', '-', Path(config.output).name.lower())[:40]}-" \
+    job_name = f"ftl-{'sweep' if sweep else 'finetune'}-{re.sub(r'[^a-z0-9-]', '-', Path(config.output).name.lower())[:40]}-" \
                f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d%H%M%S')}"
     data = " ".join(f"--data ${{{{inputs.{a.input_name}}}}}" for a in assets if a.input_name.startswith("data_"))
     val = " ".join(f"--val-data ${{{{inputs.{a.input_name}}}}}" for a in assets if a.input_name.startswith("val_"))
     command = " ".join(part for part in (
         f"pip install --no-deps {wheel.name} &&", "ftl finetune", f"--model {shlex.quote(model_arg) if model_dir is None else model_arg}",
-        data, val, f"--output ${{{{outputs.{OUTPUT}}}}}", " ".join(shlex.quote(f) for f in forwarded),
+        data, val, f"--output ${{{{outputs.{OUTPUT}}}}}", " ".join(f if f.startswith("${{") else shlex.quote(f) for f in forwarded),
         f"--experiment {shlex.quote(experiment)}") if part)
     job = {
         "$schema": "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json",
@@ -141,7 +182,9 @@ def prepare(config, forwarded: list[str], *, compute: str, instance_count: int =
         "resources": {"instance_count": instance_count},
         "environment_variables": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_DISABLE_TELEMETRY": "1"},
     }
-    if instance_count * gpus_per_node > 1:
+    if sweep is not None:
+        job = sweep.job(job, compute)
+    elif instance_count * gpus_per_node > 1:
         # torchrun-style launch: each process runs the command; the trainer reads RANK/WORLD_SIZE.
         job["distribution"] = {"type": "pytorch", "process_count_per_instance": gpus_per_node}
     job_yml = folder / "job.yml"

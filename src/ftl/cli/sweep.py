@@ -18,9 +18,18 @@ from ftl.cli.base import open_tracker, pop_tracking, tracking_options
               help="Rank the variants by this metric (default: eval.exported.perplexity_answer, lower is better; "
                    "without an eval stage, finetune.best_eval_loss, then finetune.final_loss).")
 @click.option("--force", is_flag=True, help="Replace the results of stages whose inputs changed.")
+@click.option("--target", type=click.Choice(["local", "azureml"]), default="local", show_default=True,
+              help="local: variant after variant here; azureml: one Azure ML sweep job (finetune.* keys only).")
+@click.option("--compute", help="azureml: the compute cluster the trials run on.")
+@click.option("--max-concurrent", type=int, default=4, show_default=True, help="azureml: trials at once.")
+@click.option("--dry-run", is_flag=True, help="azureml: write the sweep job.yml and az.sh; submit nothing.")
+@click.option("--subscription", help="azureml: subscription id (else $AZURE_SUBSCRIPTION_ID, else the config file).")
+@click.option("--resource-group", help="azureml: resource group (else $AZURE_RESOURCE_GROUP, else the config file).")
+@click.option("--workspace", help="azureml: workspace name (else $AZUREML_WORKSPACE_NAME, else the config file).")
 @tracking_options
 def sweep_command(pipeline: Path, overrides: tuple[str, ...], sets: tuple[str, ...], rank_by: str | None,
-                  force: bool, **options) -> None:
+                  force: bool, target: str, compute: str | None, max_concurrent: int, dry_run: bool,
+                  subscription: str | None, resource_group: str | None, workspace: str | None, **options) -> None:
     """Run a pipeline over a grid of settings, one variant after another, and compare them.
 
     The first combination is the control. Stages whose inputs are the same in every variant run
@@ -32,8 +41,38 @@ def sweep_command(pipeline: Path, overrides: tuple[str, ...], sets: tuple[str, .
 
     tracking = pop_tracking(options)
     parse_sets(sets)  # a malformed --set fails before the tracking store is opened
+    if target == "azureml":
+        _on_azure(pipeline, sets, overrides, compute, max_concurrent, dry_run, subscription, resource_group, workspace)
+        return
     check_rank_by(rank_by)
     raw = read_pipeline(pipeline)
     tracker = open_tracker(tracking, Path(raw["workdir"]), experiment=raw["name"])
     sweep(pipeline, sets, overrides=overrides, rank_by=rank_by, force=force, tracker=tracker,
           log_model=tracking["log_model"])
+
+
+def _on_azure(pipeline, sets, overrides, compute, max_concurrent, dry_run, subscription, resource_group, workspace):
+    from ftl.azure.workspace import ml_client, resolve_workspace
+    from ftl.cli.finetune import finetune
+    from ftl.errors import ConfigError
+    from ftl.pipeline.sweep import azure_sweep
+    from ftl.progress import console
+
+    if not compute:
+        raise ConfigError("--target azureml needs a compute cluster", "--compute", "pass --compute NAME")
+    try:
+        ref = resolve_workspace(subscription, resource_group, workspace)
+    except ConfigError:
+        if not dry_run:
+            raise
+        ref = None
+    flags = {p.name: max(p.opts, key=len) for p in finetune.params if isinstance(p, click.Option)}
+    prepared, submitted = azure_sweep(pipeline, sets, overrides=overrides, flags=flags, compute=compute,
+                                      dry_run=dry_run, max_concurrent=max_concurrent, workspace=ref,
+                                      ml=None if dry_run else ml_client(ref))
+    if submitted is None:
+        console.print(f"[green]✓[/] Azure ML sweep job written, nothing submitted: {prepared.job_yml} (run it with "
+                      f"bash {prepared.folder / 'az.sh'})", highlight=False)
+    else:
+        console.print(f"[green]✓[/] submitted sweep job {submitted.name} ({submitted.status})"
+                      + (f": {submitted.studio_url}" if submitted.studio_url else ""), highlight=False)

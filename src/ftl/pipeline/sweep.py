@@ -198,6 +198,63 @@ def sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides: list
     return [v for v, _, _ in ranked]
 
 
+def azure_sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides: list[str] | tuple[str, ...] = (),
+                flags: dict[str, str], compute: str, dry_run: bool = False, max_concurrent: int = 4,
+                workspace=None, ml=None, wheel: Path | None = None):
+    """The grid as one Azure ML sweep job: each trial is the pipeline's ftl finetune with the swept
+    flags as ``${{search_space.<key>}}``; the objective is eval_loss (with validation rows) or the
+    training loss, as the trainer logs them to MLflow. ``flags`` maps a finetune setting to its CLI flag."""
+    from ftl.azure import jobs
+
+    raw = read_pipeline(path)
+    for item in overrides:
+        _apply_override(raw, item)
+    grid = {**{str(k): v for k, v in (raw.pop("matrix", None) or {}).items()}, **parse_sets(sets)}
+    if not grid:
+        raise ConfigError("nothing to sweep: no --set and no matrix: block", str(path),
+                          "e.g. ftl sweep PIPELINE --set finetune.r=8,16 --target azureml")
+    check_keys(grid, str(path))
+    others = [k for k in grid if not k.startswith("finetune.")]
+    if others:
+        raise ConfigError(f"on Azure ML a trial is one ftl finetune, so only finetune.* can be swept, not {others[0]}",
+                          str(path), "sweep the other stages locally (ftl sweep without --target)")
+    plan = load_pipeline(path, raw=raw)
+    if not (plan.model_dir / "config.json").is_file():
+        raise ConfigError("the pipeline's model is not imported yet", str(plan.model_dir),
+                          f"run `ftl models import {plan.spec.stages.import_.source} --name {plan.model_dir.name}` "
+                          f"(or `ftl run {path}`) first")
+    config = plan.finetune.model_copy(update={"output": Path(raw["workdir"]) / "sweep"})
+    missing = [f for f in config.data_files if not Path(f).is_file()]
+    if missing:
+        raise ConfigError("the fine-tune's data is not here yet", str(missing[0]),
+                          "run the pipeline's earlier stages first (ftl run … --dry-run shows them)")
+    swept = {key.split(".", 1)[1] for key in grid}
+    block = plan.spec.stages.finetune
+    fixed: list[str] = []
+    for name in sorted(block.model_fields_set - swept - {"data", "val_data", "model", "output", "force"}):
+        fixed += _flag(flags[name], getattr(config, name))
+    for key in grid:
+        name = key.split(".", 1)[1]
+        fixed += [flags[name], "${{search_space.%s}}" % name]
+    spec = jobs.SweepSpec({key.split(".", 1)[1]: values for key, values in grid.items()},
+                          primary_metric="eval_loss" if config.validates else "loss", max_concurrent=max_concurrent)
+    prepared = jobs.prepare(config, fixed, compute=compute, experiment=raw["name"], workspace=workspace, wheel=wheel,
+                            sweep=spec)
+    if dry_run:
+        return prepared, None
+    return prepared, jobs.submit(ml, prepared, wait=False, compute=compute)
+
+
+def _flag(flag: str, value) -> list[str]:
+    if isinstance(value, bool):
+        return [flag] if value else []
+    if isinstance(value, list):
+        if flag == "--target-modules":
+            return [flag, ",".join(map(str, value))]
+        return [part for item in value for part in (flag, str(item))]
+    return [] if value is None else [flag, str(value)]
+
+
 def rank(variants: list[Variant], rank_by: str | None) -> list[tuple[Variant, float | None, str]]:
     """(variant, its value, the metric) best first; variants without the metric last."""
     metric, direction = _metric(variants, rank_by)
