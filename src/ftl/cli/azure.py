@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ftl.azure.deploy import DEFAULT_INSTANCE
+from ftl.cli.base import workspace_options
 from ftl.progress import console
 
 
@@ -16,9 +17,7 @@ def azure() -> None:
 
 
 @azure.command("check")
-@click.option("--subscription", help="Subscription id (else $AZURE_SUBSCRIPTION_ID, else .azureml/config.json).")
-@click.option("--resource-group", help="Resource group (else $AZURE_RESOURCE_GROUP, else the config file).")
-@click.option("--workspace", help="Workspace name (else $AZUREML_WORKSPACE_NAME, else the config file).")
+@workspace_options
 def check_command(subscription: str | None, resource_group: str | None, workspace: str | None) -> None:
     """Report the workspace settings, the credential, the workspace and its computes, a line each."""
     from ftl.azure.workspace import check, resolve_workspace
@@ -27,20 +26,9 @@ def check_command(subscription: str | None, resource_group: str | None, workspac
         console.print(f"[green]✓[/] {what}: {result}", highlight=False)
 
 
-_ws = [click.option("--subscription", help="Subscription id (else $AZURE_SUBSCRIPTION_ID, else .azureml/config.json)."),
-       click.option("--resource-group", help="Resource group (else $AZURE_RESOURCE_GROUP, else the config file)."),
-       click.option("--workspace", help="Workspace name (else $AZUREML_WORKSPACE_NAME, else the config file).")]
-
-
-def _workspace_options(func):
-    for decorator in reversed(_ws):
-        func = decorator(func)
-    return func
-
-
 @click.command("register")
 @click.argument("export", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@_workspace_options
+@workspace_options
 def register_command(export: Path, subscription, resource_group, workspace) -> None:
     """Register an ftl export folder as an Azure ML model asset (named by its content hash)."""
     from ftl.azure import deploy
@@ -63,7 +51,7 @@ def register_command(export: Path, subscription, resource_group, workspace) -> N
 @click.option("--threads", type=int, help="onnxruntime-genai threads per instance (default: the VM's cores).")
 @click.option("--dry-run", is_flag=True, help="Write endpoint.yml, deployment.yml, model.yml, score/, "
                                               "sample-request.json and az.sh into <export>.deploy/; create nothing.")
-@_workspace_options
+@workspace_options
 def deploy_command(export: Path, target: str, endpoint: str, deployment: str, instance_type: str, instance_count: int,
                    threads: int | None, dry_run: bool, subscription, resource_group, workspace) -> None:
     """Serve an ftl int4 export from an Azure ML managed online endpoint on CPU (key auth)."""

@@ -123,3 +123,14 @@ def report_run(run) -> None:
     if run.run_id and run.tracker.on:
         console.print(f"MLflow: run {run.run_id} in experiment {run.tracker.experiment!r} at "
                       f"{redact(run.tracker.uri)}", highlight=False, soft_wrap=True)
+
+
+def workspace_options(func: Callable) -> Callable:
+    """--subscription, --resource-group and --workspace: which Azure ML workspace (ftl.azure.workspace)."""
+    for decorator in reversed([
+        click.option("--subscription", help="Subscription id (else $AZURE_SUBSCRIPTION_ID, else .azureml/config.json)."),
+        click.option("--resource-group", help="Resource group (else $AZURE_RESOURCE_GROUP, else the config file)."),
+        click.option("--workspace", help="Workspace name (else $AZUREML_WORKSPACE_NAME, else the config file)."),
+    ]):
+        func = decorator(func)
+    return func

@@ -6,20 +6,8 @@ from pathlib import Path
 
 import click
 
-from ftl.cli.base import emit, json_option
+from ftl.cli.base import emit, json_option, workspace_options
 from ftl.progress import console
-
-_workspace = [
-    click.option("--subscription", help="Subscription id (else $AZURE_SUBSCRIPTION_ID, else .azureml/config.json)."),
-    click.option("--resource-group", help="Resource group (else $AZURE_RESOURCE_GROUP, else the config file)."),
-    click.option("--workspace", help="Workspace name (else $AZUREML_WORKSPACE_NAME, else the config file)."),
-]
-
-
-def workspace_options(func):
-    for decorator in reversed(_workspace):
-        func = decorator(func)
-    return func
 
 
 def _client(subscription, resource_group, workspace):
