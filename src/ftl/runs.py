@@ -43,7 +43,8 @@ def _require(tracker: Tracker) -> None:
                           "check --tracking-uri / $MLFLOW_TRACKING_URI")
 
 
-def _view(tracker: Tracker, run) -> RunView:
+def view(run) -> RunView:
+    """An MLflow run as the comparison reads it."""
     return RunView(run.info.run_id, run.info.run_name or run.info.run_id[:8], run.data.tags.get(TAG_STAGE, "?"),
                    run.info.status, run.info.start_time or 0, dict(run.data.params), dict(run.data.metrics))
 
@@ -51,7 +52,7 @@ def _view(tracker: Tracker, run) -> RunView:
 def list_runs(tracker: Tracker, *, limit: int = 50) -> list[RunView]:
     _require(tracker)
     found = tracker.client.search_runs([tracker.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"])
-    return [_view(tracker, r) for r in found]
+    return [view(r) for r in found]
 
 
 def resolve(tracker: Tracker, ids: list[str]) -> list[RunView]:
@@ -67,7 +68,7 @@ def resolve(tracker: Tracker, ids: list[str]) -> list[RunView]:
             what = "no run" if not hits else f"{len(hits)} runs"
             raise ConfigError(f"{what} match {wanted!r} in experiment {tracker.experiment!r}", None,
                               "give a run id from `ftl runs list` (a unique prefix will do)")
-        views.append(_view(tracker, hits[0]))
+        views.append(view(hits[0]))
     return views
 
 
@@ -79,24 +80,24 @@ def experiment_runs(tracker: Tracker) -> list[RunView]:
     tops = [r for r in runs if r.data.tags.get(TAG_PARENT) not in ids]
     # A sweep's variants, not the sweep run itself, are what differ.
     variants = [r for r in runs if r.data.tags.get(TAG_STAGE) == "variant"]
-    return [_view(tracker, r) for r in (variants or tops) if r.data.tags.get(TAG_STAGE) != "sweep"]
+    return [view(r) for r in (variants or tops) if r.data.tags.get(TAG_STAGE) != "sweep"]
 
 
 def with_curves(tracker: Tracker, views: list[RunView]) -> list[RunView]:
     """Each run's loss and eval_loss history; a pipeline's come from its nested finetune run."""
-    for view in views:
-        source = view.run_id
-        if "loss" not in view.metrics:
+    for item in views:
+        source = item.run_id
+        if "loss" not in item.metrics:
             children = tracker.client.search_runs(
-                [tracker.experiment_id], f"tags.`{TAG_PARENT}` = '{view.run_id}' and tags.`{TAG_STAGE}` = 'finetune'")
-            if not children and view.stage in ("pipeline", "variant"):
-                children = _finetune_of(tracker, view.run_id)
+                [tracker.experiment_id], f"tags.`{TAG_PARENT}` = '{item.run_id}' and tags.`{TAG_STAGE}` = 'finetune'")
+            if not children and item.stage in ("pipeline", "variant"):
+                children = _finetune_of(tracker, item.run_id)
             source = children[0].info.run_id if children else None
         for name in ("loss", "eval_loss"):
             if source:
                 history = tracker.client.get_metric_history(source, name)
                 if history:
-                    view.curves[name] = sorted((m.step, m.value) for m in history)
+                    item.curves[name] = sorted((m.step, m.value) for m in history)
     return views
 
 
@@ -154,13 +155,13 @@ def _curves_png(views: list[RunView]) -> str | None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
-    for index, view in enumerate(views):
+    for index, item in enumerate(views):
         colour = f"C{index % 10}"
         for name, style in (("loss", "-"), ("eval_loss", "--")):
-            points = view.curves.get(name)
+            points = item.curves.get(name)
             if points:
                 axis.plot([s for s, _ in points], [v for _, v in points], style, color=colour,
-                          label=f"{view.name} {name}", marker="o" if name == "eval_loss" else None, markersize=3)
+                          label=f"{item.name} {name}", marker="o" if name == "eval_loss" else None, markersize=3)
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
     axis.legend(fontsize=8)

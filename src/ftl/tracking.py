@@ -21,7 +21,8 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -101,7 +102,6 @@ class Tracker:
     experiment_id: str | None = None
     parent_env: str | None = None  # the Azure ML job's run, which ftl's runs nest under
     problem: str | None = None
-    runs: list[str] = field(default_factory=list)
 
     @classmethod
     def open(cls, uri: str | None, experiment: str | None = None, *, enabled: bool = True,
@@ -171,7 +171,6 @@ class Tracker:
         except Exception as exc:  # noqa: BLE001
             self._fail(exc, f"the {name} run was not logged")
             return None
-        self.runs.append(run.info.run_id)
         return run.info.run_id
 
     def end(self, run_id: str | None, status: str = "FINISHED") -> None:
@@ -388,10 +387,6 @@ def live_logger():
     return log
 
 
-def active_run() -> StageRun | None:
-    return _ACTIVE
-
-
 def run_name(stage: str, manifest_path: Path) -> str:
     """``finetune ft-r8`` for a lone stage's folder; just ``finetune`` inside a pipeline."""
     folder = manifest_path.parent.name if manifest_path.name == manifest.MANIFEST else manifest_path.name.split(".")[0]
@@ -526,6 +521,4 @@ def _param_value(value) -> str:
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)

@@ -37,7 +37,9 @@ class WorkspaceRef:
 
 
 def resolve_workspace(subscription: str | None = None, resource_group: str | None = None,
-                      workspace: str | None = None, *, start: Path | None = None) -> WorkspaceRef:
+                      workspace: str | None = None, *, start: Path | None = None,
+                      required: bool = True) -> WorkspaceRef | None:
+    """The workspace, or (``required=False``, for a dry run) None when none is given."""
     if subscription and resource_group and workspace:
         return WorkspaceRef(subscription, resource_group, workspace, "flags")
     env = [os.environ.get(name) for name in ENV]
@@ -57,6 +59,8 @@ def resolve_workspace(subscription: str | None = None, resource_group: str | Non
             return WorkspaceRef(*values, str(found))
     missing = [flag for flag, value in zip(("--subscription", "--resource-group", "--workspace"), values)
                if not value]
+    if not required:
+        return None
     raise ConfigError(f"no Azure ML workspace given ({', '.join(missing)} missing)", None, HOW)
 
 

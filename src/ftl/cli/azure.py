@@ -57,14 +57,8 @@ def deploy_command(export: Path, target: str, endpoint: str, deployment: str, in
     """Serve an ftl int4 export from an Azure ML managed online endpoint on CPU (key auth)."""
     from ftl.azure import deploy
     from ftl.azure.workspace import ml_client, resolve_workspace
-    from ftl.errors import ConfigError
 
-    try:
-        ref = resolve_workspace(subscription, resource_group, workspace)
-    except ConfigError:
-        if not dry_run:
-            raise
-        ref = None
+    ref = resolve_workspace(subscription, resource_group, workspace, required=not dry_run)
     prepared = deploy.prepare(export, endpoint, deployment=deployment, instance_type=instance_type,
                               instance_count=instance_count, threads=threads, workspace=ref)
     if dry_run:

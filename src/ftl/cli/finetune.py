@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ftl.azure.jobs import DEFAULT_IMAGE
 from ftl.cli.base import (build, comma_list, emit, json_option, option, pop_tracking, report_run, tracked_stage,
-                          tracking_options)
+                          tracking_options, workspace_options)
 from ftl.finetune.config import FinetuneConfig as C
 from ftl.progress import console, run_with_progress
 
@@ -61,9 +61,7 @@ from ftl.progress import console, run_with_progress
               help="azureml: poll until the job ends and download its output into --output; or print its name.")
 @click.option("--queue-timeout", type=float, default=240, show_default=True, help="azureml: minutes queued before giving up waiting.")
 @click.option("--run-timeout", type=float, default=2880, show_default=True, help="azureml: minutes running before giving up waiting.")
-@click.option("--subscription", help="azureml: subscription id (else $AZURE_SUBSCRIPTION_ID, else .azureml/config.json).")
-@click.option("--resource-group", help="azureml: resource group (else $AZURE_RESOURCE_GROUP, else the config file).")
-@click.option("--workspace", help="azureml: workspace name (else $AZUREML_WORKSPACE_NAME, else the config file).")
+@workspace_options
 @tracking_options
 @json_option
 def finetune(save_config: Path | None, as_json: bool, **options) -> None:
@@ -150,12 +148,8 @@ def _on_azure(config, forwarded: list[str], tracking: dict, azure: dict):
                           "--instance-count / --gpus-per-node", "run on one GPU (the defaults) for now")
     plan(config)  # the rows, template and model are checked here, before anything is uploaded
     manifest.check_output(config.output, force=config.force, stage="finetune")
-    try:
-        ref = workspace.resolve_workspace(azure["subscription"], azure["resource_group"], azure["workspace"])
-    except ConfigError:
-        if not azure["dry_run"]:
-            raise
-        ref = None
+    ref = workspace.resolve_workspace(azure["subscription"], azure["resource_group"], azure["workspace"],
+                                      required=not azure["dry_run"])
     prepared = jobs.prepare(config, forwarded, compute=azure["compute"], instance_count=azure["instance_count"],
                             gpus_per_node=azure["gpus_per_node"], image=azure["image"],
                             experiment=tracking.get("experiment") or "ftl", workspace=ref)

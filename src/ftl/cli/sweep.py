@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ftl.cli.base import open_tracker, pop_tracking, tracking_options
+from ftl.cli.base import open_tracker, pop_tracking, tracking_options, workspace_options
 
 
 @click.command("sweep")
@@ -23,9 +23,7 @@ from ftl.cli.base import open_tracker, pop_tracking, tracking_options
 @click.option("--compute", help="azureml: the compute cluster the trials run on.")
 @click.option("--max-concurrent", type=int, default=4, show_default=True, help="azureml: trials at once.")
 @click.option("--dry-run", is_flag=True, help="azureml: write the sweep job.yml and az.sh; submit nothing.")
-@click.option("--subscription", help="azureml: subscription id (else $AZURE_SUBSCRIPTION_ID, else the config file).")
-@click.option("--resource-group", help="azureml: resource group (else $AZURE_RESOURCE_GROUP, else the config file).")
-@click.option("--workspace", help="azureml: workspace name (else $AZUREML_WORKSPACE_NAME, else the config file).")
+@workspace_options
 @tracking_options
 def sweep_command(pipeline: Path, overrides: tuple[str, ...], sets: tuple[str, ...], rank_by: str | None,
                   force: bool, target: str, compute: str | None, max_concurrent: int, dry_run: bool,
@@ -60,12 +58,7 @@ def _on_azure(pipeline, sets, overrides, compute, max_concurrent, dry_run, subsc
 
     if not compute:
         raise ConfigError("--target azureml needs a compute cluster", "--compute", "pass --compute NAME")
-    try:
-        ref = resolve_workspace(subscription, resource_group, workspace)
-    except ConfigError:
-        if not dry_run:
-            raise
-        ref = None
+    ref = resolve_workspace(subscription, resource_group, workspace, required=not dry_run)
     flags = {p.name: max(p.opts, key=len) for p in finetune.params if isinstance(p, click.Option)}
     prepared, submitted = azure_sweep(pipeline, sets, overrides=overrides, flags=flags, compute=compute,
                                       dry_run=dry_run, max_concurrent=max_concurrent, workspace=ref,

@@ -58,7 +58,9 @@ class FtlLoRA(LoRA):
 
 def write_summary(state, path: Path, patience: int | None) -> None:
     """What the manifest records about a training run, from the Trainer's final state."""
-    history = state.log_history
+    from ftl.finetune.stage import history_curves
+
+    loss_curve, eval_curve = history_curves(state.log_history)
     stopped_early = bool(patience) and state.global_step < state.max_steps
     summary = {
         "global_step": state.global_step,
@@ -67,10 +69,8 @@ def write_summary(state, path: Path, patience: int | None) -> None:
         "best_step": state.best_global_step,
         "best_eval_loss": state.best_metric,
         "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
-        "loss_curve": [{"step": h["step"], "loss": round(float(h["loss"]), 4), "epoch": round(float(h.get("epoch", 0)), 3)}
-                       for h in history if "loss" in h],
-        "eval_curve": [{"step": h["step"], "eval_loss": round(float(h["eval_loss"]), 4)}
-                       for h in history if "eval_loss" in h],
+        "loss_curve": loss_curve,
+        "eval_curve": eval_curve,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")

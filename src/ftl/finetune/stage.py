@@ -78,9 +78,9 @@ def plan(config: FinetuneConfig) -> _Plan:
                             answer_field=config.answer_field, system_prompt=config.system_prompt)
     for example in examples + val_examples:
         fmt.check_messages(example.messages, f"{example.source}:{example.line}")
-    token_counts, answer_tokens = _count_tokens(model_dir, fmt, examples, config)
-    if val_examples:
-        _count_tokens(model_dir, fmt, val_examples, config)  # checked for length, not counted
+    counts, answers = _count_tokens(model_dir, fmt, examples + val_examples, config)
+    # the validation rows are checked for length, not counted
+    token_counts, answer_tokens = counts[:len(examples)], sum(answers[:len(examples)])
     steps, logging_steps = steps_for(config, len(examples))
     base = model_identity(model_dir)
     params = config.model_dump(mode="json", exclude={"force", "output"})
@@ -274,8 +274,8 @@ def _require_cuda() -> None:
 
 
 def _count_tokens(model_dir: Path, fmt: PromptFormat, examples: list[Example],
-                  config: FinetuneConfig) -> tuple[list[int], int]:
-    """Tokens per row, and the answer tokens the loss covers (all of them with --train-on-prompt)."""
+                  config: FinetuneConfig) -> tuple[list[int], list[int]]:
+    """Tokens per row, and per row the answer tokens the loss covers (all of them with --train-on-prompt)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -283,10 +283,10 @@ def _count_tokens(model_dir: Path, fmt: PromptFormat, examples: list[Example],
     full = tokenizer(texts, add_special_tokens=False)["input_ids"]
     counts = [len(ids) for ids in full]
     if config.train_on_prompt:
-        answers = sum(counts)
+        answers = counts
     else:
         prompts = tokenizer([fmt.render_prompt(e.messages[:-1]) for e in examples], add_special_tokens=False)["input_ids"]
-        answers = sum(len(ids) - answer_start(ids, prompt) for ids, prompt in zip(full, prompts))
+        answers = [len(ids) - answer_start(ids, prompt) for ids, prompt in zip(full, prompts)]
     for example, count in zip(examples, counts):
         if count > config.max_seq_len:
             raise DataError(f"row has {count} tokens, more than --max-seq-len {config.max_seq_len}",
@@ -366,13 +366,18 @@ def _training_summary(checkpoints: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def history_curves(history: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(loss curve, eval_loss curve) from an HF Trainer's log_history."""
+    return ([{"step": h["step"], "loss": round(float(h["loss"]), 4), "epoch": round(float(h.get("epoch", 0)), 3)}
+             for h in history if "loss" in h],
+            [{"step": h["step"], "eval_loss": round(float(h["eval_loss"]), 4)} for h in history if "eval_loss" in h])
+
+
 def _loss_curve(checkpoints: Path) -> list[dict]:
     states = sorted(checkpoints.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
     if not states:
         return []
-    history = json.loads(states[-1].read_text()).get("log_history", [])
-    return [{"step": h["step"], "loss": round(float(h["loss"]), 4), "epoch": round(float(h.get("epoch", 0)), 3)}
-            for h in history if "loss" in h]
+    return history_curves(json.loads(states[-1].read_text()).get("log_history", []))[0]
 
 
 def _result_from_manifest(out: Path, skipped: bool) -> FinetuneResult:

@@ -319,19 +319,17 @@ def _write_summary(path: Path, ranked, grid: dict, shared: list[str], rank_by: s
 def _report(tracker: Tracker, ranked, path: Path, name: str) -> Path | None:
     """The comparison report, from MLflow when it is on (the curves come from the finetune runs),
     else from the manifests."""
-    from ftl.runs import RunView, with_curves, write_html
+    from ftl.runs import RunView, view, with_curves, write_html
 
-    views = []
+    views, tracked = [], []
     for variant, _, _ in ranked:
         if tracker.on and variant.run_id:
-            run = tracker.client.get_run(variant.run_id)
-            views.append(RunView(variant.run_id, variant.name, "variant", run.info.status, run.info.start_time or 0,
-                                 dict(run.data.params), dict(run.data.metrics)))
+            views.append(view(tracker.client.get_run(variant.run_id)))
+            tracked.append(views[-1])
         else:
             views.append(RunView(variant.name, variant.name, "variant", variant.status, 0,
                                  {k: _short(v) for k, v in variant.values.items()}, dict(variant.metrics)))
-    if tracker.on:
-        with_curves(tracker, [v for v in views if v.run_id != v.name])
+    with_curves(tracker, tracked)
     try:
         return write_html(path, views, title=f"ftl sweep {name}", force=True)
     except OSError as exc:
