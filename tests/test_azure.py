@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,10 +105,16 @@ def test_dry_run_writes_a_job_that_loads_and_submits_nothing(tmp_path, tiny_mode
     assert f"az ml data create --name ftl-data-{digest} --version 1 --type uri_file" in az
     assert "az ml environment create --file environment/environment.yml" in az and "az ml job create --file job.yml" in az
     assert not (tmp_path / "runs" / "ft").exists()
-    # Several processes are refused in one line until the fine-tune is rank-aware.
+    # Two nodes of 4 GPUs: a PyTorch distribution with torchrun on each node; qscale (one process) is refused.
     result = ftl("finetune", "--target", "azureml", "--compute", "gpu-cluster", "--dry-run", "--model", tiny_model,
-                 "--data", qa_file, "--output", "runs/ft2", "--gpus-per-node", 4, cwd=tmp_path)
-    assert result.returncode == 1 and "not rank-aware" in result.stderr
+                 "--data", qa_file, "--output", "runs/ft2", "--instance-count", 2, "--gpus-per-node", 4, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    job = load_job(source=str(tmp_path / "runs" / "ft2.azureml" / "job.yml"))
+    assert job.resources.instance_count == 2 and job.distribution.process_count_per_instance == 1
+    assert "torchrun --nnodes 2 --nproc-per-node 4 --node-rank ${NODE_RANK:-0}" in job.command
+    result = ftl("finetune", "--target", "azureml", "--compute", "gpu-cluster", "--dry-run", "--model", tiny_model,
+                 "--data", qa_file, "--output", "runs/ft3", "--gpus-per-node", 2, "--method", "qscale", cwd=tmp_path)
+    assert result.returncode == 1 and "qscale trains in one process" in result.stderr
 
 
 def test_submit_uploads_once_polls_and_downloads_through_the_real_sdk(tmp_path, tiny_model, qa_file, fake, wheel):
@@ -239,6 +246,52 @@ def test_the_jobs_own_command_runs_here_and_logs_under_the_jobs_run(tmp_path, ti
     runs = client_.search_runs([client_.get_experiment_by_name("ftl").experiment_id])
     assert len(runs) == 1 and runs[0].data.tags[TAG_PARENT] == job_run
     assert [m.step for m in client_.get_metric_history(runs[0].info.run_id, "loss")] == [1, 2]
+
+
+def test_a_distributed_jobs_command_trains_one_ddp_run_and_only_rank_0_writes(tmp_path, tiny_model, qa_file, wheel):
+    """--instance-count 1 --gpus-per-node 2: the job's own command (torchrun, as Azure ML's PyTorch
+    distribution runs it on each node) trains one data-parallel run over gloo on this CPU. Rank 0 writes
+    the manifest, the adapter and the one MLflow run; rank 1 leaves nothing behind but its RNG state in
+    the shared checkpoints."""
+    prepared = jobs.prepare(config(tmp_path, tiny_model, qa_file),
+                            ["--max-steps", "4", "--batch-size", "2", "--save-steps", "2"],
+                            compute="gpu-cluster", instance_count=1, gpus_per_node=2, wheel=wheel)
+    job = yaml.safe_load(prepared.job_yml.read_text())
+    assert job["distribution"] == {"type": "pytorch", "process_count_per_instance": 1}
+    assert "torchrun --nnodes 1 --nproc-per-node 2" in job["command"]
+    out = tmp_path / "mnt" / "outputs" / "finetune"
+    out.mkdir(parents=True)
+    scratch = tmp_path / "node-tmp"
+    scratch.mkdir()
+    command = prepared.command.split("&&", 1)[1]
+    for asset in prepared.assets:
+        command = command.replace("${{inputs.%s}}" % asset.input_name, str(asset.path))
+    command = command.replace("${{outputs.finetune}}", str(out))
+    uri = f"sqlite:///{tmp_path / 'workspace-mlflow.db'}"
+    job_run = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("job")).info.run_id
+    with socket.socket() as s:  # a free port for the rendezvous, as Azure ML would give MASTER_PORT
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                               "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                               "TMPDIR": str(scratch), "COLUMNS": "250", "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": job_run,
+                               "AZUREML_RUN_ID": job_run})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "rank 1: 4 steps trained" in done.stdout + done.stderr
+    record = manifest.read(out)
+    assert record["status"] == "complete" and record["distributed"] == {"world_size": 2, "rows_per_step": 4}
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # One DDP run, not two lone ones: both ranks' RNG states sit in each checkpoint, and one step took
+    # 2 × 2 rows (6 rows → 3 per rank → an epoch is 2 steps of 2, twice as fast as one process's 3).
+    assert sorted(p.name for p in (out / "checkpoints" / "checkpoint-2").glob("rng_state*")) == \
+        ["rng_state_0.pth", "rng_state_1.pth"]
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [h["epoch"] for h in state["log_history"] if "loss" in h] == [0.5, 1.0, 1.5, 2.0]
+    assert not (out / ".olive-cache").exists() and not any(scratch.glob("ftl-finetune-rank*"))
+    client_ = MlflowClient(uri)
+    runs = client_.search_runs([client_.get_experiment_by_name("ftl").experiment_id])
+    assert len(runs) == 1 and runs[0].data.tags[TAG_PARENT] == job_run
 
 
 def test_jobs_status_logs_download_and_cancel(tmp_path, tiny_model, qa_file, fake, wheel):

@@ -162,8 +162,10 @@ def prepare(config, forwarded: list[str], *, compute: str, instance_count: int =
                f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d%H%M%S')}"
     data = " ".join(f"--data ${{{{inputs.{a.input_name}}}}}" for a in assets if a.input_name.startswith("data_"))
     val = " ".join(f"--val-data ${{{{inputs.{a.input_name}}}}}" for a in assets if a.input_name.startswith("val_"))
+    distributed = sweep is None and instance_count * gpus_per_node > 1
     command = " ".join(part for part in (
-        f"pip install --no-deps {wheel.name} &&", "ftl finetune", f"--model {shlex.quote(model_arg) if model_dir is None else model_arg}",
+        f"pip install --no-deps {wheel.name} &&", launcher(instance_count, gpus_per_node) if distributed else "",
+        "ftl finetune", f"--model {shlex.quote(model_arg) if model_dir is None else model_arg}",
         data, val, f"--output ${{{{outputs.{OUTPUT}}}}}", " ".join(f if f.startswith("${{") else shlex.quote(f) for f in forwarded),
         f"--experiment {shlex.quote(experiment)}") if part)
     job = {
@@ -184,9 +186,10 @@ def prepare(config, forwarded: list[str], *, compute: str, instance_count: int =
     }
     if sweep is not None:
         job = sweep.job(job, compute)
-    elif instance_count * gpus_per_node > 1:
-        # torchrun-style launch: each process runs the command; the trainer reads RANK/WORLD_SIZE.
-        job["distribution"] = {"type": "pytorch", "process_count_per_instance": gpus_per_node}
+    elif distributed:
+        # One launcher per node (Azure ML sets MASTER_ADDR/MASTER_PORT/NODE_RANK for the PyTorch distribution);
+        # torchrun starts a process per GPU, so the wheel is installed once per node, not once per GPU.
+        job["distribution"] = {"type": "pytorch", "process_count_per_instance": 1}
     job_yml = folder / "job.yml"
     job_yml.write_text(yaml.safe_dump(job, sort_keys=False, width=1000))
     (folder / "code_manifest.json").write_text(json.dumps(
@@ -197,6 +200,13 @@ def prepare(config, forwarded: list[str], *, compute: str, instance_count: int =
                         command)
     check(prepared)
     return prepared
+
+
+def launcher(nodes: int, per_node: int) -> str:
+    """torchrun for ``nodes`` × ``per_node`` processes, from the variables Azure ML's PyTorch
+    distribution sets on each node (defaults for a single node, where it may set none)."""
+    return (f"torchrun --nnodes {nodes} --nproc-per-node {per_node} --node-rank ${{NODE_RANK:-0}} "
+            "--master-addr ${MASTER_ADDR:-127.0.0.1} --master-port ${MASTER_PORT:-29500} --no-python")
 
 
 def _asset(input_name: str, path: Path, kind: str, prefix: str) -> Asset:

@@ -10,6 +10,7 @@ from rich.table import Table
 from ftl.azure.jobs import DEFAULT_IMAGE
 from ftl.cli.base import (build, comma_list, emit, json_option, option, pop_tracking, report_run, tracked_stage,
                           tracking_options, workspace_options)
+from ftl.finetune import distributed
 from ftl.finetune.config import FinetuneConfig as C
 from ftl.progress import console, run_with_progress
 
@@ -81,6 +82,9 @@ def finetune(save_config: Path | None, as_json: bool, **options) -> None:
         return
     if save_config:
         result = run_finetune(config, save_config=save_config)
+    elif not distributed.current().main:
+        # A worker of a torchrun/Azure ML distributed run: rank 0 owns the run, its MLflow run and its output.
+        result = run_finetune(config)
     else:
         with tracked_stage("finetune", config.output / "manifest.json", tracking) as run:
             result = run_with_progress("fine-tuning", lambda cb: run_finetune(config, on_progress=cb))
@@ -90,6 +94,10 @@ def finetune(save_config: Path | None, as_json: bool, **options) -> None:
 
 
 def show_finetune(result) -> None:
+    if result.rank:
+        console.print(f"[green]✓[/] rank {result.rank}: {result.steps} steps trained; rank 0 writes the adapter and "
+                      "manifest", highlight=False)
+        return
     if result.config_only:
         console.print(f"[green]✓[/] Olive workflow written ({result.rows} rows, {result.tokens} tokens, "
                       f"{result.steps} steps); nothing was trained")
@@ -141,11 +149,12 @@ def _on_azure(config, forwarded: list[str], tracking: dict, azure: dict):
     if not azure["compute"]:
         raise ConfigError("--target azureml needs a compute cluster", "--compute", "pass --compute NAME "
                           "(`ftl azure check` lists them)")
-    if azure["instance_count"] * azure["gpus_per_node"] > 1:
-        # The job YAML can say it (PyTorch distribution), but ftl's finetune is not rank-aware yet: every
-        # process would write the same manifest, Olive cache and adapter.
-        raise ConfigError("multi-process jobs are not supported yet: ftl's finetune is not rank-aware",
-                          "--instance-count / --gpus-per-node", "run on one GPU (the defaults) for now")
+    if azure["instance_count"] < 1 or azure["gpus_per_node"] < 1:
+        raise ConfigError("--instance-count and --gpus-per-node must be at least 1", "--instance-count / "
+                          "--gpus-per-node", "pass positive numbers (1 and 1 for a single GPU)")
+    if azure["instance_count"] * azure["gpus_per_node"] > 1 and config.method == "qscale":
+        raise ConfigError("--method qscale trains in one process", "--instance-count / --gpus-per-node",
+                          "use --method lora or qlora for a distributed job, or one GPU")
     plan(config)  # the rows, template and model are checked here, before anything is uploaded
     manifest.check_output(config.output, force=config.force, stage="finetune")
     ref = workspace.resolve_workspace(azure["subscription"], azure["resource_group"], azure["workspace"],

@@ -1,27 +1,35 @@
-"""``FtlLoRA``: Olive's LoRA pass plus early stopping and a training summary.
+"""``FtlLoRA`` and ``FtlQLoRA``: Olive's LoRA and QLoRA passes plus early stopping, a training
+summary, and one device per process in a distributed run.
 
-Olive 0.13's LoRA pass builds its ``transformers.Trainer`` inside ``train_and_save_new_model``
-with no callbacks and returns nothing about the run. This subclass gives that Trainer HF's own
+Olive 0.13's passes build their ``transformers.Trainer`` inside ``train_and_save_new_model`` with no
+callbacks and return nothing about the run. These subclasses give that Trainer HF's own
 ``EarlyStoppingCallback`` (with ``load_best_model_at_end``, so the adapter Olive saves is the best
-checkpoint's) and writes ``training_summary.json``: the best step, its eval_loss, why training
-stopped, and the loss and eval_loss history. Everything else (data, PEFT set-up, checkpoints,
-resume) is Olive's. Imported only inside Olive's child process (``olive run``), which runs this
-one workflow, so swapping the Trainer class for the length of the pass touches nothing else.
+checkpoint's) and write ``training_summary.json`` (rank 0 only): the best step, its eval_loss, why
+training stopped, and the loss and eval_loss history.
+
+Under torchrun (RANK/LOCAL_RANK/WORLD_SIZE set, see :mod:`ftl.finetune.distributed`) on GPUs, Olive
+would load the base with ``device_map="auto"``, spreading it over every GPU in every process. Here the
+process first takes ``cuda:LOCAL_RANK`` and loads onto it alone; the Trainer's DDP does the rest.
+
+Everything else (data, PEFT set-up, checkpoints, resume) is Olive's. Imported only inside Olive's
+child process (``olive run``), which runs this one workflow, so swapping the Trainer class for the
+length of the pass touches nothing else.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import transformers
 from olive.hardware.accelerator import AcceleratorSpec
 from olive.passes.olive_pass import PassConfigParam
-from olive.passes.pytorch.lora import LoRA
+from olive.passes.pytorch.lora import LoRA, QLoRA
 
 
-class FtlLoRA(LoRA):
-    """Olive's LoRA with early stopping on eval_loss and a summary file."""
+class _FtlTraining:
+    """The additions, for any of Olive's LoRA-family passes (mixed in before the Olive class)."""
 
     @classmethod
     def _default_config(cls, accelerator_spec: AcceleratorSpec) -> dict[str, PassConfigParam]:
@@ -35,6 +43,7 @@ class FtlLoRA(LoRA):
 
     def _run_for_config(self, model, config, output_model_path: str):
         patience, summary_path = config.early_stopping_patience, config.summary_path
+        _one_device_per_process(config)
         original = transformers.Trainer
 
         class Trainer(original):
@@ -45,7 +54,7 @@ class FtlLoRA(LoRA):
 
             def train(self, *args, **kwargs):
                 result = super().train(*args, **kwargs)
-                if summary_path:
+                if summary_path and self.is_world_process_zero():
                     write_summary(self.state, Path(summary_path), patience)
                 return result
 
@@ -54,6 +63,31 @@ class FtlLoRA(LoRA):
             return super()._run_for_config(model, config, output_model_path)
         finally:
             transformers.Trainer = original
+
+
+class FtlLoRA(_FtlTraining, LoRA):
+    """Olive's LoRA with early stopping on eval_loss and a summary file."""
+
+
+class FtlQLoRA(_FtlTraining, QLoRA):
+    """Olive's QLoRA (bitsandbytes 4-bit base, CUDA) with the same additions."""
+
+
+def _one_device_per_process(config) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return
+    import torch
+    from olive.passes.pytorch.lora import DeviceMap
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
+        config.device_map = DeviceMap.CURRENT_DEVICE
+    else:
+        # CPU processes: the whole model in each, and DDP over gloo. Without use_cpu, accelerate sees no GPU,
+        # initialises the process group but trains each process alone (transformers 5.23, accelerate 1.x).
+        config.device_map = None
+        if config.training_args is not None:
+            config.training_args.extra_args.update(use_cpu=True, ddp_backend="gloo")
 
 
 def write_summary(state, path: Path, patience: int | None) -> None:

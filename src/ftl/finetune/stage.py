@@ -14,6 +14,7 @@ import math
 import random
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from pathlib import Path
 from ftl import manifest, olive, tracking
 from ftl.chat import PromptFormat, answer_start, prompt_format_for
 from ftl.data import Example, Fields, load_examples
-from ftl.errors import DataError, DeviceError, OutputExistsError
+from ftl.errors import ConfigError, DataError, DeviceError, OutputExistsError
+from ftl.finetune import distributed
 from ftl.finetune.config import FinetuneConfig
 from ftl.lineage import ADAPTER, QSCALE
 from ftl.models import model_identity, resolve_model
@@ -49,6 +51,7 @@ class FinetuneResult:
     skipped: bool = False
     config_only: bool = False
     answer_tokens: int = 0
+    rank: int = 0  # > 0: a worker of a distributed run, which wrote nothing of its own
 
 
 @dataclass
@@ -81,7 +84,7 @@ def plan(config: FinetuneConfig) -> _Plan:
     counts, answers = _count_tokens(model_dir, fmt, examples + val_examples, config)
     # the validation rows are checked for length, not counted
     token_counts, answer_tokens = counts[:len(examples)], sum(answers[:len(examples)])
-    steps, logging_steps = steps_for(config, len(examples))
+    steps, logging_steps = steps_for(config, len(examples), distributed.current().world_size)
     base = model_identity(model_dir)
     params = config.model_dump(mode="json", exclude={"force", "output"})
     data_hashes = [manifest.sha256_file(f) for f in config.data_files + list(config.val_data or [])]
@@ -116,21 +119,29 @@ def split_rows(config: FinetuneConfig, rows: list[Example]) -> tuple[list[Exampl
     return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
 
 
-def build_olive_config(config: FinetuneConfig, p: _Plan, out: Path, *, report_to: str = "none") -> dict:
+def build_olive_config(config: FinetuneConfig, p: _Plan, out: Path, *, report_to: str = "none",
+                       checkpoints: Path | None = None, resume: Path | None = None, world_size: int = 1) -> dict:
     return olive_workflow(config, out, model_dir=p.model_dir, max_seq_len=max(p.token_counts), steps=p.steps,
-                          logging_steps=p.logging_steps, report_to=report_to)
+                          logging_steps=p.logging_steps, report_to=report_to, checkpoints=checkpoints, resume=resume,
+                          world_size=world_size)
 
 
-def steps_for(config: FinetuneConfig, rows: int) -> tuple[int, int]:
-    """Training steps and the logging interval (about 100 loss points per run)."""
-    per_step = config.batch_size * config.grad_accum
+def steps_for(config: FinetuneConfig, rows: int, world_size: int = 1) -> tuple[int, int]:
+    """Training steps and the logging interval (about 100 loss points per run). In a data-parallel run
+    each step takes a batch from every process."""
+    per_step = config.batch_size * config.grad_accum * world_size
     steps = config.max_steps or max(1, math.ceil(math.ceil(rows / per_step) * config.epochs))
     return steps, config.logging_steps or max(1, steps // 100)
 
 
 def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_seq_len: int, steps: int,
-                   logging_steps: int, report_to: str = "none") -> dict:
-    """The Olive workflow for these settings; a dry run builds it before the base model exists."""
+                   logging_steps: int, report_to: str = "none", checkpoints: Path | None = None,
+                   resume: Path | None = None, world_size: int = 1) -> dict:
+    """The Olive workflow for these settings; a dry run builds it before the base model exists. ``out`` is
+    where Olive works and the prepared data is; ``checkpoints`` (default ``out/checkpoints``) is the
+    Trainer's folder, which every rank of a distributed run shares; ``resume`` is the checkpoint to go on
+    from (ftl chooses it, so that Olive's own guess never differs between ranks)."""
+    checkpoints = Path(checkpoints or out / CHECKPOINTS).resolve()
     if config.method == "qscale":
         workflow = olive.workflow("finetune_qscale.json", work_dir=out, output_dir=out / "olive-output")
         workflow["input_model"]["model_path"] = str(Path(model_dir).resolve())
@@ -155,7 +166,7 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         data["user_script"] = olive_data.__file__
         data["pre_process_data_config"] = {"type": "ftl_answer_only", "answer_only": True}
     lora = workflow["passes"]["lora"]
-    lora["summary_path"] = str((out / CHECKPOINTS / SUMMARY).resolve())
+    lora["summary_path"] = str(checkpoints / SUMMARY)
     if config.validates:
         val = json.loads(json.dumps(data))
         val["name"] = "val_data"
@@ -169,7 +180,7 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
     if config.method == "qlora":
         lora.update(torch_dtype="bfloat16")
     lora["training_args"] = {
-        "output_dir": str((out / CHECKPOINTS).resolve()),
+        "output_dir": str(checkpoints),
         "per_device_train_batch_size": config.batch_size,
         "gradient_accumulation_steps": config.grad_accum,
         "learning_rate": config.lr,
@@ -187,7 +198,15 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         # "mlflow" when the stage is tracked: the Trainer logs loss (and eval_loss) per step into the
         # stage's run, found through the environment ftl gives Olive (ftl.tracking.child_env).
         "report_to": report_to,
+        # Olive would look for a checkpoint itself; ftl has chosen (see ``resume``).
+        "overwrite_output_dir": True,
     }
+    if resume:
+        lora["training_args"]["resume_from_checkpoint"] = str(Path(resume).resolve())
+    if world_size > 1:
+        # DDP (the pass puts each process on its own device, ftl.finetune.lora_pass): only LoRA weights
+        # train, and every one of them is used, so DDP need not search the graph for unused ones.
+        lora["training_args"]["ddp_find_unused_parameters"] = False
     if config.validates:
         # A checkpoint at every evaluation, so the best one can be restored and is the adapter written.
         eval_steps = config.eval_steps or config.save_steps
@@ -195,16 +214,17 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
                                      per_device_eval_batch_size=config.batch_size, load_best_model_at_end=True,
                                      metric_for_best_model="eval_loss", greater_is_better=False)
     if config.method == "qlora":
-        # Olive's own pass: no early stopping or summary there (validation still reports eval_loss).
-        lora["type"] = "QLoRA"
-        lora.pop("summary_path")
-        lora.pop("early_stopping_patience", None)
+        lora["type"] = "FtlQLoRA"  # Olive's QLoRA with the same early stopping and summary (lora_pass)
     return workflow
 
 
 def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_progress=None) -> FinetuneResult:
     started = time.perf_counter()
     out = Path(config.output)
+    rank = distributed.current()
+    if rank.distributed and config.method == "qscale":
+        raise ConfigError("--method qscale trains in one process; it cannot run under torchrun "
+                          f"(WORLD_SIZE={rank.world_size})", "--method", "use --method lora or qlora, or one process")
     p = plan(config)
     if save_config:
         olive.save_config(build_olive_config(config, p, out), save_config)
@@ -214,6 +234,8 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
                               config_only=True, answer_tokens=p.answer_tokens)
     if manifest.is_complete(out, p.fingerprint) and not config.force:
         return _result_from_manifest(out, skipped=True)
+    if not rank.main:
+        return _train_as_worker(config, p, out, rank, on_progress)
     resumed = manifest.prepare_output(out, force=config.force, stage="finetune", resumable=True)
     if resumed and (manifest.read(out) or {}).get("fingerprint") != p.fingerprint:
         raise OutputExistsError("output folder holds an unfinished finetune with other inputs or settings",
@@ -222,10 +244,17 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     _write_prepared(out / PREPARED, p)
     record = manifest.new("finetune", inputs=_inputs(config, p), params=_params(config, p), fingerprint=p.fingerprint)
     record["prompt_format"] = p.fmt.model_dump()
+    if rank.distributed:
+        record["distributed"] = {"world_size": rank.world_size,
+                                 "rows_per_step": config.batch_size * config.grad_accum * rank.world_size}
+    resume = _resume_point(config, out)
+    if resume:
+        record["resumed_from"] = resume.name
     manifest.write(out, record)
 
     env = tracking.child_env()  # empty when nothing is tracked
-    workflow = build_olive_config(config, p, out, report_to="mlflow" if tracking.tracks(env) else "none")
+    workflow = build_olive_config(config, p, out, report_to="mlflow" if tracking.tracks(env) else "none",
+                                  resume=resume, world_size=rank.world_size)
     log = olive.run(workflow, out, on_line=_progress_parser(p.steps, on_progress), env=env)
     if config.method == "qscale":
         produced = out / "olive-output" / "model"  # the pass's small HF folder (ftl.finetune.qscale_pass)
@@ -263,6 +292,36 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     return FinetuneResult(out, out / (QSCALE if config.method == "qscale" else ADAPTER), len(p.examples),
                           sum(p.token_counts), p.steps, record["metrics"]["final_loss"], curve, seconds, resumed,
                           answer_tokens=p.answer_tokens)
+
+
+def last_complete_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint the Trainer finished writing (it writes trainer_state.json last)."""
+    done = [c for c in Path(checkpoints).glob("checkpoint-*")
+            if c.name.split("-")[-1].isdigit() and (c / "trainer_state.json").is_file()]
+    return max(done, key=lambda c: int(c.name.split("-")[-1]), default=None)
+
+
+def _resume_point(config: FinetuneConfig, out: Path) -> Path | None:
+    if config.force or config.method == "qscale":  # --force starts over; qscale resumes by itself
+        return None
+    return last_complete_checkpoint(out / CHECKPOINTS)
+
+
+def _train_as_worker(config: FinetuneConfig, p: _Plan, out: Path, rank: distributed.Rank,
+                     on_progress) -> FinetuneResult:
+    """Rank > 0 of a distributed run: the same training in a scratch folder, sharing only the Trainer's
+    checkpoint folder with rank 0 (which writes the manifest and the adapter; see ftl.finetune.distributed)."""
+    started = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix=f"ftl-finetune-rank{rank.rank}-"))
+    try:
+        _write_prepared(scratch / PREPARED, p)
+        workflow = build_olive_config(config, p, scratch, checkpoints=out / CHECKPOINTS,
+                                      resume=_resume_point(config, out), world_size=rank.world_size)
+        olive.run(workflow, scratch, on_line=_progress_parser(p.steps, on_progress), env=tracking.child_env())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return FinetuneResult(out, out / ADAPTER, len(p.examples), sum(p.token_counts), p.steps, None,
+                          seconds=time.perf_counter() - started, answer_tokens=p.answer_tokens, rank=rank.rank)
 
 
 def _require_cuda() -> None:
