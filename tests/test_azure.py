@@ -348,7 +348,7 @@ def test_score_py_answers_and_bad_requests_are_400(tiny_export, tmp_path, monkey
                           (json.dumps({"question": "x", "temprature": 1}), "unknown field(s) ['temprature']"),
                           (json.dumps([1, 2]), "JSON object")]:
         response = score.run(body)
-        assert response.status_code == 400 and message in json.loads(response.message)["error"], body
+        assert response.status_code == 400 and message in response.message["error"], body
 
 
 def test_deploy_dry_run_writes_yaml_that_loads(tiny_export, tmp_path):

@@ -4,6 +4,14 @@ Minutes, not seconds; marked ``e2e`` so ``pytest -m "not e2e"`` gives the quick 
 """
 
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -23,18 +31,24 @@ def smollm2(tmp_path_factory):
     return import_model("smollm2-135m", models_dir=tmp_path_factory.mktemp("models")).path
 
 
-def test_smollm2_finetune_export_generate(smollm2, tmp_path):
-    from transformers import AutoTokenizer
-
+@pytest.fixture(scope="module")
+def tuned_export(smollm2, tmp_path_factory):
+    """SmolLM2 fine-tuned for 3 steps on 16 quickstart rows, then exported int4: (folder, finetune, export)."""
+    tmp_path = tmp_path_factory.mktemp("smollm2-e2e")
     train = [json.loads(line) for line in (REPO / "data/quickstart/train.jsonl").read_text().splitlines()[:16]]
-    held_out = [json.loads(line) for line in (REPO / "data/quickstart/test.jsonl").read_text().splitlines()]
     data = write_jsonl(tmp_path / "train.jsonl", train)
-
     tuned = finetune(FinetuneConfig(model=str(smollm2), data=data, output=tmp_path / "ft", max_steps=3,
                                     batch_size=4, save_steps=3))
-    assert tuned.rows == 16 and len(tuned.loss_curve) == 3 and tuned.final_loss > 0
-
     exported = export_onnx(ExportConfig(adapter=tmp_path / "ft", output=tmp_path / "onnx"))
+    return tmp_path, tuned, exported
+
+
+def test_smollm2_finetune_export_generate(smollm2, tuned_export):
+    from transformers import AutoTokenizer
+
+    tmp_path, tuned, exported = tuned_export
+    held_out = [json.loads(line) for line in (REPO / "data/quickstart/test.jsonl").read_text().splitlines()]
+    assert tuned.rows == 16 and len(tuned.loss_curve) == 3 and tuned.final_loss > 0
     assert manifest.read(exported.output)["status"] == "complete"
     assert (exported.output / "model.onnx").is_file() and not list(exported.output.glob("*.onnx_adapter"))
 
@@ -70,3 +84,51 @@ def test_smollm2_finetune_export_generate(smollm2, tmp_path):
     for name in ("detailed_results.json", "metrics_summary.json"):
         json.loads((tmp_path / "eval" / name).read_text())
     assert (tmp_path / "eval" / "report.html").is_file() and (tmp_path / "eval" / "report.md").is_file()
+
+
+def test_deploy_local_serves_score_py_under_the_real_inference_server(tuned_export, tmp_path):
+    """ftl deploy --target local: the endpoint's score.py under azureml-inference-server-http (in the
+    environment ftl builds for it), on 127.0.0.1, answering from the SmolLM2 int4 export."""
+    pytest.importorskip("azure.ai.ml", reason="the [azure] extra is not installed")
+    _, _, exported = tuned_export
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "ftl.cli", "deploy", str(exported.output), "--target", "local",
+                               "--port", str(port), "--threads", "2"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "250"})
+    try:
+        deadline = time.time() + 300  # the server's environment is built on first use (about 20 s here)
+        while time.time() < deadline and server.poll() is None:
+            try:
+                if urllib.request.urlopen(url + "/", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        assert server.poll() is None, server.stdout.read()
+        sample = json.loads((exported.output.with_name("onnx.deploy") / "sample-request.json").read_text())
+        answer = _post(url + "/score", json.dumps(sample).encode())
+        assert answer[0] == 200, answer
+        body = answer[1]
+        assert body["text"].strip() and 0 < body["completion_tokens"] <= sample["max_new_tokens"]
+        assert body["prompt_tokens"] > 0 and body["finish_reason"] in ("stop", "length")
+        assert _post(url + "/score", b"{not json")[0] == 400
+        status, error = _post(url + "/score", json.dumps({"question": "x", "max_new_tokens": 10 ** 7}).encode())
+        assert status == 400 and "exceeds the model's context" in error["error"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=90)[0]
+    assert server.returncode == 0, output
+    assert f"POST {url}/score" in output
+    with pytest.raises(ConnectionRefusedError):  # the server is gone with ftl
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())

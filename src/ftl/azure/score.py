@@ -27,9 +27,10 @@ from pathlib import Path
 
 try:  # azureml-inference-server-http: lets run() choose the HTTP status
     from azureml.contrib.services.aml_response import AMLResponse
-except ImportError:  # outside the server (tests, a plain import): the same shape
+except ImportError:  # outside the server (a plain import): the same constructor; the server's own class
+    # json.dumps a json_str=True message itself, so ``message`` is the object, not its JSON text
     class AMLResponse:  # type: ignore[no-redef]
-        def __init__(self, message, status_code, json_str=False):
+        def __init__(self, message, status_code, response_headers=None, json_str=False):
             self.message, self.status_code, self.json_str = message, status_code, json_str
 
 OPTIONS = {"max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size"}
@@ -135,6 +136,6 @@ def run(raw_data):
             raise BadRequest("the body must be a JSON object")
         return generate(request)
     except json.JSONDecodeError as exc:
-        return AMLResponse(json.dumps({"error": f"the body is not JSON: {exc.msg} at {exc.pos}"}), 400, json_str=True)
+        return AMLResponse({"error": f"the body is not JSON: {exc.msg} at {exc.pos}"}, 400, json_str=True)
     except (BadRequest, TypeError, ValueError) as exc:
-        return AMLResponse(json.dumps({"error": str(exc)}), 400, json_str=True)
+        return AMLResponse({"error": str(exc)}, 400, json_str=True)
