@@ -74,6 +74,18 @@ class LocalTransfer(jobs.Transfer):
         return self.log[-lines:]
 
 
+def run_job_command(command: str, inputs: dict[str, Path], out: Path, cwd: Path, env: dict | None = None):
+    """A job's command as Azure ML runs it on a node: ${{inputs.*}} / ${{outputs.finetune}} filled with
+    mounted paths, ftl already installed (the job pip-installs its wheel first), Azure ML's variables."""
+    command = command.split("&&", 1)[1]
+    for name, path in inputs.items():
+        command = command.replace("${{inputs.%s}}" % name, str(path))
+    command = command.replace("${{outputs.finetune}}", str(out))
+    return subprocess.run(["bash", "-c", command], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "250",
+                               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {})})
+
+
 def config(tmp_path, tiny_model, qa_file, **kw):
     return FinetuneConfig(model=str(tiny_model), data=qa_file, output=tmp_path / "runs" / "ft", **kw)
 
@@ -135,7 +147,8 @@ def test_submit_uploads_once_polls_and_downloads_through_the_real_sdk(tmp_path, 
     body = json.loads(fake.bodies[[i for i, (m, h, p) in enumerate(fake.log) if m == "PUT" and "/jobs/" in p][-1]])
     props = body["properties"]
     assert props["computeId"].endswith("/computes/gpu-cluster")
-    assert props["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": 2}
+    assert props["distribution"] == {"distributionType": "PyTorch", "processCountPerInstance": 1}
+    assert "torchrun --nnodes 2 --nproc-per-node 2" in props["command"]
     assert props["resources"]["instanceCount"] == 2
     assert props["environmentId"].endswith(f"/environments/{prepared.environment_name}/versions/1")
     assert props["inputs"]["data_0"]["uri"].endswith(f"/data/{prepared.assets[0].name}/versions/1")
@@ -230,16 +243,11 @@ def test_the_jobs_own_command_runs_here_and_logs_under_the_jobs_run(tmp_path, ti
                             compute="gpu-cluster", wheel=wheel)
     out = tmp_path / "mnt" / "outputs" / "finetune"
     out.mkdir(parents=True)  # Azure ML mounts an empty output folder
-    command = prepared.command.split("&&", 1)[1]  # ftl is installed here already (the job pip-installs the wheel)
-    for asset in prepared.assets:
-        command = command.replace("${{inputs.%s}}" % asset.input_name, str(asset.path))
-    command = command.replace("${{outputs.finetune}}", str(out))
     uri = f"sqlite:///{tmp_path / 'workspace-mlflow.db'}"
     job_run = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("job")).info.run_id
-    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                               "RANK": "0", "WORLD_SIZE": "1", "MLFLOW_TRACKING_URI": uri,
-                               "MLFLOW_RUN_ID": job_run, "AZUREML_RUN_ID": job_run})
+    done = run_job_command(prepared.command, {a.input_name: a.path for a in prepared.assets}, out, tmp_path,
+                           {"RANK": "0", "WORLD_SIZE": "1", "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": job_run,
+                            "AZUREML_RUN_ID": job_run})
     assert done.returncode == 0, done.stderr
     assert manifest.read(out)["status"] == "complete" and (out / "adapter" / "adapter_model.safetensors").is_file()
     client_ = MlflowClient(uri)
@@ -263,20 +271,15 @@ def test_a_distributed_jobs_command_trains_one_ddp_run_and_only_rank_0_writes(tm
     out.mkdir(parents=True)
     scratch = tmp_path / "node-tmp"
     scratch.mkdir()
-    command = prepared.command.split("&&", 1)[1]
-    for asset in prepared.assets:
-        command = command.replace("${{inputs.%s}}" % asset.input_name, str(asset.path))
-    command = command.replace("${{outputs.finetune}}", str(out))
     uri = f"sqlite:///{tmp_path / 'workspace-mlflow.db'}"
     job_run = MlflowClient(uri).create_run(MlflowClient(uri).create_experiment("job")).info.run_id
     with socket.socket() as s:  # a free port for the rendezvous, as Azure ML would give MASTER_PORT
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    done = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                               "NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                               "TMPDIR": str(scratch), "COLUMNS": "250", "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": job_run,
-                               "AZUREML_RUN_ID": job_run})
+    done = run_job_command(prepared.command, {a.input_name: a.path for a in prepared.assets}, out, tmp_path,
+                           {"NODE_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                            "TMPDIR": str(scratch), "MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": job_run,
+                            "AZUREML_RUN_ID": job_run})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "rank 1: 4 steps trained" in done.stdout + done.stderr
     record = manifest.read(out)
@@ -440,3 +443,90 @@ def test_a_sweep_on_azure_is_one_sweep_job_with_a_bandit_policy(tmp_path, tiny_m
     assert props["searchSpace"]["r"] == ["choice", [[8, 16]]] and submitted.name == prepared.job_name
     with pytest.raises(ConfigError, match="only finetune.\\* can be swept"):
         azure_sweep(path, ["export.block_size=32,64"], flags=flags, compute="gpu-cluster", dry_run=True, wheel=wheel)
+
+
+class JobOnThisMachine(jobs.Transfer):
+    """The seam, as a real job would fill it: the output is what the job's own command writes, run here
+    with the model and data "mounted" in a folder that is gone afterwards (as the job's node is)."""
+
+    def __init__(self, job_folder: Path, work: Path):
+        self.job_folder, self.work, self.runs = job_folder, work, 0
+
+    def download(self, ml, job_name, dest):
+        self.runs += 1
+        job = yaml.safe_load((self.job_folder / "job.yml").read_text())
+        mounts = self.work / "mnt" / job_name
+        # Where each data asset came from: az.sh's `az ml data create --name N … --path P` lines.
+        local = dict(re.findall(r"--name (\S+) --version 1 --type \S+ --path (\S+)",
+                                (self.job_folder / "az.sh").read_text()))
+        inputs = {}
+        for name, spec in job["inputs"].items():
+            source = Path(local[spec["path"].split(":")[1]])
+            inputs[name] = mounts / "inputs" / name / source.name
+            inputs[name].parent.mkdir(parents=True)
+            (shutil.copytree if source.is_dir() else shutil.copy2)(source, inputs[name])
+        out = mounts / "outputs" / "finetune"
+        out.mkdir(parents=True)
+        done = run_job_command(job["command"], inputs, out, self.work)
+        assert done.returncode == 0, done.stderr[-3000:]
+        shutil.copytree(out, dest)
+        shutil.rmtree(mounts)
+        return dest
+
+    def log_tail(self, ml, job_name, lines=20):
+        return []
+
+
+def test_a_pipeline_finetune_stage_with_target_azureml_runs_as_a_job_and_the_rest_here(
+        tmp_path, tiny_model, qa_file, fake, wheel, monkeypatch):
+    """stages.finetune.target: azureml. The job (its own command, run here on "mounted" copies that are
+    gone afterwards) fills the finetune folder; export and generate carry on here, finding the base
+    model by its hash since the job's manifest names the mount. A second run submits nothing."""
+    from ftl.lineage import adapter_dir_of, require_base
+    from ftl.models import import_model
+    from ftl.pipeline.runner import AzureSession, load_pipeline, run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FTL_MODELS_DIR", str(tmp_path / "models"))
+    for name, value in (("AZURE_SUBSCRIPTION_ID", SUB), ("AZURE_RESOURCE_GROUP", RG), ("AZUREML_WORKSPACE_NAME", WS)):
+        monkeypatch.setenv(name, value)
+    import_model(str(tiny_model), name="tiny")
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"name": "p", "workdir": "runs/p", "stages": {
+        "import": {"source": str(tiny_model), "name": "tiny"},
+        "finetune": {"data": [str(qa_file)], "max_steps": 2, "batch_size": 2, "r": 8, "target": "azureml",
+                     "azureml": {"compute": "gpu-cluster"}},
+        "generate": {"questions": ["What is 2 + 3?"], "max_new_tokens": 4}}}))
+    monkeypatch.setattr(jobs, "build_wheel", lambda dest: shutil.copy2(wheel, dest / wheel.name) and dest / wheel.name)
+    plan = load_pipeline(path)
+    assert plan.azure.compute == "gpu-cluster" and "target" not in plan.finetune.model_fields_set
+    planned = {r.stage: r for r in run(plan, dry_run=True)}  # ftl run --dry-run: the job is written, not sent
+    assert "on Azure ML (gpu-cluster, 1×1)" in planned["finetune"].detail and not fake.log
+    assert load_job(source=str(tmp_path / "runs/p/finetune.azureml/job.yml")).compute == "gpu-cluster"
+    session = AzureSession(ml=client(fake), transfer=JobOnThisMachine(tmp_path / "runs/p/finetune.azureml", tmp_path),
+                           poll_s=0)
+    reports = {r.stage: r for r in run(plan, azure=session)}
+    assert [reports[s].status for s in ("finetune", "export", "generate")] == ["ran", "ran", "ran"]
+    finetuned = tmp_path / "runs/p/finetune"
+    record = manifest.read(finetuned)
+    assert record["status"] == "complete" and "/mnt/" in record["inputs"]["base_model"]["path"]
+    assert not Path(record["inputs"]["base_model"]["path"]).exists()  # the job's node is gone
+    assert jobs.job_record(finetuned)["job"].startswith("ftl-finetune-finetune-")
+    # ftl export-onnx / ftl eval on the folder alone find that base again by its hash among the imported models.
+    assert require_base(adapter_dir_of(finetuned), None) == str(tmp_path / "models" / "tiny")
+    job_put = [i for i, (m, h, p) in enumerate(fake.log) if m == "PUT" and "/jobs/" in p][-1]
+    props = json.loads(fake.bodies[job_put])["properties"]
+    assert all(f in props["command"] for f in ("--lora-r 8", "--max-steps 2", "--batch-size 2"))
+    assert "--target" not in props["command"] and props["experimentName"] == "p"
+    assert manifest.read(tmp_path / "runs/p/export")["status"] == "complete"
+    # Again: the same inputs, so nothing is submitted and nothing trains.
+    fake.log.clear()
+    reports = {r.stage: r for r in run(load_pipeline(path), azure=session)}
+    assert reports["finetune"].status == "skipped" and session.transfer.runs == 1
+    assert not [p for m, h, p in fake.log if m == "PUT" and "/jobs/" in p]
+    # A block that says where but not that it should go there is refused, with its key.
+    raw = yaml.safe_load(path.read_text())
+    raw["stages"]["finetune"].pop("target")
+    with pytest.raises(ConfigError, match="stages.finetune.azureml: set target: azureml"):
+        load_pipeline(path, raw=raw)
+

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ftl import manifest
-from ftl.errors import AdapterMismatchError, ConfigError, DataError
+from ftl.errors import AdapterMismatchError, ConfigError, DataError, ModelNotFoundError
 
 ADAPTER = "adapter"
 QSCALE = "qscale.safetensors"  # a qscale finetune's trained grid scales (ftl.quant)
@@ -29,7 +29,8 @@ def base_of_qscale(artefact: Path) -> str | None:
     """The base model a qscale artefact was trained on, from its finetune manifest."""
     record = manifest.read(Path(artefact).parent)
     if manifest.is_ftl(record) and record.get("stage") == "finetune":
-        return record.get("inputs", {}).get("base_model", {}).get("path")
+        base = record.get("inputs", {}).get("base_model", {})
+        return located(base["path"], base, Path(artefact).parent) if base.get("path") else None
     return None
 
 
@@ -65,14 +66,31 @@ def base_of_adapter(adapter_dir: Path, record: dict | None = None) -> str | None
 
 
 def require_base(adapter_dir: Path, model: str | None) -> str:
-    """The base model to use with an adapter: the one given, else the one it was trained on."""
+    """The base model to use with an adapter: the one given, else the one it was trained on. A
+    recorded path that is not on this machine (a fine-tune run as an Azure ML job names its mounted
+    input) is found again by its hash among the imported models."""
     if model:
         return model
     found = base_of_adapter(adapter_dir)
     if not found:
         raise ConfigError("cannot tell which base model the adapter belongs to", str(adapter_dir),
                           "pass --model with the base model it was trained on")
-    return found
+    return located(found, training_record(adapter_dir).get("inputs", {}).get("base_model", {}), adapter_dir)
+
+
+def located(found: str, trained_on: dict, where: Path) -> str:
+    """``found`` (a base model path a finetune manifest recorded), or, when that path is not on this
+    machine (an Azure ML job records its mounted input), the imported model with the same hash."""
+    if not Path(found).is_absolute() or Path(found).exists() or not trained_on.get("sha256"):
+        return found
+    from ftl.models.store import default_models_dir
+
+    for record_path in sorted(default_models_dir().glob(f"*/{manifest.MANIFEST}")):
+        record = manifest.read(record_path.parent) or {}
+        if manifest.is_complete(record_path.parent) and record.get("outputs", {}).get("sha256") == trained_on["sha256"]:
+            return str(record_path.parent)
+    raise ModelNotFoundError(f"the base model it was trained on ({trained_on.get('name', '?')}) is not here: {found}",
+                             str(where), "import the same model (ftl models import …) or pass --model with it")
 
 
 def check_adapter_base(adapter_dir: Path, base: dict) -> None:

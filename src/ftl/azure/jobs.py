@@ -373,6 +373,25 @@ def submit(ml, prepared: Prepared, *, wait: bool = True, limits: WaitLimits | No
     return result
 
 
+JOB_RECORD = "azureml_job.json"
+
+
+def write_job_record(out: Path, submitted: Submitted, fingerprint: str | None = None) -> None:
+    """Beside a downloaded job output: which job made it, and the fingerprint of the fine-tune as it was
+    planned here (the job's own manifest has the paths it had inside the job)."""
+    (Path(out) / JOB_RECORD).write_text(json.dumps({"job": submitted.name, "status": submitted.status,
+                                                   "studio_url": submitted.studio_url,
+                                                   "fingerprint": fingerprint}, indent=2) + "\n")
+
+
+def job_record(out: Path) -> dict:
+    path = Path(out) / JOB_RECORD
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 def download_output(ml, job_name: str, final: Path, transfer: Transfer | None = None) -> Path:
     """The job's ``finetune`` output into ``final``: into a fresh sibling first, so the folder is
     replaced only once all of it is here."""

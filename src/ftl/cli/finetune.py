@@ -170,6 +170,8 @@ def _on_azure(config, forwarded: list[str], tracking: dict, azure: dict):
     result = jobs.submit(ml, prepared, wait=azure["wait"], limits=limits, compute=azure["compute"],
                          download_to=config.output if azure["wait"] else None,
                          say=lambda line: console.print(line, highlight=False))
+    if result.downloaded:
+        jobs.write_job_record(config.output, result, plan(config).fingerprint)
     return {"dry_run": False, "job": result.name, "status": result.status, "studio_url": result.studio_url,
             "output": str(result.downloaded) if result.downloaded else None}
 
@@ -184,3 +186,10 @@ def _show_azure(result: dict) -> None:
     else:
         console.print(f"[green]✓[/] submitted job {result['job']} ({result['status']})"
                       + (f": {result['studio_url']}" if result["studio_url"] else ""), highlight=False)
+
+
+def finetune_flags() -> dict[str, str]:
+    """Each ``ftl finetune`` setting's CLI flag (``r`` → ``--lora-r``): how a pipeline block or a sweep's
+    grid becomes the command an Azure ML job runs."""
+    return {p.name: max(p.opts, key=len) for p in finetune.params if isinstance(p, click.Option)}
+

@@ -15,7 +15,7 @@ from ftl import manifest
 from ftl.chat import PromptFormat, prompt_format_for
 from ftl.errors import ConfigError, ModelNotFoundError
 from ftl.lineage import (adapter_dir_of, base_of_adapter, base_of_qscale, export_source, prompt_format_record,
-                         qscale_of)
+                         qscale_of, require_base)
 from ftl.system import default_threads, folder_size_mb
 
 
@@ -153,7 +153,7 @@ def torch_parts(path: Path) -> tuple[Path, Path | None]:
     base = base_of_adapter(adapter)
     if not base:
         raise ConfigError("cannot tell the adapter's base model", str(path), "use a finetune output folder")
-    return resolve_model(base), adapter
+    return resolve_model(require_base(adapter, None)), adapter
 
 
 def check_spec(spec: str) -> tuple[str, Path]:

@@ -15,6 +15,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError, create_model
@@ -52,6 +53,21 @@ class GenerateStage(StrictModel):
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
 
 
+class AzureTarget(StrictModel):
+    """Where a ``target: azureml`` finetune stage runs (the flags of ``ftl finetune --target azureml``)."""
+
+    compute: str = Field(description="The compute cluster (ftl azure check lists them)")
+    instance_count: int = Field(1, ge=1, description="Nodes")
+    gpus_per_node: int = Field(1, ge=1, description="Processes per node (torchrun, DDP) when nodes × GPUs > 1")
+    image: str | None = Field(None, description="The environment's base image (default: ftl's ACPT PyTorch GPU image)")
+    experiment: str | None = Field(None, description="The Azure ML experiment (default: the pipeline's name)")
+    queue_timeout: float = Field(240, gt=0, description="Minutes queued before giving up waiting")
+    run_timeout: float = Field(2880, gt=0, description="Minutes running before giving up waiting")
+    subscription: str | None = Field(None, description="Else $AZURE_SUBSCRIPTION_ID, else .azureml/config.json")
+    resource_group: str | None = Field(None, description="Else $AZURE_RESOURCE_GROUP, else the config file")
+    workspace: str | None = Field(None, description="Else $AZUREML_WORKSPACE_NAME, else the config file")
+
+
 def _stage_model(config: type[StrictModel], filled: tuple[str, ...], **overrides) -> type[StrictModel]:
     """A stage block: the stage's own config (its fields, defaults and validators), except the
     paths the pipeline fills in by chaining, which the block may not set (see :func:`_build`)."""
@@ -65,7 +81,13 @@ DistillStage = _stage_model(DistillConfig, ("output",))
 # data may be left out when a distil stage supplies it; FinetuneConfig checks the joined list.
 FinetuneStage = _stage_model(FinetuneConfig, ("model", "output", "force"),
                              data=(list[Path] | None, Field(None, description=FinetuneConfig.model_fields[
-                                 "data"].description)))
+                                 "data"].description)),
+                             target=(Literal["local", "azureml"], Field("local", description=(
+                                 "local: train here; azureml: an Azure ML job (the azureml: block), whose output "
+                                 "is downloaded into the stage's folder"))),
+                             azureml=(AzureTarget | None, Field(None, description="With target: azureml")))
+# Stage keys that are the pipeline's, not the fine-tune's own settings.
+_FINETUNE_PLACEMENT = ("target", "azureml")
 ExportStage = _stage_model(ExportConfig, ("adapter", "model", "output", "force"))
 EvalStage = _stage_model(EvalConfig, ("output", "force"), models=(list[str], Field(
     default_factory=lambda: list(EVAL_MODELS), description="export, finetune, base (the stages' models), or "
@@ -112,6 +134,7 @@ class PipelinePlan:
     generate: GenerateStage | None
     eval: EvalConfig | None
     stage_dirs: dict[str, Path] = field(default_factory=dict)
+    azure: AzureTarget | None = None  # the finetune stage runs as an Azure ML job
 
     def folder(self, stage: str) -> Path:
         """The work folder a stage writes under: the pipeline's, or a sweep variant's own."""
@@ -180,12 +203,20 @@ def _build(spec: PipelineSpec, source: str, stage_dirs: dict[str, Path]) -> Pipe
         make("distill", DistillConfig, {"model": str(model_dir), **_set(stages.distill),
                                         "output": under("distill") / "distill" / "qa.jsonl"})
     finetune = _set(stages.finetune)
+    target, azure = finetune.pop("target", "local"), stages.finetune.azureml
+    finetune.pop("azureml", None)
+    if target == "azureml" and azure is None:
+        problems.append("stages.finetune.azureml: target: azureml needs an azureml: block with at least compute")
+    elif target != "azureml" and azure is not None:
+        problems.append("stages.finetune.azureml: set target: azureml to use it, or remove the block")
     if "distill" in built:
         own = finetune.get("data") or []
         finetune["data"] = (own if isinstance(own, list) else [own]) + [built["distill"].output]
     make("finetune", FinetuneConfig, {**finetune, "model": str(model_dir), "output": under("finetune") / "finetune"})
-    make("export", ExportConfig, {**_set(stages.export), "adapter": under("finetune") / "finetune",
-                                  "output": under("export") / "export"})
+    export = {**_set(stages.export), "adapter": under("finetune") / "finetune", "output": under("export") / "export"}
+    if target == "azureml":
+        export["model"] = str(model_dir)  # the job's manifest names the base by the path it had inside the job
+    make("export", ExportConfig, export)
     if stages.eval is not None:
         named = {"export": f"onnx:{under('export') / 'export'}", "finetune": f"torch:{under('finetune') / 'finetune'}",
                  "base": f"torch:{model_dir}"}
@@ -201,7 +232,25 @@ def _build(spec: PipelineSpec, source: str, stage_dirs: dict[str, Path]) -> Pipe
     if problems:
         raise ConfigError("; ".join(problems), source, "see pipelines/quickstart.yaml for the keys each stage takes")
     return PipelinePlan(spec, source, work, models_dir, model_dir, built.get("distill"), built["finetune"],
-                        built["export"], stages.generate, built.get("eval"), dict(stage_dirs))
+                        built["export"], stages.generate, built.get("eval"), dict(stage_dirs),
+                        azure if target == "azureml" else None)
+
+
+def setting_flags(block, config, flags: dict[str, str], skip=()) -> list[str]:
+    """The ``ftl finetune`` flags for what a finetune block set (not its paths, nor where it runs),
+    as an Azure ML job repeats them. ``flags`` maps a setting to its CLI flag."""
+    out: list[str] = []
+    for name in sorted(block.model_fields_set - set(skip) - {"data", "val_data", "model", "output", "force",
+                                                           *_FINETUNE_PLACEMENT}):
+        value, flag = getattr(config, name), flags[name]
+        if isinstance(value, bool):
+            out += [flag] if value else []
+        elif isinstance(value, list):
+            out += [flag, ",".join(map(str, value))] if flag == "--target-modules" else \
+                [part for item in value for part in (flag, str(item))]
+        elif value is not None:
+            out += [flag, str(value)]
+    return out
 
 
 def _set(block) -> dict:
@@ -235,8 +284,14 @@ def check(plan: PipelinePlan) -> list[StageReport]:
                               exc.fix) from None
     rows = load_rows_safely(plan.finetune.model_copy(
         update={"data": [f for f in plan.finetune.data_files if f != distilled]}))
+    where = ""
+    if plan.azure:
+        if plan.finetune.method == "qscale" and plan.azure.instance_count * plan.azure.gpus_per_node > 1:
+            raise ConfigError("stages.finetune.method qscale trains in one process", plan.source,
+                              "use lora or qlora for a distributed job, or one GPU")
+        where = f", on Azure ML ({plan.azure.compute}, {plan.azure.instance_count}×{plan.azure.gpus_per_node})"
     reports.append(StageReport("finetune", "planned", 0.0, f"{len(rows)} rows valid"
-                               + (" + the distilled ones" if distilled else ""), str(plan.finetune.output)))
+                               + (" + the distilled ones" if distilled else "") + where, str(plan.finetune.output)))
     if plan.finetune.method == "qscale" and not plan.export.exact_grid:
         raise ConfigError("stages.finetune.method qscale trains an int4 grid in blocks of 32; this export would "
                           "re-quantise it", plan.source, "leave stages.export.grid and block_size at their defaults")
@@ -277,6 +332,8 @@ def write_workflows(plan: PipelinePlan, reports: list[StageReport]) -> None:
                                          logging_steps=logging_steps), path)
         olive.package_config(plan.work, path.with_suffix(".package_config.json"))
     by_stage["finetune"].detail += f"; Olive workflow → {path}"
+    if plan.azure:
+        by_stage["finetune"].detail += "; " + _azure_dry_run(plan)
     path = plan.work / "export.olive_config.json"
     qscale = plan.finetune.method == "qscale"
     olive.save_config(export_workflow(plan.export, plan.export.output, model_dir=plan.model_dir,
@@ -285,6 +342,35 @@ def write_workflows(plan: PipelinePlan, reports: list[StageReport]) -> None:
     # ftl's own Olive passes are in the package config: olive run --config X --package-config Y
     olive.package_config(plan.work, path.with_suffix(".package_config.json"))
     by_stage["export"].detail += f"; Olive workflow → {path}"
+
+
+def _azure_dry_run(plan: PipelinePlan) -> str:
+    """The job a target: azureml stage would submit, written beside its folder (as ftl finetune --dry-run)."""
+    from ftl.azure import jobs
+    from ftl.azure.workspace import resolve_workspace
+
+    if not (plan.model_dir / "config.json").is_file() or not all(Path(f).is_file() for f in plan.finetune.data_files):
+        return "its Azure ML job is written once the model is imported and the data is there"
+    target = plan.azure
+    prepared = jobs.prepare(plan.finetune, _job_flags(plan), **_job_placement(plan),
+                            workspace=resolve_workspace(target.subscription, target.resource_group, target.workspace,
+                                                        required=False))
+    return f"Azure ML job → {prepared.job_yml}"
+
+
+def _job_flags(plan: PipelinePlan) -> list[str]:
+    from ftl.cli.finetune import finetune_flags
+
+    return setting_flags(plan.spec.stages.finetune, plan.finetune, finetune_flags())
+
+
+def _job_placement(plan: PipelinePlan) -> dict:
+    from ftl.azure.jobs import DEFAULT_IMAGE
+
+    target = plan.azure
+    return {"compute": target.compute, "instance_count": target.instance_count,
+            "gpus_per_node": target.gpus_per_node, "image": target.image or DEFAULT_IMAGE,
+            "experiment": target.experiment or plan.spec.name}
 
 
 def load_rows_safely(config: FinetuneConfig) -> list:
@@ -310,7 +396,7 @@ def stage_manifests(plan: PipelinePlan) -> dict[str, Path]:
 def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False, tracker: Tracker | None = None,
         parent: str | None = None, run_name: str | None = None, log_model: bool = False, kind: str = "pipeline",
         extra_tags: dict | None = None, extra_params: dict | None = None,
-        run_ids: dict | None = None) -> list[StageReport]:
+        run_ids: dict | None = None, azure: "AzureSession | None" = None) -> list[StageReport]:
     """Check every stage, then run each top to bottom, then a summary table. Returns the reports.
 
     With a tracker, the pipeline is an MLflow run (a child of ``parent``, for a sweep's variants)
@@ -331,7 +417,7 @@ def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False, track
                                       **(extra_params or {})})
     status = "FAILED"
     try:
-        reports = _run_stages(plan, force, tracker, pipeline_run, log_model)
+        reports = _run_stages(plan, force, tracker, pipeline_run, log_model, azure)
         status = "FINISHED"
         return reports
     except KeyboardInterrupt:
@@ -350,7 +436,7 @@ def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False, track
 
 
 def _run_stages(plan: PipelinePlan, force: bool, tracker: Tracker, parent: str | None,
-                log_model: bool) -> list[StageReport]:
+                log_model: bool, azure: "AzureSession | None" = None) -> list[StageReport]:
     from ftl.export import export_onnx
     from ftl.finetune import finetune
     from ftl.models import import_model
@@ -380,8 +466,11 @@ def _run_stages(plan: PipelinePlan, force: bool, tracker: Tracker, parent: str |
                                  "run the same command again to ask for them; finished answers are kept")
     started = time.perf_counter()
     with tracked("finetune") as stage_run:
-        tuned = run_with_progress(f"finetune (Olive, {plan.finetune.method})", lambda cb: _replacing(
-            lambda f: finetune(plan.finetune.model_copy(update={"force": f}), on_progress=cb), force))
+        if plan.azure:
+            tuned = _replacing(lambda f: _finetune_on_azure(plan, f, azure or AzureSession()), force)
+        else:
+            tuned = run_with_progress(f"finetune (Olive, {plan.finetune.method})", lambda cb: _replacing(
+                lambda f: finetune(plan.finetune.model_copy(update={"force": f}), on_progress=cb), force))
         stage_run.skipped = tuned.skipped
     reports.append(StageReport("finetune", _status(tuned), time.perf_counter() - started,
                                f"{tuned.rows} rows, {tuned.tokens} tokens, {tuned.steps} steps, final loss "
@@ -402,6 +491,43 @@ def _run_stages(plan: PipelinePlan, force: bool, tracker: Tracker, parent: str |
             stage_run.skipped = reports[-1].status == "skipped"
     _summary(plan, reports)
     return reports
+
+
+@dataclass
+class AzureSession:
+    """The client and transfer seam a target: azureml stage uses (built from the workspace when None;
+    tests give the real SDK's client over a fake workspace, ftl.azure.jobs.Transfer's local stand-in)."""
+
+    ml: object | None = None
+    transfer: object | None = None
+    poll_s: float | None = None
+
+
+def _finetune_on_azure(plan: PipelinePlan, force: bool, azure: AzureSession):
+    """The finetune stage as an Azure ML job: submitted, waited for, its output downloaded into the
+    stage's folder, so the stages after it run here. It skips itself when the folder holds the job
+    result of the same inputs (``azureml_job.json`` keeps the fingerprint the local plan had)."""
+    from ftl.azure import jobs
+    from ftl.azure.workspace import ml_client, resolve_workspace
+    from ftl.finetune.stage import _result_from_manifest, plan as plan_finetune
+
+    config = plan.finetune.model_copy(update={"force": force})
+    out, target = Path(config.output), plan.azure
+    fingerprint = plan_finetune(config).fingerprint
+    if not force and manifest.is_complete(out) and jobs.job_record(out).get("fingerprint") == fingerprint:
+        return _result_from_manifest(out, skipped=True)
+    manifest.check_output(out, force=force, stage="finetune")
+    ref = resolve_workspace(target.subscription, target.resource_group, target.workspace)
+    prepared = jobs.prepare(config, _job_flags(plan), **_job_placement(plan), workspace=ref)
+    limits = jobs.WaitLimits(queue_s=target.queue_timeout * 60, run_s=target.run_timeout * 60)
+    if azure.poll_s is not None:
+        limits.poll_s = azure.poll_s
+    with task_progress(f"finetune on Azure ML ({target.compute})"):
+        submitted = jobs.submit(azure.ml or ml_client(ref), prepared, limits=limits, compute=target.compute,
+                                transfer=azure.transfer, download_to=out,
+                                say=lambda line: console.print(line, highlight=False))
+    jobs.write_job_record(out, submitted, fingerprint)
+    return _result_from_manifest(out, skipped=False)
 
 
 def _distill(config) -> StageReport:

@@ -23,7 +23,8 @@ from pathlib import Path
 import yaml
 
 from ftl.errors import ConfigError, FtlError
-from ftl.pipeline.runner import STAGES, Stages, _apply_override, load_pipeline, read_pipeline, run, stage_manifests
+from ftl.pipeline.runner import (STAGES, Stages, _apply_override, load_pipeline, read_pipeline, run, setting_flags,
+                                 stage_manifests)
 from ftl.progress import console
 from ftl.tracking import TAG_STAGE, Tracker, summary_metrics
 
@@ -229,10 +230,7 @@ def azure_sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides
         raise ConfigError("the fine-tune's data is not here yet", str(missing[0]),
                           "run the pipeline's earlier stages first (ftl run … --dry-run shows them)")
     swept = {key.split(".", 1)[1] for key in grid}
-    block = plan.spec.stages.finetune
-    fixed: list[str] = []
-    for name in sorted(block.model_fields_set - swept - {"data", "val_data", "model", "output", "force"}):
-        fixed += _flag(flags[name], getattr(config, name))
+    fixed = setting_flags(plan.spec.stages.finetune, config, flags, skip=swept)
     for key in grid:
         name = key.split(".", 1)[1]
         fixed += [flags[name], "${{search_space.%s}}" % name]
@@ -243,16 +241,6 @@ def azure_sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides
     if dry_run:
         return prepared, None
     return prepared, jobs.submit(ml, prepared, wait=False, compute=compute)
-
-
-def _flag(flag: str, value) -> list[str]:
-    if isinstance(value, bool):
-        return [flag] if value else []
-    if isinstance(value, list):
-        if flag == "--target-modules":
-            return [flag, ",".join(map(str, value))]
-        return [part for item in value for part in (flag, str(item))]
-    return [] if value is None else [flag, str(value)]
 
 
 def rank(variants: list[Variant], rank_by: str | None) -> list[tuple[Variant, float | None, str]]:
