@@ -82,9 +82,6 @@ class FinetuneConfig(StrictModel):
             raise ValueError("question_field and answer_field must differ")
         if self.val_split and self.val_data:
             raise ValueError("val_split and val_data both set: choose a split of the data or a validation file")
-        if self.early_stopping_patience and self.method == "qlora":
-            raise ValueError("early_stopping_patience runs with method lora or qscale; Olive's QLoRA pass takes no "
-                             "callbacks (validation rows still give eval_loss)")
         if self.early_stopping_patience and not self.validates:
             raise ValueError("early_stopping_patience needs validation rows: set val_split or val_data")
         return self
