@@ -27,6 +27,7 @@ from ftl.cli.jobs import jobs
 from ftl.cli.models import models
 from ftl.cli.pipeline import run_pipeline
 from ftl.cli.runs import runs
+from ftl.cli.serve import serve
 from ftl.cli.sweep import sweep_command
 from ftl.config import settings_error
 from ftl.errors import FtlError
@@ -47,8 +48,8 @@ def cli(debug: bool) -> None:
     _route_logs(debug)
 
 
-for command in (models, distill, finetune, export_onnx, generate, chat, eval_command, run_pipeline, sweep_command, runs, azure, jobs, register_command,
-                deploy_command):
+for command in (models, distill, finetune, export_onnx, generate, chat, serve, eval_command, run_pipeline, sweep_command,
+                runs, azure, jobs, register_command, deploy_command):
     cli.add_command(command)
 
 

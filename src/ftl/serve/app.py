@@ -1,0 +1,278 @@
+"""The OpenAI-compatible HTTP API over :mod:`ftl.serve.engine`, on FastAPI/Starlette (uvicorn).
+
+Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events, or not), ``POST
+/v1/completions``, ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus text).
+Every client error is a 4xx in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
+and the server stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ftl.serve.engine import Engine, Job, QueueFull, Scheduler
+
+
+@dataclass
+class Limits:
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_tokens_cap: int = 1024
+    default_max_tokens: int = 256
+    timeout_s: float = 120.0
+    retry_after_s: int = 2
+
+
+# -- requests (OpenAI's fields; unknown ones are ignored, as OpenAI's own clients add new ones) -------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str
+
+
+# -- errors ---------------------------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers or {}
+
+
+def _error(status: int, message: str, type_: str = "invalid_request_error", param=None, code=None,
+           headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+                        status_code=status, headers=headers)
+
+
+# -- the app --------------------------------------------------------------------------------------------------------
+
+def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) -> FastAPI:
+    app = FastAPI(title="ftl serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine, app.state.scheduler, app.state.limits, app.state.metrics = engine, scheduler, limits, metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        metrics.requests.labels(request.url.path, "400").inc()
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(400, f"{where or 'body'}: {first['msg']}", param=where or None)
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if limits.api_key and request.url.path != "/health":
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {limits.api_key}".encode()):
+                metrics.requests.labels(request.url.path, "401").inc()
+                return _error(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                              code="invalid_api_key")
+        length = request.headers.get("content-length")
+        if request.method == "POST" and length is None:
+            # The limit is checked before the body is read; a chunked upload has no length to check.
+            metrics.requests.labels(request.url.path, "411").inc()
+            return _error(411, "send the body with a Content-Length header", code="length_required")
+        if length and length.isdigit() and int(length) > limits.max_body_bytes:
+            metrics.requests.labels(request.url.path, "413").inc()
+            return _error(413, f"the body is {int(length)} bytes, over the limit of {limits.max_body_bytes}",
+                          code="request_too_large")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        waiting, active = scheduler.depth()
+        return {"status": "ok", "model": engine.name, "models": list(engine.names), "waiting": waiting,
+                "active": active}
+
+    @app.get("/metrics")
+    async def prometheus():
+        waiting, active = scheduler.depth()
+        metrics.queue.set(waiting)
+        metrics.active.set(active)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        created = int(time.time())
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "ftl"}
+                                           for name in engine.names]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
+        if messages[-1]["role"] == "assistant":
+            raise ApiError(400, "the last message is the assistant's: end with a user message", param="messages")
+        ids = engine.chat.prompt_ids(messages)
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        return await _complete(request, body, ids, max_tokens, "/v1/chat/completions", chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        return await _complete(request, body, engine.chat.encode(body.prompt), body.max_tokens, "/v1/completions",
+                               chat=False)
+
+    async def _complete(request: Request, body: _Sampling, ids: list[int], max_tokens: int | None, path: str,
+                        chat: bool):
+        if body.model not in engine.names:
+            raise ApiError(404, f"model {body.model!r} is not served here; models: {', '.join(engine.names)}",
+                           param="model", code="model_not_found")
+        max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
+        if max_tokens < 1:
+            raise ApiError(400, f"max_tokens must be at least 1, not {max_tokens}", param="max_tokens")
+        if max_tokens > limits.max_tokens_cap:
+            raise ApiError(400, f"max_tokens {max_tokens} is over this server's cap of {limits.max_tokens_cap}",
+                           param="max_tokens")
+        context = engine.context_length
+        if len(ids) + max_tokens > context:
+            raise ApiError(400, f"this model's context is {context} tokens; the prompt has {len(ids)} and "
+                                f"max_tokens asks for {max_tokens} more: shorten the prompt or lower max_tokens",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        search: dict = {"max_length": min(context, max(len(ids) + max_tokens, engine.chat.min_length))}
+        temperature = body.temperature if body.temperature is not None else 0.0
+        if temperature > 0:
+            search.update(do_sample=True, temperature=temperature, top_p=body.top_p or 1.0)
+        else:
+            search.update(do_sample=False)
+        if body.seed is not None:
+            search["random_seed"] = body.seed
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(ids=ids, max_tokens=max_tokens, search=search, adapter=body.model, stop=stops,
+                  deadline=time.perf_counter() + limits.timeout_s,
+                  emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+        try:
+            scheduler.submit(job)
+        except QueueFull:
+            raise ApiError(429, "the server is busy (its queue is full); retry after a moment", type_="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(limits.retry_after_s)}) from None
+        ident, created = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", int(time.time())
+        usage = lambda: {"prompt_tokens": len(ids), "completion_tokens": job.new_tokens,  # noqa: E731
+                         "total_tokens": len(ids) + job.new_tokens}
+        if body.stream:
+            return StreamingResponse(_stream(request, job, events, ident, created, body, chat, usage, path),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, finish = [], None
+        while finish is None:
+            try:
+                kind, value = await asyncio.wait_for(events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancelled.set()
+                    metrics.requests.labels(path, "499").inc()
+                    return Response(status_code=499)
+                continue
+            if kind == "token":
+                text.append(value)
+            elif kind == "done":
+                finish = value
+            else:
+                return _failed(job, value, path)
+        metrics.finished(path, job)
+        content = "".join(text)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+                  if chat else {"index": 0, "text": content, "finish_reason": finish, "logprobs": None})
+        return {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": body.model, "choices": [choice], "usage": usage()}
+
+    def _failed(job: Job, message: str, path: str) -> JSONResponse:
+        status = 504 if message == "timeout" else 500
+        metrics.requests.labels(path, str(status)).inc()
+        text = (f"the request ran past this server's {limits.timeout_s:g} s limit" if message == "timeout"
+                else message)
+        return _error(status, text, type_="timeout" if status == 504 else "server_error")
+
+    async def _stream(request, job, events, ident, created, body, chat, usage, path):
+        kind_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta: dict | None, finish: str | None = None, with_usage: bool = False) -> str:
+            choices = [] if delta is None else [
+                {"index": 0, "delta": delta, "finish_reason": finish} if chat else
+                {"index": 0, "text": delta.get("content", ""), "finish_reason": finish, "logprobs": None}]
+            payload = {"id": ident, "object": kind_name, "created": created, "model": body.model, "choices": choices}
+            if with_usage:
+                payload["usage"] = usage()
+            return f"data: {json.dumps(payload)}\n\n"
+
+        finished = False
+        try:
+            if chat:
+                yield chunk({"role": "assistant", "content": ""})
+            while True:
+                kind, value = await events.get()
+                if kind == "token":
+                    yield chunk({"content": value})
+                elif kind == "done":
+                    yield chunk({}, finish=value)
+                    if body.stream_options and body.stream_options.include_usage:
+                        yield chunk(None, with_usage=True)
+                    yield "data: [DONE]\n\n"
+                    finished = True
+                    metrics.finished(path, job)
+                    return
+                else:
+                    status = "504" if value == "timeout" else "500"
+                    metrics.requests.labels(path, status).inc()
+                    yield f"data: {json.dumps({'error': {'message': value, 'type': 'server_error'}})}\n\n"
+                    finished = True
+                    return
+        finally:
+            if not finished:  # the client went away: stop its generation at the next token
+                job.cancelled.set()
+                metrics.requests.labels(path, "499").inc()
+
+    return app

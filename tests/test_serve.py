@@ -1,0 +1,173 @@
+"""ftl serve: a real server (uvicorn on a loopback port) over the tiny export, talked to through the
+`openai` client and raw HTTP. SmolLM2 streaming and a disconnect mid-stream: tests/test_e2e_smollm2.py."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+
+import pytest
+from openai import APIStatusError, AuthenticationError, OpenAI
+
+from ftl.serve import build_server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(export, **settings):
+    """build_server + uvicorn on 127.0.0.1, in a thread; yields (base URL, app)."""
+    import uvicorn
+
+    app, scheduler = build_server(export, threads=2, **settings)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        scheduler.close()
+
+
+def http(url, body=None, headers=None, method=None):
+    """(status, headers, parsed JSON or text) for a raw request."""
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            raw, status, got = response.read(), response.status, response.headers
+    except urllib.error.HTTPError as error:
+        raw, status, got = error.read(), error.code, error.headers
+    got = {k.lower(): v for k, v in got.items()}
+    try:
+        return status, got, json.loads(raw)
+    except ValueError:
+        return status, got, raw.decode()
+
+
+def ask(content="What is 2 + 3?", **kw):
+    return {"model": "export", "messages": [{"role": "user", "content": content}], **kw}
+
+
+def test_chat_and_completions_through_the_openai_client_streamed_or_not(tiny_export):
+    with running(tiny_export) as (url, _):
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["export"]
+        whole = client.chat.completions.create(**ask(max_tokens=6))
+        assert whole.object == "chat.completion" and whole.choices[0].finish_reason == "length"
+        assert whole.usage.completion_tokens == 6 and whole.usage.prompt_tokens > 0
+        stream = client.chat.completions.create(**ask(max_tokens=6), stream=True, stream_options={"include_usage": True})
+        chunks = list(stream)
+        # Greedy: the streamed pieces join into the same answer, and the last chunk carries the usage.
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole.choices[0].message.content
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[-1].usage.completion_tokens == 6
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+        plain = client.completions.create(model="export", prompt="Once upon a time", max_tokens=5)
+        assert plain.object == "text_completion" and plain.usage.completion_tokens == 5
+        # stop: the answer ends before the first stop string, which is not part of it
+        text = plain.choices[0].text
+        stop = text[1:3]
+        cut = client.completions.create(model="export", prompt="Once upon a time", max_tokens=5, stop=[stop])
+        assert cut.choices[0].text == text[:text.find(stop)] and cut.choices[0].finish_reason == "stop"
+        status, _, health = http(url + "/health")
+        assert status == 200 and health["status"] == "ok" and health["active"] == 0
+        status, _, page = http(url + "/metrics")
+        assert 'ftl_requests_total{endpoint="/v1/chat/completions",status="200"} 2.0' in page
+        assert "ftl_time_to_first_token_seconds_bucket" in page and "ftl_queue_depth 0.0" in page
+
+
+def test_bad_requests_are_4xx_in_openais_shape_and_the_server_stays_up(tiny_export):
+    with running(tiny_export, max_tokens_cap=64, max_body_bytes=8192) as (url, _):
+        chat = url + "/v1/chat/completions"
+        cases = [
+            (b"{not json", 400, "not valid JSON"),
+            (ask(max_tokens="5"), 400, "max_tokens: Input should be a valid integer"),
+            ({"model": "export", "messages": []}, 400, "messages"),
+            ({"model": "export", "messages": [{"role": "user"}]}, 400, "messages.0.content"),
+            (ask(max_tokens=0), 400, "max_tokens must be at least 1"),
+            (ask(max_tokens=65), 400, "over this server's cap of 64"),
+            (ask("word " * 400, max_tokens=64), 400, "context is 512 tokens"),
+            (ask(n=2), 400, "n:"),
+            ({**ask(), "model": "nope"}, 404, "'nope' is not served here; models: export"),
+            (ask("x" * 9000), 413, "over the limit of 8192"),
+        ]
+        for body, status, message in cases:
+            got, _, answer = http(chat, body)
+            assert got == status and message in answer["error"]["message"], (body, answer)
+            assert set(answer["error"]) == {"message", "type", "param", "code"}
+        assert http(chat, ask(max_tokens=2))[0] == 200  # still up
+        _, _, page = http(url + "/metrics")
+        assert 'endpoint="/v1/chat/completions",status="400"} 8.0' in page
+
+
+def test_a_full_queue_is_429_with_retry_after_and_a_timeout_is_504(tiny_export):
+    with running(tiny_export, max_concurrency=1, max_queue=1, timeout_s=0.3) as (url, app):
+        scheduler = app.state.scheduler
+        scheduler.pause_admission()  # hold the queue, so its bound is what answers
+        first = {}
+        waiter = threading.Thread(target=lambda: first.update(result=http(url + "/v1/chat/completions",
+                                                                         ask(max_tokens=3))))
+        waiter.start()
+        deadline = time.time() + 10
+        while scheduler.depth()[0] < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        status, headers, answer = http(url + "/v1/chat/completions", ask(max_tokens=3))
+        assert status == 429 and headers["retry-after"] == "2" and answer["error"]["code"] == "queue_full"
+        time.sleep(0.4)  # the queued request's 0.3 s runs out while it waits
+        scheduler.pause_admission(False)
+        waiter.join(timeout=30)
+        status, _, answer = first["result"]
+        assert status == 504 and "0.3 s limit" in answer["error"]["message"]
+        assert http(url + "/v1/chat/completions", ask(max_tokens=3))[0] == 200
+
+
+def test_an_api_key_guards_every_endpoint_but_health(tiny_export):
+    with running(tiny_export, api_key="s3cret-key") as (url, _):
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=url + "/v1", api_key="wrong").chat.completions.create(**ask(max_tokens=2))
+        status, _, answer = http(url + "/v1/models")
+        assert status == 401 and answer["error"]["code"] == "invalid_api_key" and "s3cret" not in json.dumps(answer)
+        assert http(url + "/metrics")[0] == 401 and http(url + "/health")[0] == 200
+        answer = OpenAI(base_url=url + "/v1", api_key="s3cret-key").chat.completions.create(**ask(max_tokens=2))
+        assert answer.usage.completion_tokens == 2
+
+
+def test_the_cli_warns_on_every_interface_without_a_key_and_refuses_a_bad_folder(tiny_export, tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "ftl.cli", "serve", str(tmp_path / "nothing")], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 1 and "no genai_config.json" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "ftl.cli", "serve", str(tiny_export), "--host", "0.0.0.0",
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "COLUMNS": "250", "FTL_API_KEY": ""})
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and server.poll() is None:
+            try:
+                if http(f"http://127.0.0.1:{port}/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        status, _, answer = http(f"http://127.0.0.1:{port}/v1/chat/completions", ask(max_tokens=2))
+        assert status == 200 and answer["usage"]["completion_tokens"] == 2
+    finally:
+        server.terminate()
+        output = server.communicate(timeout=30)[0]
+    assert "warning: serving on 0.0.0.0 without an API key" in output
