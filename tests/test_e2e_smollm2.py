@@ -132,3 +132,44 @@ def _post(url: str, body: bytes) -> tuple[int, dict]:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
+
+
+def test_ftl_serve_streams_smollm2_stops_on_a_disconnect_and_teaches_ftl_distill(tuned_export, tmp_path, monkeypatch):
+    """ftl serve over the SmolLM2 int4 export: the openai client streamed and not; a client that goes
+    away mid-stream stops its generation; and ftl distill, pointed at it, gets its answers."""
+    from openai import OpenAI
+
+    from ftl.distill import DistillConfig, distill
+    from test_serve import http, running
+
+    _, _, exported = tuned_export
+    with running(exported.output) as (url, app):
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        whole = client.chat.completions.create(model="onnx", messages=messages, max_tokens=24)
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="onnx", messages=messages, max_tokens=24, stream=True))
+        assert whole.choices[0].message.content.strip() and streamed == whole.choices[0].message.content
+        # Ask for 600 tokens (several seconds here), read a few, hang up.
+        stream = client.chat.completions.create(model="onnx", max_tokens=600, stream=True, messages=[
+            {"role": "user", "content": "Write a very long story about a lighthouse keeper."}])
+        for _, _ in zip(range(3), stream):
+            pass
+        stream.close()
+        deadline = time.time() + 20
+        while time.time() < deadline and app.state.scheduler.depth() != (0, 0):
+            time.sleep(0.1)
+        assert app.state.scheduler.depth() == (0, 0)
+        _, _, page = http(url + "/metrics")
+        assert 'ftl_requests_total{endpoint="/v1/chat/completions",status="499"} 1.0' in page
+        completion = [line for line in page.splitlines() if line.startswith('ftl_tokens_total{kind="completion"}')]
+        assert float(completion[0].split()[-1]) < 24 * 2 + 300  # the 600-token story stopped early
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+        seeds = write_jsonl(tmp_path / "seeds.jsonl", [{"question": q} for q in (
+            "What is the capital of Italy?", "Name a primary colour.", "What is 2 + 2?")])
+        result = distill(DistillConfig(seeds=str(seeds), output="qa.jsonl", teacher="openai", base_url=url + "/v1",
+                                       model="onnx", max_tokens=160, concurrency=2))
+    rows = [json.loads(line) for line in (tmp_path / "qa.jsonl").read_text().splitlines()]
+    assert result.answered == len(rows) >= 2 and all(r["Answer"].strip() for r in rows)

@@ -206,22 +206,22 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
         if body.stream:
             return StreamingResponse(_stream(request, job, events, ident, created, body, chat, usage, path),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        watcher = _watch(request, job, events)
         text, finish = [], None
-        while finish is None:
-            try:
-                kind, value = await asyncio.wait_for(events.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancelled.set()
+        try:
+            while finish is None:
+                kind, value = await events.get()
+                if kind == "token":
+                    text.append(value)
+                elif kind == "done":
+                    finish = value
+                elif kind == "gone":
                     metrics.requests.labels(path, "499").inc()
                     return Response(status_code=499)
-                continue
-            if kind == "token":
-                text.append(value)
-            elif kind == "done":
-                finish = value
-            else:
-                return _failed(job, value, path)
+                else:
+                    return _failed(job, value, path)
+        finally:
+            watcher.cancel()
         metrics.finished(path, job)
         content = "".join(text)
         choice = ({"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
@@ -236,6 +236,18 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
                 else message)
         return _error(status, text, type_="timeout" if status == 504 else "server_error")
 
+    def _watch(request: Request, job: Job, events: asyncio.Queue) -> asyncio.Task:
+        """Cancel the job as soon as its client goes away. The body has been read, so the next ASGI
+        message is the disconnect (uvicorn drops writes to a closed connection silently, so a stream
+        would otherwise run on to its end)."""
+        async def wait() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            job.cancelled.set()
+            events.put_nowait(("gone", None))
+
+        return asyncio.create_task(wait())
+
     async def _stream(request, job, events, ident, created, body, chat, usage, path):
         kind_name = "chat.completion.chunk" if chat else "text_completion"
 
@@ -248,7 +260,7 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
                 payload["usage"] = usage()
             return f"data: {json.dumps(payload)}\n\n"
 
-        finished = False
+        finished, watcher = False, _watch(request, job, events)
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
@@ -256,6 +268,8 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
                 kind, value = await events.get()
                 if kind == "token":
                     yield chunk({"content": value})
+                elif kind == "gone":
+                    return
                 elif kind == "done":
                     yield chunk({}, finish=value)
                     if body.stream_options and body.stream_options.include_usage:
@@ -271,6 +285,7 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
                     finished = True
                     return
         finally:
+            watcher.cancel()
             if not finished:  # the client went away: stop its generation at the next token
                 job.cancelled.set()
                 metrics.requests.labels(path, "499").inc()
