@@ -171,3 +171,43 @@ def test_the_cli_warns_on_every_interface_without_a_key_and_refuses_a_bad_folder
         server.terminate()
         output = server.communicate(timeout=30)[0]
     assert "warning: serving on 0.0.0.0 without an API key" in output
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tmp_path_factory, tiny_model, qa_file, session_cwd):
+    """Two LoRA fine-tunes of the tiny model, each exported with --keep-adapter-separate."""
+    from conftest import working_directory
+    from ftl.export import ExportConfig, export_onnx
+    from ftl.finetune import FinetuneConfig, finetune
+
+    root = tmp_path_factory.mktemp("adapters")
+    exports = {}
+    with working_directory(session_cwd):
+        for name, seed, rate in (("legal", 1, 1e-2), ("hr", 2, 5e-2)):
+            finetune(FinetuneConfig(model=str(tiny_model), data=qa_file, output=root / f"ft-{name}", max_steps=4,
+                                    batch_size=2, save_steps=4, learning_rate=rate, seed=seed))
+            exports[name] = export_onnx(ExportConfig(adapter=root / f"ft-{name}", output=root / f"export-{name}",
+                                                     keep_adapter_separate=True))
+    return exports
+
+
+def test_multi_lora_the_model_field_picks_the_adapter(two_adapters):
+    """Two separately exported adapters on one base: each request's model field routes it, and each
+    answer is the one ftl generate gives on that adapter's own export."""
+    from ftl.generate import OnnxChatModel
+
+    base = two_adapters["legal"].output
+    adapters = {name: result.adapter_file for name, result in two_adapters.items()}
+    prompt = "What is 2 + 3?"
+    expected = {name: OnnxChatModel(result.output, threads=2).ask(prompt, max_new_tokens=8).text
+                for name, result in two_adapters.items()}
+    assert expected["legal"] != expected["hr"]  # two different fine-tunes, or routing proves nothing
+    with running(base, adapters=adapters) as (url, _):
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["export-legal", "legal", "hr"]
+        for name in ("legal", "hr", "legal"):
+            answer = client.chat.completions.create(model=name, max_tokens=8,
+                                                    messages=[{"role": "user", "content": prompt}])
+            assert answer.choices[0].message.content == expected[name], name
+    with pytest.raises(Exception, match="adapter file not found"):
+        build_server(base, adapters={"x": base / "missing.onnx_adapter"})
