@@ -325,25 +325,33 @@ def test_jobs_status_logs_download_and_cancel(tmp_path, tiny_model, qa_file, fak
         jobs.status(ml, "no-such-job")
 
 
-def _score_module(model_dir, monkeypatch):
+def _score_module(score_py, model_dir, monkeypatch):
     import importlib.util
 
     monkeypatch.setenv("AZUREML_MODEL_DIR", str(model_dir))
     monkeypatch.setenv("FTL_THREADS", "2")
-    spec = importlib.util.spec_from_file_location("ftl_score_under_test", jobs.__file__.replace("jobs.py", "score.py"))
+    monkeypatch.setattr(sys, "path", list(sys.path))  # score.py puts its folder first
+    spec = importlib.util.spec_from_file_location("ftl_score_under_test", score_py)
     score = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(score)
     score.init()
     return score
 
 
-def test_score_py_answers_and_bad_requests_are_400(tiny_export, tmp_path, monkeypatch):
+def test_score_py_answers_as_ftl_generate_and_bad_requests_are_400(tiny_export, tmp_path, monkeypatch):
+    from ftl.azure import deploy
+    from ftl.generate import OnnxChatModel
+
     # Azure ML mounts the model as AZUREML_MODEL_DIR/<asset folder>/…: score.py finds the export inside.
     shutil.copytree(tiny_export, tmp_path / "model" / "export")
-    score = _score_module(tmp_path / "model", monkeypatch)
+    prepared = deploy.prepare(tmp_path / "model" / "export", "ftl-tiny")
+    assert (prepared.folder / "score" / "ftl" / "generate" / "engine.py").is_file()  # the engine travels with it
+    score = _score_module(prepared.folder / "score" / "score.py", tmp_path / "model", monkeypatch)
     answer = score.run(json.dumps({"question": "What is 2 + 3?", "max_new_tokens": 5}))
     assert answer["completion_tokens"] == 5 and answer["finish_reason"] == "length" and answer["prompt_tokens"] > 0
     assert isinstance(answer["text"], str) and answer["latency_ms"] > 0
+    # The same engine as ftl generate: the same prompt, the same greedy answer.
+    assert answer["text"] == OnnxChatModel(tiny_export, threads=2).ask("What is 2 + 3?", max_new_tokens=5).text
     chat = score.run({"messages": [{"role": "user", "content": "Hi"}], "max_new_tokens": 2, "temperature": 0.7})
     assert chat["completion_tokens"] <= 2
     for body, message in [("{not json", "not JSON"), (json.dumps({"max_new_tokens": 4}), "give \"messages\""),

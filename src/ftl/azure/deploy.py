@@ -31,6 +31,10 @@ DEFAULT_IMAGE = "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py311-cpu-inferen
 DEFAULT_INSTANCE = "Standard_DS3_v2"
 # The scoring server the image runs score.py under; 1.5.1 is the version ftl's score.py is written for.
 SERVER = "azureml-inference-server-http==1.5.1"
+# ftl's inference engine as score.py imports it (score/ftl/): the code ftl generate and ftl serve run,
+# which needs onnxruntime-genai, pydantic and jinja2 but nothing of the training stack.
+ENGINE_FILES = ("__init__.py", "errors.py", "system.py", "manifest.py", "chat.py", "generate/__init__.py",
+                "generate/engine.py")
 SAMPLE = {"messages": [{"role": "user", "content": "What can you help me with?"}], "max_new_tokens": 128}
 
 
@@ -64,6 +68,10 @@ def prepare(export: Path, endpoint: str, *, deployment: str = "blue", instance_t
     (folder / "score").mkdir(parents=True)
     (folder / "environment").mkdir()
     shutil.copy2(Path(__file__).with_name("score.py"), folder / "score" / "score.py")
+    package = Path(__file__).resolve().parents[1]
+    for name in ENGINE_FILES:
+        (folder / "score" / "ftl" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(package / name, folder / "score" / "ftl" / name)
     name = model_name(export)
     (folder / "model.yml").write_text(yaml.safe_dump({
         "$schema": "https://azuremlschemas.azureedge.net/latest/model.schema.json",
@@ -71,8 +79,10 @@ def prepare(export: Path, endpoint: str, *, deployment: str = "blue", instance_t
         "description": "an ftl int4 onnxruntime-genai export (written by ftl)"}, sort_keys=False))
     (folder / "environment" / "conda.yml").write_text(yaml.safe_dump({
         "name": "ftl-serve", "channels": ["conda-forge"],
+        # pydantic and jinja2 as floors: the server pins pydantic~=2.12 itself, and Flask brings jinja2.
         "dependencies": ["python=3.11", "pip", {"pip": [f"onnxruntime-genai=={metadata.version('onnxruntime-genai')}",
-                                                        f"onnxruntime=={metadata.version('onnxruntime')}", SERVER]}]},
+                                                        f"onnxruntime=={metadata.version('onnxruntime')}", SERVER,
+                                                        "pydantic>=2.6", "jinja2>=3.1"]}]},
         sort_keys=False))
     (folder / "endpoint.yml").write_text(yaml.safe_dump({
         "$schema": "https://azuremlschemas.azureedge.net/latest/managedOnlineEndpoint.schema.json",

@@ -1,6 +1,7 @@
-"""score.py for an Azure ML managed online endpoint serving an ftl int4 export (copied as is by
-``ftl deploy``). It needs only onnxruntime-genai: the model folder is ``$AZUREML_MODEL_DIR``
-(or the one folder in it that holds genai_config.json).
+"""score.py for an Azure ML managed online endpoint serving an ftl int4 export (copied by ``ftl deploy``
+into ``<export>.deploy/score/`` beside a copy of ftl's inference engine, ``score/ftl/``: the same
+code as ``ftl generate`` and ``ftl serve``, which needs only onnxruntime-genai, pydantic and jinja2).
+The model folder is ``$AZUREML_MODEL_DIR`` (or the one folder in it that holds genai_config.json).
 
 Request (JSON)::
 
@@ -14,16 +15,19 @@ Response (JSON)::
      "latency_ms": 812.4, "decode_tokens_per_s": 74.1}
 
 Bad JSON, a missing question, unknown options or a prompt longer than the context answer 400 with
-``{"error": "..."}``, never 500. The prompt is rendered as ``ftl generate`` renders it: the model's
-chat template, the fine-tune's system prompt or text template (from the export's manifest).
+``{"error": "..."}``, never 500. The prompt is rendered as ``ftl generate`` renders it: the format
+recorded at fine-tuning (chat template, system prompt or text template), from the export's manifest.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the engine copy beside this file (score/ftl/)
 
 try:  # azureml-inference-server-http: lets run() choose the HTTP status
     from azureml.contrib.services.aml_response import AMLResponse
@@ -52,80 +56,56 @@ def model_folder() -> Path:
 
 
 def init() -> None:
-    import onnxruntime_genai as og
+    from ftl.generate.engine import OnnxChatModel
 
-    folder = model_folder()
-    config = og.Config(str(folder))
-    threads = int(os.environ.get("FTL_THREADS", "0")) or (os.cpu_count() or 1)
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-    model = og.Model(config)
-    genai = json.loads((folder / "genai_config.json").read_text())
-    record = {}
-    if (folder / "manifest.json").is_file():
-        record = json.loads((folder / "manifest.json").read_text())
-    _STATE.update(og=og, model=model, tokenizer=og.Tokenizer(model), context=genai["model"]["context_length"],
-                  search=genai.get("search", {}), prompt_format=record.get("prompt_format") or {})
+    threads = int(os.environ.get("FTL_THREADS", "0")) or None  # None: the cores this process may use
+    _STATE["model"] = OnnxChatModel(model_folder(), threads=threads)
 
 
-def prompt(request: dict) -> str:
-    fmt = _STATE["prompt_format"]
+def messages_of(request: dict) -> list[dict]:
     messages = request.get("messages")
     if messages is None:
         question = request.get("question")
         if not isinstance(question, str) or not question.strip():
             raise BadRequest('give "messages" (a list of {role, content}) or "question" (text)')
-        messages = [{"role": "user", "content": question}]
+        return _STATE["model"].format.conversation(question)
     if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
         raise BadRequest('"messages" must be a non-empty list of {"role": ..., "content": ...}')
-    if fmt.get("text_template"):
-        last = messages[-1]["content"]
-        return fmt["text_template"].split("{Answer}")[0].replace("{Question}", last)
-    if fmt.get("system_prompt") and messages[0]["role"] != "system":
-        messages = [{"role": "system", "content": fmt["system_prompt"]}] + messages
-    return _STATE["tokenizer"].apply_chat_template(json.dumps(messages), add_generation_prompt=True)
+    fmt = _STATE["model"].format
+    if fmt.system_prompt and messages[0]["role"] != "system":  # as ftl chat adds the fine-tune's system prompt
+        messages = [{"role": "system", "content": fmt.system_prompt}] + messages
+    return messages
 
 
 def generate(request: dict) -> dict:
-    og, tokenizer = _STATE["og"], _STATE["tokenizer"]
+    from ftl.errors import FtlError
+
+    model = _STATE["model"]
     unknown = set(request) - OPTIONS - {"messages", "question"}
     if unknown:
         raise BadRequest(f"unknown field(s) {sorted(unknown)}; options are {sorted(OPTIONS)}")
-    tokens = tokenizer.encode(prompt(request))
     new = request.get("max_new_tokens", 256)
-    if not isinstance(new, int) or new < 1:
+    if not isinstance(new, int) or isinstance(new, bool) or new < 1:
         raise BadRequest('"max_new_tokens" must be a positive integer')
-    if len(tokens) + new > _STATE["context"]:
-        raise BadRequest(f"prompt ({len(tokens)} tokens) + max_new_tokens ({new}) exceeds the model's context "
-                         f"({_STATE['context']}); shorten the prompt or lower max_new_tokens")
-    search = {"max_length": len(tokens) + new,
-              "repetition_penalty": _STATE["search"].get("repetition_penalty", 1.0),
-              "no_repeat_ngram_size": _STATE["search"].get("no_repeat_ngram_size", 0)}
     temperature = float(request.get("temperature", 0) or 0)
-    if temperature > 0:
-        search.update(do_sample=True, temperature=temperature, top_p=float(request.get("top_p", 1.0)),
-                      top_k=int(request.get("top_k", 50)))
-    for key in ("repetition_penalty", "no_repeat_ngram_size"):
-        if key in request:
-            search[key] = request[key]
-    params = og.GeneratorParams(_STATE["model"])
-    params.set_search_options(**search)
-    generator = og.Generator(_STATE["model"], params)
+    search = {"top_k": int(request["top_k"])} if "top_k" in request and temperature > 0 else {}
+    stats: dict = {}
     started = time.perf_counter()
-    generator.append_tokens(tokens)
-    out, first = [], None
-    while not generator.is_done():
-        generator.generate_next_token()
-        out.append(int(generator.get_next_tokens()[0]))
-        first = first or time.perf_counter()
-    ended = time.perf_counter()
-    eos = set(getattr(tokenizer, "eos_token_ids", []) or [])
-    finish = "stop" if out and out[-1] in eos else "length"
-    text = tokenizer.decode([t for t in out if t not in eos])
-    rate = (len(out) - 1) / (ended - first) if len(out) > 1 and ended > first else None
-    return {"text": text, "prompt_tokens": len(tokens), "completion_tokens": len(out), "finish_reason": finish,
-            "latency_ms": round((ended - started) * 1000, 1), "decode_tokens_per_s": round(rate, 1) if rate else None}
+    try:
+        text = "".join(model.stream(messages_of(request), max_new_tokens=new, temperature=temperature,
+                                    top_p=float(request.get("top_p", 1.0)), stats=stats, search=search,
+                                    repetition_penalty=request.get("repetition_penalty"),
+                                    no_repeat_ngram_size=request.get("no_repeat_ngram_size")))
+    except FtlError as exc:  # the prompt does not fit the context
+        raise BadRequest(f"{exc.what}; shorten the prompt or lower max_new_tokens") from None
+    rate = None
+    if stats["new_tokens"] > 1 and stats["total_s"] > stats["ttft_s"]:
+        rate = round((stats["new_tokens"] - 1) / (stats["total_s"] - stats["ttft_s"]), 1)
+    return {"text": text, "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["new_tokens"],
+            "finish_reason": "length" if stats["new_tokens"] >= new else "stop",
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1), "decode_tokens_per_s": rate}
 
 
 def run(raw_data):

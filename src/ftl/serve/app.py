@@ -93,10 +93,41 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
                         status_code=status, headers=headers)
 
 
+class Guard:
+    """The API key and the body-size limit, checked before anything is read (a plain ASGI middleware:
+    Starlette's BaseHTTPMiddleware would sit in every streamed chunk's path)."""
+
+    def __init__(self, app, limits: Limits, metrics):
+        self.app, self.limits, self.metrics = app, limits, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, headers = scope["path"], {k.lower(): v for k, v in scope["headers"]}
+        refusal = None
+        if self.limits.api_key and path != "/health":
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {self.limits.api_key}".encode()):
+                refusal = _error(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                 code="invalid_api_key")
+        length = headers.get(b"content-length")
+        if refusal is None and scope["method"] == "POST" and length is None:
+            # The limit is checked before the body is read; a chunked upload has no length to check.
+            refusal = _error(411, "send the body with a Content-Length header", code="length_required")
+        elif refusal is None and length and length.isdigit() and int(length) > self.limits.max_body_bytes:
+            refusal = _error(413, f"the body is {int(length)} bytes, over the limit of {self.limits.max_body_bytes}",
+                             code="request_too_large")
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        self.metrics.requests.labels(path, str(refusal.status_code)).inc()
+        await refusal(scope, receive, send)
+
+
 # -- the app --------------------------------------------------------------------------------------------------------
 
 def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) -> FastAPI:
     app = FastAPI(title="ftl serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(Guard, limits=limits, metrics=metrics)
     app.state.engine, app.state.scheduler, app.state.limits, app.state.metrics = engine, scheduler, limits, metrics
 
     @app.exception_handler(ApiError)
@@ -112,25 +143,6 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
             return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return _error(400, f"{where or 'body'}: {first['msg']}", param=where or None)
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if limits.api_key and request.url.path != "/health":
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {limits.api_key}".encode()):
-                metrics.requests.labels(request.url.path, "401").inc()
-                return _error(401, "missing or wrong API key: send Authorization: Bearer <key>",
-                              code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if request.method == "POST" and length is None:
-            # The limit is checked before the body is read; a chunked upload has no length to check.
-            metrics.requests.labels(request.url.path, "411").inc()
-            return _error(411, "send the body with a Content-Length header", code="length_required")
-        if length and length.isdigit() and int(length) > limits.max_body_bytes:
-            metrics.requests.labels(request.url.path, "413").inc()
-            return _error(413, f"the body is {int(length)} bytes, over the limit of {limits.max_body_bytes}",
-                          code="request_too_large")
-        return await call_next(request)
 
     @app.get("/health")
     async def health():
