@@ -80,8 +80,6 @@ def messages_of(request: dict) -> list[dict]:
 
 
 def generate(request: dict) -> dict:
-    from ftl.errors import FtlError
-
     model = _STATE["model"]
     unknown = set(request) - OPTIONS - {"messages", "question"}
     if unknown:
@@ -91,15 +89,17 @@ def generate(request: dict) -> dict:
         raise BadRequest('"max_new_tokens" must be a positive integer')
     temperature = float(request.get("temperature", 0) or 0)
     search = {"top_k": int(request["top_k"])} if "top_k" in request and temperature > 0 else {}
+    messages = messages_of(request)
+    prompt_tokens = len(model.prompt_ids(messages))
+    if prompt_tokens + new > model.context_length:
+        raise BadRequest(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({new}) exceeds the model's context "
+                         f"({model.context_length}); shorten the prompt or lower max_new_tokens")
     stats: dict = {}
     started = time.perf_counter()
-    try:
-        text = "".join(model.stream(messages_of(request), max_new_tokens=new, temperature=temperature,
-                                    top_p=float(request.get("top_p", 1.0)), stats=stats, search=search,
-                                    repetition_penalty=request.get("repetition_penalty"),
-                                    no_repeat_ngram_size=request.get("no_repeat_ngram_size")))
-    except FtlError as exc:  # the prompt does not fit the context
-        raise BadRequest(f"{exc.what}; shorten the prompt or lower max_new_tokens") from None
+    text = "".join(model.stream(messages, max_new_tokens=new, temperature=temperature,
+                                top_p=float(request.get("top_p", 1.0)), stats=stats, search=search,
+                                repetition_penalty=request.get("repetition_penalty"),
+                                no_repeat_ngram_size=request.get("no_repeat_ngram_size")))
     rate = None
     if stats["new_tokens"] > 1 and stats["total_s"] > stats["ttft_s"]:
         rate = round((stats["new_tokens"] - 1) / (stats["total_s"] - stats["ttft_s"]), 1)
