@@ -138,6 +138,35 @@ def test_a_full_queue_is_429_with_retry_after_and_a_timeout_is_504(tiny_export):
         assert http(url + "/v1/chat/completions", ask(max_tokens=3))[0] == 200
 
 
+def test_requests_that_arrive_together_are_one_batch_and_answer_as_they_would_alone(tiny_export):
+    """Prompts of different lengths, padded into one onnxruntime-genai batch: each greedy answer is the
+    one the same request gets alone, and /metrics counts one batch of four."""
+    prompts = ["What is 2 + 3?", "Name a colour.", "Write one long sentence about the sea and the sky at night.",
+               "Hi"]
+    with running(tiny_export, max_concurrency=4) as (url, app):
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        alone = [client.chat.completions.create(**ask(p, max_tokens=6 + i)).choices[0].message.content
+                 for i, p in enumerate(prompts)]
+        app.state.scheduler.pause_admission()  # let all four arrive, then admit them together
+        together = [None] * len(prompts)
+
+        def one(i):
+            together[i] = client.chat.completions.create(**ask(prompts[i], max_tokens=6 + i)).choices[0].message.content
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+        for thread in threads:
+            thread.start()
+        deadline = time.time() + 10
+        while app.state.scheduler.depth()[0] < len(prompts) and time.time() < deadline:
+            time.sleep(0.01)
+        app.state.scheduler.pause_admission(False)
+        for thread in threads:
+            thread.join(timeout=30)
+        assert together == alone
+        _, _, page = http(url + "/metrics")
+        assert 'ftl_batch_rows_bucket{le="4.0"} 5.0' in page and 'ftl_batch_rows_bucket{le="2.0"} 4.0' in page
+
+
 def test_an_api_key_guards_every_endpoint_but_health(tiny_export):
     with running(tiny_export, api_key="s3cret-key") as (url, _):
         with pytest.raises(AuthenticationError):

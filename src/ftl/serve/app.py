@@ -195,7 +195,7 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
                                 f"max_tokens asks for {max_tokens} more: shorten the prompt or lower max_tokens",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        search: dict = {"max_length": min(context, max(len(ids) + max_tokens, engine.chat.min_length))}
+        search: dict = {}  # max_length is the batch's (ftl.serve.engine)
         temperature = body.temperature if body.temperature is not None else 0.0
         if temperature > 0:
             search.update(do_sample=True, temperature=temperature, top_p=body.top_p or 1.0)
@@ -276,10 +276,21 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
         try:
             if chat:
                 yield chunk({"role": "assistant", "content": ""})
+            following = None
             while True:
-                kind, value = await events.get()
+                kind, value = following or await events.get()
+                following = None
                 if kind == "token":
-                    yield chunk({"content": value})
+                    # What arrived while the last chunk was being sent goes out as one chunk: under load the
+                    # event loop (and a client on the same CPU) is not paid per token.
+                    pieces = [value]
+                    while not events.empty():
+                        following = events.get_nowait()
+                        if following[0] != "token":
+                            break
+                        pieces.append(following[1])
+                        following = None
+                    yield chunk({"content": "".join(pieces)})
                 elif kind == "gone":
                     return
                 elif kind == "done":

@@ -24,6 +24,8 @@ class Metrics:
                               buckets=_SECONDS, registry=registry)
         self.latency = Histogram("ftl_request_latency_seconds", "From arrival to the last token",
                                  buckets=_SECONDS, registry=registry)
+        self.batch = Histogram("ftl_batch_rows", "Requests per generator batch", buckets=(1, 2, 4, 8, 16, 32, 64),
+                               registry=registry)
 
     def finished(self, endpoint: str, job) -> None:
         self.requests.labels(endpoint, "200").inc()
