@@ -105,6 +105,7 @@ def test_bad_requests_are_4xx_in_openais_shape_and_the_server_stays_up(tiny_expo
             (ask(max_tokens=65), 400, "over this server's cap of 64"),
             (ask("word " * 400, max_tokens=64), 400, "context is 512 tokens"),
             (ask(n=2), 400, "n:"),
+            (ask(stop=["a", "b", "c", "d", "e"], max_tokens=4), 400, "stop takes at most 4 strings"),
             ({**ask(), "model": "nope"}, 404, "'nope' is not served here; models: export"),
             (ask("x" * 9000), 413, "over the limit of 8192"),
         ]
@@ -114,7 +115,7 @@ def test_bad_requests_are_4xx_in_openais_shape_and_the_server_stays_up(tiny_expo
             assert set(answer["error"]) == {"message", "type", "param", "code"}
         assert http(chat, ask(max_tokens=2))[0] == 200  # still up
         _, _, page = http(url + "/metrics")
-        assert 'endpoint="/v1/chat/completions",status="400"} 8.0' in page
+        assert 'endpoint="/v1/chat/completions",status="400"} 9.0' in page
 
 
 def test_a_full_queue_is_429_with_retry_after_and_a_timeout_is_504(tiny_export):
@@ -174,6 +175,10 @@ def test_an_api_key_guards_every_endpoint_but_health(tiny_export):
         status, _, answer = http(url + "/v1/models")
         assert status == 401 and answer["error"]["code"] == "invalid_api_key" and "s3cret" not in json.dumps(answer)
         assert http(url + "/metrics")[0] == 401 and http(url + "/health")[0] == 200
+        for n in range(3):  # unknown paths share one metrics label, so probing them cannot grow /metrics
+            assert http(f"{url}/probe-{n}")[0] == 401
+        page = http(url + "/metrics", headers={"Authorization": "Bearer s3cret-key"})[2]
+        assert 'ftl_requests_total{endpoint="other",status="401"} 3.0' in page and "probe" not in page
         answer = OpenAI(base_url=url + "/v1", api_key="s3cret-key").chat.completions.create(**ask(max_tokens=2))
         assert answer.usage.completion_tokens == 2
 

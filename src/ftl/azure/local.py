@@ -59,6 +59,9 @@ def ensure_env(requirements: list[str], say=print) -> Path:
     marker = folder / ".ftl-complete"
     if marker.is_file() and python.is_file():
         return python
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / "pyvenv.cfg").is_file():
+        raise ConfigError("the scoring server's environment folder holds something else", str(folder),
+                          "point FTL_SERVER_ENV at an empty or new folder")
     say(f"setting up the scoring server's own environment (once, under a minute): {folder}")
     folder.parent.mkdir(parents=True, exist_ok=True)
     venv.EnvBuilder(with_pip=True, clear=True).create(folder)

@@ -90,7 +90,10 @@ def generate(request: dict) -> dict:
     temperature = float(request.get("temperature", 0) or 0)
     search = {"top_k": int(request["top_k"])} if "top_k" in request and temperature > 0 else {}
     messages = messages_of(request)
-    prompt_tokens = len(model.prompt_ids(messages))
+    try:
+        prompt_tokens = len(model.prompt_ids(messages))
+    except Exception as exc:  # noqa: BLE001 — jinja2's TemplateError: the chat template refused the messages
+        raise BadRequest(f"the model's chat template refused these messages: {exc}") from None
     if prompt_tokens + new > model.context_length:
         raise BadRequest(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({new}) exceeds the model's context "
                          f"({model.context_length}); shorten the prompt or lower max_new_tokens")

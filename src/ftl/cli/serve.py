@@ -35,14 +35,15 @@ def _adapter(ctx, param, values) -> dict[str, Path]:
               help="Requests waiting beyond those; more get 429 with Retry-After.")
 @click.option("--max-tokens-cap", type=click.IntRange(1), default=1024, show_default=True,
               help="The largest max_tokens a request may ask for.")
-@click.option("--default-max-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--default-max-tokens", type=click.IntRange(1),
+              help="max_tokens for a request that sets none (default: 256, or the cap if lower).")
 @click.option("--max-body-kb", type=click.IntRange(1), default=1024, show_default=True,
               help="Larger request bodies get 413.")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=120.0, show_default=True,
               help="Seconds a request may take, queue included.")
 @click.option("--threads", type=int, help="onnxruntime-genai intra-op threads (default: this machine's cores).")
 def serve(export: Path, adapters: dict[str, Path], host: str, port: int, api_key: str | None, model_name: str | None,
-          max_concurrency: int, max_queue: int, max_tokens_cap: int, default_max_tokens: int, max_body_kb: int,
+          max_concurrency: int, max_queue: int, max_tokens_cap: int, default_max_tokens: int | None, max_body_kb: int,
           timeout: float, threads: int | None) -> None:
     """Serve EXPORT (an ftl export-onnx folder) through the OpenAI API: /v1/chat/completions (streamed or
     not), /v1/completions, /v1/models, /health and /metrics, on onnxruntime-genai."""
@@ -51,6 +52,8 @@ def serve(export: Path, adapters: dict[str, Path], host: str, port: int, api_key
     from ftl.errors import ConfigError
     from ftl.serve import build_server
 
+    if default_max_tokens is None:
+        default_max_tokens = min(256, max_tokens_cap)
     if default_max_tokens > max_tokens_cap:
         raise ConfigError(f"--default-max-tokens {default_max_tokens} is over --max-tokens-cap {max_tokens_cap}",
                           "--default-max-tokens", "lower it or raise the cap")

@@ -84,9 +84,12 @@ def plan(config: FinetuneConfig) -> _Plan:
     counts, answers = _count_tokens(model_dir, fmt, examples + val_examples, config)
     # the validation rows are checked for length, not counted
     token_counts, answer_tokens = counts[:len(examples)], sum(answers[:len(examples)])
-    steps, logging_steps = steps_for(config, len(examples), distributed.current().world_size)
+    world = distributed.current().world_size
+    steps, logging_steps = steps_for(config, len(examples), world)
     base = model_identity(model_dir)
     params = config.model_dump(mode="json", exclude={"force", "output"})
+    if world > 1:  # the steps and the data each process sees depend on it
+        params["world_size"] = world
     data_hashes = [manifest.sha256_file(f) for f in config.data_files + list(config.val_data or [])]
     fingerprint = manifest.sha256_json({"base": base["sha256"], "data": data_hashes,
                                         "params": params, "format": fmt.model_dump()})
@@ -235,6 +238,11 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     if manifest.is_complete(out, p.fingerprint) and not config.force:
         return _result_from_manifest(out, skipped=True)
     if not rank.main:
+        # rank 0's own checks, read-only: a worker must not train when rank 0 refuses the folder
+        if manifest.check_output(out, force=config.force, stage="finetune", resumable=True) == "resume" and \
+                (manifest.read(out) or {}).get("fingerprint") not in (None, p.fingerprint):
+            raise OutputExistsError("output folder holds an unfinished finetune with other inputs or settings",
+                                    str(out), "pass --force to start over, or choose a new --output path")
         return _train_as_worker(config, p, out, rank, on_progress)
     resumed = manifest.prepare_output(out, force=config.force, stage="finetune", resumable=True)
     if resumed and (manifest.read(out) or {}).get("fingerprint") != p.fingerprint:
@@ -313,13 +321,11 @@ def _train_as_worker(config: FinetuneConfig, p: _Plan, out: Path, rank: distribu
     checkpoint folder with rank 0 (which writes the manifest and the adapter; see ftl.finetune.distributed)."""
     started = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix=f"ftl-finetune-rank{rank.rank}-"))
-    try:
-        _write_prepared(scratch / PREPARED, p)
-        workflow = build_olive_config(config, p, scratch, checkpoints=out / CHECKPOINTS,
-                                      resume=_resume_point(config, out), world_size=rank.world_size)
-        olive.run(workflow, scratch, on_line=_progress_parser(p.steps, on_progress), env=tracking.child_env())
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    _write_prepared(scratch / PREPARED, p)
+    workflow = build_olive_config(config, p, scratch, checkpoints=out / CHECKPOINTS,
+                                  resume=_resume_point(config, out), world_size=rank.world_size)
+    olive.run(workflow, scratch, on_line=_progress_parser(p.steps, on_progress), env=tracking.child_env())
+    shutil.rmtree(scratch, ignore_errors=True)  # kept when Olive fails: its olive.log is what the error names
     return FinetuneResult(out, out / ADAPTER, len(p.examples), sum(p.token_counts), p.steps, None,
                           seconds=time.perf_counter() - started, answer_tokens=p.answer_tokens, rank=rank.rank)
 

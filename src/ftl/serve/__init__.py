@@ -19,5 +19,5 @@ def build_server(export: Path, *, adapters: dict[str, Path] | None = None, threa
     engine, metrics = Engine(Path(export), adapters, threads=threads, name=name), Metrics()
     scheduler = Scheduler(engine, max_active=max_concurrency, max_queue=max_queue, on_batch=metrics.batch.observe)
     limits = Limits(api_key=api_key, max_body_bytes=max_body_bytes, max_tokens_cap=max_tokens_cap,
-                    default_max_tokens=default_max_tokens, timeout_s=timeout_s)
+                    default_max_tokens=min(default_max_tokens, max_tokens_cap), timeout_s=timeout_s)
     return create_app(engine, scheduler, limits, metrics), scheduler

@@ -21,7 +21,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ftl.serve.engine import Engine, Job, QueueFull, Scheduler
+from jinja2 import TemplateError
+
+from ftl.serve.engine import SHUTDOWN, Engine, Job, QueueFull, Scheduler
 
 
 @dataclass
@@ -119,8 +121,17 @@ class Guard:
                              code="request_too_large")
         if refusal is None:
             return await self.app(scope, receive, send)
-        self.metrics.requests.labels(path, str(refusal.status_code)).inc()
+        self.metrics.requests.labels(_route(path), str(refusal.status_code)).inc()
         await refusal(scope, receive, send)
+
+
+ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+MAX_STOPS, MAX_STOP_CHARS = 4, 200  # OpenAI's own limit on stop sequences; a bound on what each token is checked against
+
+
+def _route(path: str) -> str:
+    """A metrics label: any other path would make a new series per request."""
+    return path if path in ROUTES else "other"
 
 
 # -- the app --------------------------------------------------------------------------------------------------------
@@ -132,12 +143,12 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        metrics.requests.labels(_route(request.url.path), str(exc.status)).inc()
         return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        metrics.requests.labels(request.url.path, "400").inc()
+        metrics.requests.labels(_route(request.url.path), "400").inc()
         first = exc.errors()[0]
         if first.get("type") == "json_invalid":
             return _error(400, f"the body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}")
@@ -169,7 +180,10 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
                     for m in body.messages]
         if messages[-1]["role"] == "assistant":
             raise ApiError(400, "the last message is the assistant's: end with a user message", param="messages")
-        ids = engine.chat.prompt_ids(messages)
+        try:
+            ids = engine.chat.prompt_ids(messages)
+        except TemplateError as exc:  # e.g. a template that wants user and assistant turns to alternate
+            raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await _complete(request, body, ids, max_tokens, "/v1/chat/completions", chat=True)
 
@@ -195,6 +209,9 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
                                 f"max_tokens asks for {max_tokens} more: shorten the prompt or lower max_tokens",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        if len(stops) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ApiError(400, f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
+                           param="stop")
         search: dict = {}  # max_length is the batch's (ftl.serve.engine)
         temperature = body.temperature if body.temperature is not None else 0.0
         if temperature > 0:
@@ -204,9 +221,14 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
         if body.seed is not None:
             search["random_seed"] = body.seed
         loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        def emit(kind: str, value) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, (kind, value))
+            except RuntimeError:  # the event loop has closed (shutdown): nobody is waiting any more
+                pass
+
         job = Job(ids=ids, max_tokens=max_tokens, search=search, adapter=body.model, stop=stops,
-                  deadline=time.perf_counter() + limits.timeout_s,
-                  emit=lambda kind, value: loop.call_soon_threadsafe(events.put_nowait, (kind, value)))
+                  deadline=time.perf_counter() + limits.timeout_s, emit=emit)
         try:
             scheduler.submit(job)
         except QueueFull:
@@ -242,7 +264,7 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
                 "model": body.model, "choices": [choice], "usage": usage()}
 
     def _failed(job: Job, message: str, path: str) -> JSONResponse:
-        status = 504 if message == "timeout" else 500
+        status = 504 if message == "timeout" else 503 if message == SHUTDOWN else 500
         metrics.requests.labels(path, str(status)).inc()
         text = (f"the request ran past this server's {limits.timeout_s:g} s limit" if message == "timeout"
                 else message)

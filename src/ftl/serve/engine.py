@@ -43,6 +43,9 @@ from ftl.errors import ConfigError, ModelNotFoundError
 from ftl.generate.engine import OnnxChatModel
 
 
+SHUTDOWN = "the server is shutting down"
+
+
 class QueueFull(Exception):
     """The bounded queue is full; the client should retry after a while."""
 
@@ -146,8 +149,9 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            if len(self._waiting) >= self.max_queue and (self._rows() >= self.max_active or
-                                                         not self._admitting.is_set()):
+            # max_queue requests may wait beyond those the free slots will take at the next turn
+            free = max(0, self.max_active - self._rows()) if self._admitting.is_set() else 0
+            if len(self._waiting) >= self.max_queue + free:
                 raise QueueFull()
             self._waiting.append(job)
             self._lock.notify()
@@ -179,22 +183,48 @@ class Scheduler:
             with self._lock:
                 while not self._stop and not self._groups and not (self._waiting and self._admitting.is_set()):
                     self._lock.wait(timeout=0.5)
+                    self._sweep()
                 if self._stop:
                     break
+                self._sweep()
                 batch = self._take() if self._admitting.is_set() else []
             if batch:
-                self._start(batch)
+                self._guarded(lambda: self._start(batch), [_Row(job, None) for job in batch])
             for group in list(self._groups):
-                self._step(group)
+                self._guarded(lambda: self._step(group), group.rows, group)
         for group in list(self._groups):
             for row in group.rows:
                 if row.live:
-                    self._finish(row, "error", "the server is shutting down")
+                    self._finish(row, "error", SHUTDOWN)
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
         for job in waiting:
-            job.emit("error", "the server is shutting down")
+            job.emit("error", SHUTDOWN)
             self._end(job, "error")
+
+    def _guarded(self, work: Callable[[], None], rows: list[_Row], group: _Group | None = None) -> None:
+        """One batch's work; whatever it raises fails that batch's requests, never the scheduler thread
+        (which every later request waits on)."""
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001
+            message = f"generation failed: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}"
+            for row in rows:
+                if row.live and row.job.finish_reason is None:
+                    self._finish(row, "error", message)
+            if group is not None and group in self._groups:
+                self._groups.remove(group)
+
+    def _sweep(self) -> None:
+        """Waiting requests whose client left go; those past their deadline get their timeout now."""
+        now = time.perf_counter()
+        for job in [j for j in self._waiting if j.cancelled.is_set() or now > j.deadline]:
+            self._waiting.remove(job)
+            if job.cancelled.is_set():
+                self._end(job, "cancelled")
+            else:
+                job.emit("error", "timeout")
+                self._end(job, "error")
 
     def _take(self) -> list[Job]:
         """The next batch: the oldest waiting request and the others that can share its generator (the same
@@ -255,7 +285,10 @@ class Scheduler:
             return
         self._groups.append(_Group(generator, [_Row(job, engine.chat.tokenizer.create_stream()) for job in live]))
         if self.on_batch:
-            self.on_batch(len(live))
+            try:
+                self.on_batch(len(live))
+            except Exception:  # noqa: BLE001 — a metrics hook never fails a batch
+                pass
 
     def _step(self, group: _Group) -> None:
         now = time.perf_counter()
@@ -289,6 +322,7 @@ class Scheduler:
         job = row.job
         job.first_token = job.first_token or time.perf_counter()
         if token in self.engine.chat.stop_ids:
+            self._flush(row, len(job.text))  # what was held back for a stop string that never came
             return self._finish(row, "done", "stop")
         job.new_tokens += 1
         job.text += row.decoder.decode(token)
