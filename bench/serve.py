@@ -165,6 +165,26 @@ def serve_and_drive(export: Path, loads: list[int], per_client: int, max_tokens:
         server.wait(timeout=30)
 
 
+def llama_cpp_drive(loads: list[int], per_client: int, max_tokens: int, questions: list[str],
+                    threads: int) -> list[dict]:
+    """llama-cpp-python's own OpenAI-compatible server on the default model's GGUF (the file ftl imports
+    SmolLM2 from), driven by the same clients."""
+    from ftl.models.store import builtin_gguf
+
+    port = free_port()
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(builtin_gguf("smollm2-135m")),
+               "--host", "127.0.0.1", "--port", str(port), "--n_threads", str(threads), "--n_ctx", "2048",
+               "--model_alias", "gguf"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/v1/models", server)
+        drive(f"http://127.0.0.1:{port}/v1", "gguf", 1, 1, 8, questions)  # warm-up
+        return [drive(f"http://127.0.0.1:{port}/v1", "gguf", n, per_client, max_tokens, questions) for n in loads]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--export", type=Path, default=REPO / "runs" / "quickstart" / "export")
@@ -197,9 +217,11 @@ def main() -> None:
             ["--adapter", f"lora={adapter}"], model="lora")
     try:
         import llama_cpp  # noqa: F401
-        console.print("llama_cpp is importable, but driving its server is not wired in yet: skipped")
     except ImportError:
         console.print("llama.cpp: llama_cpp is not importable here; its server is not compared (optional)")
+    else:
+        runs["llama.cpp server (GGUF)"] = llama_cpp_drive(loads, args.per_client, args.max_tokens, questions,
+                                                          args.threads)
 
     table = Table("server", "clients", "ok/requests", "429", "errors", "agg tok/s", "× 1 client", "decode tok/s",
                   "TTFT p50", "TTFT p95", "latency p50", "p95", "p99", title="streaming clients")
