@@ -316,9 +316,10 @@ class WaitLimits:
 
 def submit(ml, prepared: Prepared, *, wait: bool = True, limits: WaitLimits | None = None,
            transfer: Transfer | None = None, download_to: Path | None = None, compute: str | None = None,
-           say: Callable[[str], None] = print) -> Submitted:
+           fingerprint: str | None = None, say: Callable[[str], None] = print) -> Submitted:
     """Create the data assets and environment if missing, submit the job, and (with ``wait``) poll
-    it with a heartbeat line until it ends, then download its output into ``download_to``."""
+    it with a heartbeat line until it ends, then download its output into ``download_to``, with the
+    job record (:func:`write_job_record`: which job, and ``fingerprint``, the fine-tune as planned here)."""
     from azure.ai.ml import load_environment, load_job
     from azure.ai.ml.entities import Data
     from azure.core.exceptions import ResourceNotFoundError
@@ -370,6 +371,7 @@ def submit(ml, prepared: Prepared, *, wait: bool = True, limits: WaitLimits | No
                          "open the studio link for the full logs")
     if download_to is not None:
         result.downloaded = download_output(ml, result.name, Path(download_to), transfer)
+        write_job_record(result.downloaded, result, fingerprint)
     return result
 
 

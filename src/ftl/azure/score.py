@@ -73,10 +73,9 @@ def messages_of(request: dict) -> list[dict]:
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages):
         raise BadRequest('"messages" must be a non-empty list of {"role": ..., "content": ...}')
-    fmt = _STATE["model"].format
-    if fmt.system_prompt and messages[0]["role"] != "system":  # as ftl chat adds the fine-tune's system prompt
-        messages = [{"role": "system", "content": fmt.system_prompt}] + messages
-    return messages
+    from ftl.chat import with_system
+
+    return with_system(messages, _STATE["model"].format.system_prompt)  # as ftl chat adds it
 
 
 def generate(request: dict) -> dict:
@@ -97,18 +96,16 @@ def generate(request: dict) -> dict:
     if prompt_tokens + new > model.context_length:
         raise BadRequest(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({new}) exceeds the model's context "
                          f"({model.context_length}); shorten the prompt or lower max_new_tokens")
-    stats: dict = {}
     started = time.perf_counter()
-    text = "".join(model.stream(messages, max_new_tokens=new, temperature=temperature,
-                                top_p=float(request.get("top_p", 1.0)), stats=stats, search=search,
-                                repetition_penalty=request.get("repetition_penalty"),
-                                no_repeat_ngram_size=request.get("no_repeat_ngram_size")))
-    rate = None
-    if stats["new_tokens"] > 1 and stats["total_s"] > stats["ttft_s"]:
-        rate = round((stats["new_tokens"] - 1) / (stats["total_s"] - stats["ttft_s"]), 1)
-    return {"text": text, "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["new_tokens"],
-            "finish_reason": "length" if stats["new_tokens"] >= new else "stop",
-            "latency_ms": round((time.perf_counter() - started) * 1000, 1), "decode_tokens_per_s": rate}
+    answer = model.generate(messages, max_new_tokens=new, temperature=temperature,
+                            top_p=float(request.get("top_p", 1.0)), search=search,
+                            repetition_penalty=request.get("repetition_penalty"),
+                            no_repeat_ngram_size=request.get("no_repeat_ngram_size"))
+    rate = answer.decode_tokens_per_s
+    return {"text": answer.text, "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens,
+            "finish_reason": "length" if answer.new_tokens >= new else "stop",
+            "latency_ms": round((time.perf_counter() - started) * 1000, 1),
+            "decode_tokens_per_s": round(rate, 1) if rate else None}
 
 
 def run(raw_data):

@@ -155,7 +155,7 @@ def _on_azure(config, forwarded: list[str], tracking: dict, azure: dict):
     if azure["instance_count"] * azure["gpus_per_node"] > 1 and config.method == "qscale":
         raise ConfigError("--method qscale trains in one process", "--instance-count / --gpus-per-node",
                           "use --method lora or qlora for a distributed job, or one GPU")
-    plan(config)  # the rows, template and model are checked here, before anything is uploaded
+    fingerprint = plan(config).fingerprint  # the rows, template and model are checked before any upload
     manifest.check_output(config.output, force=config.force, stage="finetune")
     ref = workspace.resolve_workspace(azure["subscription"], azure["resource_group"], azure["workspace"],
                                       required=not azure["dry_run"])
@@ -168,10 +168,8 @@ def _on_azure(config, forwarded: list[str], tracking: dict, azure: dict):
     ml = workspace.ml_client(ref)
     limits = jobs.WaitLimits(queue_s=azure["queue_timeout"] * 60, run_s=azure["run_timeout"] * 60)
     result = jobs.submit(ml, prepared, wait=azure["wait"], limits=limits, compute=azure["compute"],
-                         download_to=config.output if azure["wait"] else None,
+                         download_to=config.output if azure["wait"] else None, fingerprint=fingerprint,
                          say=lambda line: console.print(line, highlight=False))
-    if result.downloaded:
-        jobs.write_job_record(config.output, result, plan(config).fingerprint)
     return {"dry_run": False, "job": result.name, "status": result.status, "studio_url": result.studio_url,
             "output": str(result.downloaded) if result.downloaded else None}
 

@@ -19,13 +19,14 @@ length of the pass touches nothing else.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import transformers
 from olive.hardware.accelerator import AcceleratorSpec
 from olive.passes.olive_pass import PassConfigParam
 from olive.passes.pytorch.lora import LoRA, QLoRA
+
+from ftl.finetune import distributed
 
 
 class _FtlTraining:
@@ -74,13 +75,14 @@ class FtlQLoRA(_FtlTraining, QLoRA):
 
 
 def _one_device_per_process(config) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    rank = distributed.current()
+    if not rank.distributed:
         return
     import torch
     from olive.passes.pytorch.lora import DeviceMap
 
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
+        torch.cuda.set_device(rank.local_rank)
         config.device_map = DeviceMap.CURRENT_DEVICE
     else:
         # CPU processes: the whole model in each, and DDP over gloo. Without use_cpu, accelerate sees no GPU,

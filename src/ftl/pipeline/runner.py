@@ -523,10 +523,9 @@ def _finetune_on_azure(plan: PipelinePlan, force: bool, azure: AzureSession):
     if azure.poll_s is not None:
         limits.poll_s = azure.poll_s
     with task_progress(f"finetune on Azure ML ({target.compute})"):
-        submitted = jobs.submit(azure.ml or ml_client(ref), prepared, limits=limits, compute=target.compute,
-                                transfer=azure.transfer, download_to=out,
+        jobs.submit(azure.ml or ml_client(ref), prepared, limits=limits, compute=target.compute,
+                                transfer=azure.transfer, download_to=out, fingerprint=fingerprint,
                                 say=lambda line: console.print(line, highlight=False))
-    jobs.write_job_record(out, submitted, fingerprint)
     return _result_from_manifest(out, skipped=False)
 
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jinja2 import TemplateError
 
+from ftl.chat import with_system
 from ftl.serve.engine import SHUTDOWN, Engine, Job, QueueFull, Scheduler
 
 
@@ -176,8 +177,9 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in body.messages]
+        # the fine-tune's system prompt when the client sends none, as ftl generate, chat and score.py do
+        messages = with_system([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                                for m in body.messages], engine.chat.format.system_prompt)
         if messages[-1]["role"] == "assistant":
             raise ApiError(400, "the last message is the assistant's: end with a user message", param="messages")
         try:
