@@ -43,7 +43,7 @@ def tuned_export(smollm2, tmp_path_factory):
     return tmp_path, tuned, exported
 
 
-def test_smollm2_finetune_export_generate(smollm2, tuned_export):
+def test_smollm2_finetune_export_generate(smollm2, tuned_export, tiny_model):
     from transformers import AutoTokenizer
 
     tmp_path, tuned, exported = tuned_export
@@ -81,6 +81,17 @@ def test_smollm2_finetune_export_generate(smollm2, tuned_export):
     onnx = result.summary["models"][f"onnx:{exported.output}"]
     assert onnx["quantization_source"] == f"torch:{tmp_path / 'ft'}"
     assert onnx["kl_divergence"] > 0 and onnx["top1_agreement"] > 0.7
+    # Peak memory, each model in a process of its own: its own figure (not the parent's, as once), the
+    # ONNX one without torch, and a tiny model's share well under SmolLM2's.
+    from ftl.eval.stage import _peak_rss
+
+    torch_rss = result.summary["models"][f"torch:{tmp_path / 'ft'}"]
+    assert onnx["peak_rss_mib"] < torch_rss["peak_rss_mib"]
+    tiny = _peak_rss(f"torch:{tiny_model}")
+    print(f"peak RSS MiB (model share): SmolLM2 torch {torch_rss['peak_rss_mib']} ({torch_rss['model_rss_mib']}), "
+          f"SmolLM2 int4 {onnx['peak_rss_mib']} ({onnx['model_rss_mib']}), tiny {tiny['peak_rss_mib']} "
+          f"({tiny['model_rss_mib']})")
+    assert tiny["model_rss_mib"] < torch_rss["model_rss_mib"] / 2
     for name in ("detailed_results.json", "metrics_summary.json"):
         json.loads((tmp_path / "eval" / name).read_text())
     assert (tmp_path / "eval" / "report.html").is_file() and (tmp_path / "eval" / "report.md").is_file()

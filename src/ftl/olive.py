@@ -1,10 +1,12 @@
 """Running Olive workflows the way ftl needs them: isolated, logged and checked.
 
-Olive is run as ``python -m olive run --config <file>`` in a child process, with:
+Olive is run as ``olive run --config <file>`` in a child process (``python -m ftl.olive_main``:
+Olive's CLI without its telemetry exporter), with:
 - its cache inside the stage's output folder (Olive's default is ``./.olive-cache`` in the cwd),
   removed after success;
 - telemetry off. Only ``CI=1`` stops Olive's telemetry: ``OLIVE_DISABLE_TELEMETRY`` still lets a
-  heartbeat out before it is read;
+  heartbeat out before it is read; and Olive 0.13 still flushes its exporter on exit, waiting about
+  12 s for a collector it cannot reach, which :mod:`ftl.olive_main` avoids;
 - every line of output in ``olive.log`` beside the results, with a callback for progress.
 Olive exits 0 even when a pass produced no model, so callers check their outputs with
 :func:`require_files`.
@@ -56,9 +58,13 @@ FTL_PASSES = {
 def package_config(work_dir: Path, path: Path | None = None) -> Path:
     """Olive's own package config plus ftl's passes, written into the stage's Olive cache (or to
     ``path``, beside a saved workflow, so ``olive run --config wf.json --package-config …`` runs it)."""
-    from olive.package_config import OlivePackageConfig
+    # Olive's default package config is olive/olive_config.json (OlivePackageConfig.get_default_config_path);
+    # found with find_spec, which locates the package without running its __init__ (which imports
+    # Olive's whole CLI: 2.5-4.5 s, for one file name).
+    from importlib.util import find_spec
 
-    config = json.loads(Path(OlivePackageConfig.get_default_config_path()).read_text())
+    olive_dir = Path(find_spec("olive").submodule_search_locations[0])
+    config = json.loads((olive_dir / "olive_config.json").read_text(encoding="utf-8"))
     config["passes"].update(FTL_PASSES)
     path = Path(path) if path else Path(work_dir) / CACHE_DIR / "package_config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +117,7 @@ def run(config: dict, work_dir: Path, on_line: Callable[[str], None] | None = No
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "a", encoding="utf-8") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "olive", "run", "--config", str(config_path),
+            [sys.executable, "-m", "ftl.olive_main", "run", "--config", str(config_path),
              "--package-config", str(package_config(work_dir))],
             cwd=work_dir, env=_child_env(work_dir, env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, bufsize=1,  # text mode splits on \r too, so tqdm updates arrive as lines

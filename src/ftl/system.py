@@ -53,5 +53,38 @@ def decode_rate(tokens: int, first_token_s: float, last_token_s: float) -> float
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size in MiB (2^20 bytes; Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size in MiB (2^20 bytes), since it started this program.
+
+    From /proc's VmHWM, which exec resets. ``getrusage``'s ru_maxrss does not: a child started by a
+    3 GB process reports at least 3 GB whatever it loads (Linux keeps the high-water mark across exec),
+    which is how every model once got the same figure."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024)
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_training(flags: set[str] | None = None) -> str | None:
+    """Why bf16 autocast cannot train here (None when it can): a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16 or AMX (without them, torch emulates bf16 and it is slower than fp32)."""
+    import torch
+
+    if flags is None and torch.cuda.is_available():
+        return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16 support"
+    flags = cpu_flags() if flags is None else flags
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return None
+    return "this CPU has neither AVX512-BF16 nor AMX"

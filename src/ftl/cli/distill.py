@@ -57,7 +57,7 @@ def distill(as_json: bool, **options) -> None:
             task_progress("distilling", total=None) as (progress, task):
         def on_progress(result):
             rejected, pending = sum(result.rejected.values()), sum(result.pending.values())
-            progress.update(task, completed=result.answered + rejected + pending,
+            progress.update(task, completed=result.settled, total=result.to_ask,
                             info=f"{result.answered} ok, {rejected} rejected, {pending} pending, "
                                  f"{result.completion_tokens} tokens, {sum(result.retries.values())} retries")
         result = run_distill(config, on_progress=on_progress)

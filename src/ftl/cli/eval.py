@@ -25,6 +25,8 @@ _TERMINAL_COLUMNS = [0, 1, 3, 6, 7, 10, 12, 13, 14]
 @option(C, "limit", "--limit", type=int)
 @option(C, "max_new_tokens", "--max-new-tokens", type=int)
 @option(C, "numeric", "--numeric/--no-numeric", default=None)
+@option(C, "latency_samples", "--latency-samples", type=int)
+@option(C, "batch_size", "--batch-size", type=int)
 @click.option("--no-memory", is_flag=True, help="Skip the peak-RSS probe (one child process per model).")
 @option(C, "compare", "--compare", type=click.Path(path_type=Path))
 @option(C, "force", "--force", is_flag=True)

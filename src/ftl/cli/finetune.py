@@ -46,6 +46,8 @@ from ftl.progress import console, run_with_progress
         help="Validation rows from this file instead of a split; repeat for several.")
 @option(C, "eval_steps", "--eval-steps", type=int)
 @option(C, "early_stopping_patience", "--early-stopping-patience", type=int)
+@option(C, "packing", "--packing/--no-packing")
+@option(C, "precision", "--precision", type=click.Choice(["fp32", "bf16"]))
 @option(C, "seed", "--seed", type=int)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
 @option(C, "force", "--force", is_flag=True)
@@ -102,12 +104,16 @@ def show_finetune(result) -> None:
         console.print(f"[green]✓[/] Olive workflow written ({result.rows} rows, {result.tokens} tokens, "
                       f"{result.steps} steps); nothing was trained")
         return
-    table = Table("rows", "tokens", "answer tokens", "steps", "first loss", "final loss", "time", title="finetune")
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    table = Table("rows", "tokens", "answer tokens", "steps", "first loss", "final loss", "train tok/s", "time",
+                  title="finetune")
     first = f"{result.loss_curve[0]['loss']:.4f}" if result.loss_curve else "—"
     final = f"{result.final_loss:.4f}" if result.final_loss is not None else "—"
     note = " (unchanged, skipped)" if result.skipped else " (resumed)" if result.resumed else ""
+    rate = f"{result.train_tokens_per_s:.0f}" if result.train_tokens_per_s else "—"
     table.add_row(str(result.rows), str(result.tokens), str(result.answer_tokens), str(result.steps), first, final,
-                  f"{result.seconds:.0f}s{note}")
+                  rate, f"{result.seconds:.0f}s{note}")
     console.print(table)
     what = "int4 grid scales" if result.adapter.name.endswith(".safetensors") else "adapter"
     console.print(f"[green]✓[/] {what} → {result.adapter}")
@@ -130,7 +136,7 @@ def forwarded_flags(ctx: click.Context, options: dict) -> list[str]:
             continue
         value, flag = options.get(param.name), max(param.opts, key=len)
         if param.is_flag:
-            flags += [flag] if value else []
+            flags += [flag] if value else param.secondary_opts[:1]
         elif param.multiple:
             for item in value:
                 flags += [flag, str(item)]
@@ -187,7 +193,8 @@ def _show_azure(result: dict) -> None:
 
 
 def finetune_flags() -> dict[str, str]:
-    """Each ``ftl finetune`` setting's CLI flag (``r`` → ``--lora-r``): how a pipeline block or a sweep's
+    """Each ``ftl finetune`` setting's CLI flag (``r`` → ``--lora-r``; ``packing`` → ``--packing/--no-packing``): how a pipeline block or a sweep's
     grid becomes the command an Azure ML job runs."""
-    return {p.name: max(p.opts, key=len) for p in finetune.params if isinstance(p, click.Option)}
+    return {p.name: "/".join([max(p.opts, key=len), *p.secondary_opts[:1]])
+            for p in finetune.params if isinstance(p, click.Option)}
 

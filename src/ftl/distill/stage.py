@@ -53,6 +53,12 @@ class DistillResult:
     seconds: float = 0.0
     cost: float | None = None
     split: dict | None = None
+    to_ask: int = 0  # the seeds this run asks the teacher about (not answered or rejected before)
+
+    @property
+    def settled(self) -> int:
+        """Seeds of this run with an outcome: answered, rejected, or left pending for a re-run."""
+        return self.answered + sum(self.rejected.values()) + sum(self.pending.values())
 
 
 def rejects_path(output: Path) -> Path:
@@ -92,6 +98,7 @@ def distill(config: DistillConfig, on_progress=None) -> DistillResult:
     rejected = _settle_rejects(result.rejects, {k for k, _ in keyed}, config.retry_rejects)
     pending = [(k, s) for k, s in keyed if k not in done and k not in rejected]
     result.already_done = sum(1 for k, _ in keyed if k in done)
+    result.to_ask = len(pending)
     output.parent.mkdir(parents=True, exist_ok=True)
     teacher = create(config)
     asyncio.run(_run_all(teacher, pending, config, result, on_progress))

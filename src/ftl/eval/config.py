@@ -21,6 +21,9 @@ class EvalConfig(StrictModel):
     max_new_tokens: int = Field(128, gt=0, description="Tokens generated per answer")
     numeric: bool | None = Field(None, description="GSM8K-style '#### n' check; default: on when references have it")
     warmup: int = Field(1, ge=0, description="Untimed generations per model before timing")
+    latency_samples: int = Field(4, ge=1, description="The first N samples are answered one at a time and timed "
+                                                      "(TTFT, latency, decode tok/s); the rest in batches, untimed")
+    batch_size: int = Field(8, ge=1, description="Samples scored (perplexity) and answered together per batch")
     memory: bool = Field(True, description="Measure peak RSS of each model in a child process")
     compare: Path | None = Field(None, description="An earlier metrics_summary.json to compare with")
     force: bool = Field(False, description="Replace a finished report (the old one stays until the new one is "

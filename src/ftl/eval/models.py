@@ -42,6 +42,14 @@ class EvalModel:
     def generate(self, messages: list[dict], max_new_tokens: int) -> Timed:
         raise NotImplementedError
 
+    def logits_batch(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        """Every position's logits for each sequence; one by one unless the kind batches."""
+        return [self.logits(ids) for ids in sequences]
+
+    def generate_batch(self, conversations: list[list[dict]], max_new_tokens: int) -> list[str]:
+        """Greedy answers to several conversations together (untimed): the quality columns' answers."""
+        return [self.generate(m, max_new_tokens).text for m in conversations]
+
     def size_mb(self) -> float:
         """The model's files on disk (ftl.system.folder_size_mb), the same measure for every kind."""
         return folder_size_mb(*self.files)
@@ -69,6 +77,9 @@ class OnnxEvalModel(EvalModel):
     def generate(self, messages, max_new_tokens):
         result = self.chat.generate(messages, max_new_tokens=max_new_tokens)
         return Timed(result.text, result.new_tokens, result.ttft_s, result.total_s)
+
+    def generate_batch(self, conversations, max_new_tokens):
+        return [g.text for g in self.chat.generate_batch(conversations, max_new_tokens=max_new_tokens)]
 
 
 
@@ -109,6 +120,37 @@ class TorchEvalModel(EvalModel):
 
         return torch_logits(self.model, ids)
 
+    def logits_batch(self, sequences):
+        """One forward pass for the batch, padded on the right and masked: each row's logits are its own."""
+        import torch
+
+        width = max(len(ids) for ids in sequences)
+        ids = torch.zeros((len(sequences), width), dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float().numpy()
+        return [logits[row, :len(seq)] for row, seq in enumerate(sequences)]
+
+    def generate_batch(self, conversations, max_new_tokens):
+        """HF generate on the merged model, greedy, prompts padded on the left."""
+        import torch
+
+        if len(conversations) == 1:
+            return [self.generate(conversations[0], max_new_tokens).text]
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stops)
+        encoded = _left_pad(self.tokenizer, [self.format.render_prompt(m) for m in conversations], pad)
+        with torch.inference_mode():
+            out = self.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+        texts = []
+        for row in out[:, encoded["input_ids"].shape[1]:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
+        return texts
+
     def generate(self, messages, max_new_tokens):
         import torch
 
@@ -130,6 +172,15 @@ class TorchEvalModel(EvalModel):
                 out = self.model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, int(out.logits[0, -1].argmax())
         return Timed(self.tokenizer.decode(out_ids, skip_special_tokens=True), len(out_ids), ttft, last)
+
+
+def _left_pad(tokenizer, prompts: list[str], pad: int) -> dict:
+    import torch
+
+    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    width = max(len(r) for r in rows)
+    return {"input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
 
 
 def _sha256(path: Path) -> str:

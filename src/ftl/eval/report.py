@@ -8,6 +8,7 @@ from pathlib import Path
 COLUMNS = [
     ("size MB", lambda m: m["size_mb"], "{:.1f}"),
     ("peak RSS MiB", lambda m: m.get("peak_rss_mib"), "{:.0f}"),
+    ("model RSS MiB", lambda m: m.get("model_rss_mib"), "{:.0f}"),  # the peak less the bare interpreter's
     ("ppl (answer)", lambda m: m["perplexity_answer"], "{:.3f}"),
     ("ppl (full)", lambda m: m["perplexity_full"], "{:.3f}"),
     ("NLL/byte", lambda m: m["nll_per_byte"], "{:.4f}"),
@@ -80,8 +81,9 @@ def _plots(out: Path, summary: dict) -> list[tuple[str, str]]:
     made = []
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.boxplot([[1000 * d["models"][label]["latency_s"] for d in details] for label in models], tick_labels=labels)
-    ax.set_ylabel("end-to-end latency per request (ms)")
+    ax.boxplot([[1000 * d["models"][label]["latency_s"] for d in details if "latency_s" in d["models"][label]]
+                for label in models], tick_labels=labels)
+    ax.set_ylabel("end-to-end latency per request (ms)\n(the samples answered one at a time)")
     ax.set_title("Latency distribution")
     made.append(_save(fig, out, "latency.png", "Latency distribution"))
 

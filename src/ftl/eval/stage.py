@@ -26,7 +26,7 @@ from ftl import manifest
 from ftl.chat import answer_start
 from ftl.errors import ConfigError, DataError
 from ftl.eval.config import EvalConfig
-from ftl.eval.models import EvalModel, TorchEvalModel, check_spec, load
+from ftl.eval.models import EvalModel, Timed, TorchEvalModel, check_spec, load
 from ftl.metrics import token_nll
 from ftl.system import decode_rate
 
@@ -106,19 +106,31 @@ def _evaluate(config, samples, models, out: Path, fingerprint: str, on_progress,
         for _ in range(config.warmup):  # warm-up runs are not timed
             model.generate(model.format.conversation(samples[0]["question"]), min(16, config.max_new_tokens))
     details = []
-    for index, sample in enumerate(samples):
-        entry = {"where": sample["where"], "question": sample["question"], "reference": sample["reference"],
-                 "models": {}}
-        logits_cache: dict[str, tuple[np.ndarray, int]] = {}
+    # Samples go in chunks: each model scores a chunk's perplexity in one batch and answers it (the first
+    # --latency-samples one at a time, timed; the rest together). Only a chunk's logits are held at once.
+    for first in range(0, len(samples), config.batch_size):
+        chunk = samples[first:first + config.batch_size]
+        scored: dict[str, list[tuple[np.ndarray, int]]] = {}
+        answers: dict[str, list] = {}
         for model in models:
-            entry["models"][model.label] = _score(model, sample, scorer, config, numeric, logits_cache)
-        for onnx_label, source in sources.items():
-            onnx_logits, start = logits_cache[onnx_label]
-            ref_logits, _ = logits_cache.get(source.label) or _logits_for(source, sample)
-            entry["models"][onnx_label].update(_damage(onnx_logits, ref_logits, start))
-        details.append(entry)
-        if on_progress:
-            on_progress(index + 1, len(samples))
+            ids = [_ids(model, sample) for sample in chunk]
+            scored[model.label] = list(zip(model.logits_batch([i for i, _ in ids]), [start for _, start in ids]))
+            answers[model.label] = _answers(model, chunk, first, config)
+        for offset, sample in enumerate(chunk):
+            entry = {"where": sample["where"], "question": sample["question"], "reference": sample["reference"],
+                     "models": {}}
+            for model in models:
+                logits, start = scored[model.label][offset]
+                entry["models"][model.label] = _score(model, sample, scorer, numeric, logits, start,
+                                                      answers[model.label][offset])
+            for onnx_label, source in sources.items():
+                onnx_logits, start = scored[onnx_label][offset]
+                ref_logits = scored[source.label][offset][0] if source.label in scored else \
+                    _logits_for(source, sample)[0]
+                entry["models"][onnx_label].update(_damage(onnx_logits, ref_logits, start))
+            details.append(entry)
+            if on_progress:
+                on_progress(len(details), len(samples))
 
     summary = _summarise(models, details, sources, same_tokens, numeric, config)
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -144,13 +156,22 @@ def _logits_for(model: EvalModel, sample: dict) -> tuple[np.ndarray, int]:
     return model.logits(ids), start
 
 
-def _score(model: EvalModel, sample: dict, scorer, config: EvalConfig, numeric: bool, cache: dict) -> dict:
-    ids, start = _ids(model, sample)
-    logits = model.logits(ids)
-    cache[model.label] = (logits, start)
+def _answers(model: EvalModel, chunk: list[dict], first: int, config: EvalConfig) -> list[Timed]:
+    """A chunk's answers: samples before --latency-samples one at a time and timed, the rest as one batch."""
+    timed = max(0, min(len(chunk), config.latency_samples - first))
+    out = [model.generate(model.format.conversation(s["question"]), config.max_new_tokens) for s in chunk[:timed]]
+    rest = chunk[timed:]
+    if rest:
+        texts = model.generate_batch([model.format.conversation(s["question"]) for s in rest], config.max_new_tokens)
+        out += [Timed(text, 0, None, None) for text in texts]
+    return out
+
+
+def _score(model: EvalModel, sample: dict, scorer, numeric: bool, logits: np.ndarray, start: int,
+           timed: Timed) -> dict:
+    ids, _ = _ids(model, sample)
     nll_answer, n_answer = token_nll(logits, ids, start)
     nll_full, n_full = token_nll(logits, ids, 1)
-    timed = model.generate(model.format.conversation(sample["question"]), config.max_new_tokens)
     rouge = rouge_scores(scorer, sample["reference"], timed.text)
     answer_bytes = max(1, len(sample["reference"].encode("utf-8")))
     scores = {
@@ -158,9 +179,11 @@ def _score(model: EvalModel, sample: dict, scorer, config: EvalConfig, numeric: 
         "full_tokens": n_full, "nll_per_byte": nll_answer / answer_bytes,
         **rouge,
         "exact_match": float(timed.text.strip() == sample["reference"].strip()),
-        "ttft_s": timed.ttft_s, "latency_s": timed.total_s, "new_tokens": timed.new_tokens,
-        "decode_tokens_per_s": decode_rate(timed.new_tokens, timed.ttft_s, timed.total_s),
+        "timed": timed.ttft_s is not None,
     }
+    if timed.ttft_s is not None:  # only the one-at-a-time answers have a latency
+        scores.update(ttft_s=timed.ttft_s, latency_s=timed.total_s, new_tokens=timed.new_tokens,
+                      decode_tokens_per_s=decode_rate(timed.new_tokens, timed.ttft_s, timed.total_s))
     if numeric:
         scores["numeric_correct"] = float(_final_number(timed.text) == _final_number(sample["reference"]))
     return scores
@@ -246,10 +269,12 @@ def _percentiles(values: list[float]) -> dict:
 
 
 def _summarise(models, details, sources, same_tokens, numeric, config) -> dict:
+    memory = _peak_rss_each([m.label for m in models]) if config.memory else {}
     summary = {"hardware": manifest.hardware(), "versions": manifest.versions(), "samples": len(details),
                "data": config.data, "tokenizers_agree": same_tokens, "models": {}}
     for model in models:
         rows = [d["models"][model.label] for d in details]
+        timed = [r for r in rows if r.get("timed", True)]
         answer_tokens = sum(r["answer_tokens"] for r in rows)
         stats = {
             "kind": model.kind, "threads": model.threads, "size_mb": model.size_mb(),
@@ -258,11 +283,12 @@ def _summarise(models, details, sources, same_tokens, numeric, config) -> dict:
             if same_tokens else None,
             "nll_per_byte": statistics.fmean(r["nll_per_byte"] for r in rows),
             **{k: statistics.fmean(r[k] for r in rows) for k in ("rouge1", "rouge2", "rougeL", "exact_match")},
-            "ttft_ms": {k: 1000 * v for k, v in _percentiles([r["ttft_s"] for r in rows]).items()},
-            "latency_ms": {k: 1000 * v for k, v in _percentiles([r["latency_s"] for r in rows]).items()},
-            "decode_tokens_per_s": statistics.fmean(r["decode_tokens_per_s"] for r in rows
+            "timed_samples": len(timed),
+            "ttft_ms": {k: 1000 * v for k, v in _percentiles([r["ttft_s"] for r in timed]).items()},
+            "latency_ms": {k: 1000 * v for k, v in _percentiles([r["latency_s"] for r in timed]).items()},
+            "decode_tokens_per_s": statistics.fmean(r["decode_tokens_per_s"] for r in timed
                                                     if r["decode_tokens_per_s"]) if any(
-                r["decode_tokens_per_s"] for r in rows) else None,
+                r["decode_tokens_per_s"] for r in timed) else None,
         }
         if numeric:
             stats["numeric_accuracy"] = statistics.fmean(r["numeric_correct"] for r in rows)
@@ -272,17 +298,30 @@ def _summarise(models, details, sources, same_tokens, numeric, config) -> dict:
             stats["kl_divergence"] = sum(r["kl_sum"] for r in rows) / positions
             stats["top1_agreement"] = sum(r["top1_agree"] for r in rows) / positions
         if config.memory:
-            stats["peak_rss_mib"] = _peak_rss(model.label)
+            stats.update(memory[model.label])
         summary["models"][model.label] = stats
     return summary
 
 
-def _peak_rss(spec: str) -> float | None:
+def _peak_rss_each(specs: list[str]) -> dict[str, dict]:
+    """Every model's probe, two at a time: a process's peak memory does not depend on sharing the CPU."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(specs, pool.map(_peak_rss, specs)))
+
+
+def _peak_rss(spec: str) -> dict:
+    """The model's peak RSS in a fresh process of its own (ftl.eval.probe): the whole process, the
+    interpreter's baseline (ftl and the model's runtime imported), and the model's share."""
     run = subprocess.run([sys.executable, "-m", "ftl.eval.probe", spec], capture_output=True, text=True)
     try:
-        return round(json.loads(run.stdout.strip().splitlines()[-1])["peak_rss_mib"], 1)
+        found = json.loads(run.stdout.strip().splitlines()[-1])
+        peak, baseline = found["peak_rss_mib"], found["baseline_mib"]
     except (IndexError, KeyError, json.JSONDecodeError):
-        return None
+        return {"peak_rss_mib": None}
+    return {"peak_rss_mib": round(peak, 1), "rss_baseline_mib": round(baseline, 1),
+            "model_rss_mib": round(peak - baseline, 1)}
 
 
 def _compare(summary: dict, old_path: Path) -> list[dict]:

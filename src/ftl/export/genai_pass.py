@@ -8,6 +8,7 @@ Olive runs it after MergeAdapterWeights, from the package config ftl passes to `
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -60,13 +61,23 @@ class FtlGenaiBuilder(Pass):
         settings = {name: getattr(config, name) for name in self._default_config(None) if name not in grid_keys}
         options = BuildOptions(**{**settings, "op_types_to_quantize": tuple(settings["op_types_to_quantize"])},
                                adapter_path=str(model.adapter_path) if model.adapter_path else None)
-        build(Path(model.model_name_or_path), out, options, cache_dir=out.parent / "genai-builder-cache")
+        plan = None
         if config.grid == "exact":
             plan = plan_grid(Path(model.model_name_or_path), Path(config.grid_base) if config.grid_base else None,
                              Path(config.qscale_path) if config.qscale_path else None)
+            if options.algo_config == "k_quant_last" and plan.head is not None:
+                # Every weight the builder quantises is overwritten below (body grids, Q8_0 head), so
+                # its quantiser is wasted work: the same graph from round-to-nearest, 5x faster.
+                # (asymmetric, so the int8 head has the zero points that k_quant gives it either way)
+                options = replace(options, algo_config="rtn_last", is_symmetric=False)
+        build(Path(model.model_name_or_path), out, options, cache_dir=out.parent / "genai-builder-cache")
+        if plan is not None:
             written = write_grid(out, plan.grids, config.grid_form, plan.head, plan.built_from)
+            if options.algo_config == "rtn_last" and not written.head:
+                raise ValueError("the exact int8 head was not written over the fast build's")
             (out / GRID_RECORD).write_text(json.dumps({
-                **written.as_dict(), "source": plan.source, "lora_codes_changed": plan.lora_codes_changed,
+                **written.as_dict(), "source": plan.source, "builder_algo": options.algo_config,
+                "lora_codes_changed": plan.lora_codes_changed,
                 "lora_delta_rounded_away": plan.lora_delta_rounded_away}, indent=1))
         extra = sorted(str(p) for p in out.iterdir() if p.name not in ("model.onnx", "model.onnx.data"))
         return ONNXModelHandler(out, onnx_file_name="model.onnx", model_attributes={"additional_files": extra})

@@ -23,6 +23,7 @@ CANDIDATES: dict[str, dict] = {
     "no_repeat_ngram 4": {"repetition_penalty": 1.0, "no_repeat_ngram_size": 4},
 }
 TIE = 0.01
+BATCH = 16  # held-out questions answered together as one og batch (the same answers as one by one)
 
 
 @dataclass
@@ -44,11 +45,13 @@ def measure(folder: Path, rows: list[dict], max_new_tokens: int = 96) -> list[Tr
     model = OnnxChatModel(folder)
     scorer = rouge_scorer()
     trials = []
+    conversations = [model.format.conversation(row["question"]) for row in rows]
     for name, search in CANDIDATES.items():
         rouge, repeats, looping = [], [], []
-        for row in rows:
-            answer = model.generate(model.format.conversation(row["question"]), max_new_tokens=max_new_tokens,
-                                    search=search).text
+        answers = [g.text for start in range(0, len(rows), BATCH)
+                   for g in model.generate_batch(conversations[start:start + BATCH], max_new_tokens=max_new_tokens,
+                                                 search=search)]
+        for row, answer in zip(rows, answers):
             rouge.append(rouge_scores(scorer, row["reference"], answer)["rougeL"])
             repeats.append(repeated_ngrams(answer))
             looping.append(loops(answer))

@@ -26,7 +26,7 @@ from olive.hardware.accelerator import AcceleratorSpec
 from olive.passes.olive_pass import PassConfigParam
 from olive.passes.pytorch.lora import LoRA, QLoRA
 
-from ftl.finetune import distributed
+from ftl.finetune import distributed, packing
 
 
 class _FtlTraining:
@@ -40,23 +40,42 @@ class _FtlTraining:
             description="Stop after this many evaluations without a better eval_loss (needs eval_data_config)")
         config["summary_path"] = PassConfigParam(type_=str, default_value=None,
                                                  description="Where to write training_summary.json")
+        config["packing"] = PassConfigParam(
+            type_=bool, default_value=True,
+            description="Pack each batch's rows into one sequence (no padding, no attention across rows) and "
+                        "score only the labelled positions (ftl.finetune.packing)")
         return config
 
     def _run_for_config(self, model, config, output_model_path: str):
-        patience, summary_path = config.early_stopping_patience, config.summary_path
+        patience, summary_path, packed = config.early_stopping_patience, config.summary_path, config.packing
         _one_device_per_process(config)
         original = transformers.Trainer
 
         class Trainer(original):
             def __init__(self, *args, **kwargs):
+                if packed:
+                    kwargs["data_collator"] = packing.pack
                 super().__init__(*args, **kwargs)
+                self.ftl_tokens = 0  # real tokens trained on, for the summary's tokens/s
                 if patience:
                     self.add_callback(transformers.EarlyStoppingCallback(early_stopping_patience=patience))
+
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                if model.training:
+                    self.ftl_tokens += packing.tokens_in(inputs)
+                if not packed:
+                    return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                loss, outputs = packing.labelled_loss(model, inputs, num_items_in_batch)
+                if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                    loss = loss * self.accelerator.num_processes  # as the Trainer's own compute_loss does
+                return (loss, outputs) if return_outputs else loss
 
             def train(self, *args, **kwargs):
                 result = super().train(*args, **kwargs)
                 if summary_path and self.is_world_process_zero():
-                    write_summary(self.state, Path(summary_path), patience)
+                    write_summary(self.state, Path(summary_path), patience,
+                                  {"train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
+                                   "train_tokens": self.ftl_tokens, "packing": packed})
                 return result
 
         transformers.Trainer = Trainer
@@ -92,7 +111,7 @@ def _one_device_per_process(config) -> None:
             config.training_args.extra_args.update(use_cpu=True, ddp_backend="gloo")
 
 
-def write_summary(state, path: Path, patience: int | None) -> None:
+def write_summary(state, path: Path, patience: int | None, extra: dict | None = None) -> None:
     """What the manifest records about a training run, from the Trainer's final state."""
     from ftl.finetune.stage import history_curves
 
@@ -107,6 +126,7 @@ def write_summary(state, path: Path, patience: int | None) -> None:
         "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
         "loss_curve": loss_curve,
         "eval_curve": eval_curve,
+        **(extra or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(summary, indent=2) + "\n")

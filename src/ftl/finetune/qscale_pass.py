@@ -49,6 +49,9 @@ class FtlQScale(Pass):
             "eval_steps": PassConfigParam(type_=int, default_value=d.eval_steps, description="eval_loss interval"),
             "early_stopping_patience": PassConfigParam(type_=int, default_value=None,
                                                        description="evaluations without a better eval_loss"),
+            "packing": PassConfigParam(type_=bool, default_value=d.packing,
+                                       description="pack each step's rows into one sequence (ftl.finetune.packing)"),
+            "bf16": PassConfigParam(type_=bool, default_value=d.bf16, description="bf16 autocast"),
         }
 
     @staticmethod
@@ -63,7 +66,7 @@ class FtlQScale(Pass):
                                  learning_rate=config.learning_rate, warmup_ratio=config.warmup_ratio,
                                  seed=config.seed, logging_steps=config.logging_steps, save_steps=config.save_steps,
                                  form=config.grid_form, eval_steps=config.eval_steps,
-                                 patience=config.early_stopping_patience)
+                                 patience=config.early_stopping_patience, packing=config.packing, bf16=config.bf16)
         checkpoints = Path(config.checkpoint_dir)
         to_mlflow = live_logger()  # the stage's MLflow run, when ftl tracks it
 

@@ -52,6 +52,8 @@ class FinetuneResult:
     config_only: bool = False
     answer_tokens: int = 0
     rank: int = 0  # > 0: a worker of a distributed run, which wrote nothing of its own
+    warnings: list[str] = field(default_factory=list)
+    train_tokens_per_s: float | None = None  # real tokens per second of training alone (no load, no save)
 
 
 @dataclass
@@ -151,7 +153,8 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         workflow["passes"]["qscale"].update(
             train_data_file=str((out / PREPARED).resolve()), checkpoint_dir=str((out / CHECKPOINTS).resolve()),
             steps=steps, batch_size=config.batch_size, learning_rate=config.lr, seed=config.seed,
-            logging_steps=logging_steps, save_steps=config.save_steps, answer_only=not config.train_on_prompt)
+            logging_steps=logging_steps, save_steps=config.save_steps, answer_only=not config.train_on_prompt,
+            bf16=bf16_used(config), packing=config.packing)
         if config.validates:
             workflow["passes"]["qscale"].update(val_data_file=str((out / VAL_PREPARED).resolve()),
                                                 eval_steps=config.eval_steps or config.save_steps,
@@ -170,6 +173,7 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         data["pre_process_data_config"] = {"type": "ftl_answer_only", "answer_only": True}
     lora = workflow["passes"]["lora"]
     lora["summary_path"] = str(checkpoints / SUMMARY)
+    lora["packing"] = config.packing
     if config.validates:
         val = json.loads(json.dumps(data))
         val["name"] = "val_data"
@@ -198,6 +202,7 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         "lr_scheduler_type": "cosine",
         "warmup_ratio": 0.05,
         "dataloader_num_workers": 0,
+        "bf16": bf16_used(config),  # autocast, fp32 master weights (--precision, ftl.system.bf16_training)
         # "mlflow" when the stage is tracked: the Trainer logs loss (and eval_loss) per step into the
         # stage's run, found through the environment ftl gives Olive (ftl.tracking.child_env).
         "report_to": report_to,
@@ -219,6 +224,20 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
     if config.method == "qlora":
         lora["type"] = "FtlQLoRA"  # Olive's QLoRA with the same early stopping and summary (lora_pass)
     return workflow
+
+
+def bf16_used(config: FinetuneConfig) -> bool:
+    """--precision bf16 where this machine trains faster in it (else fp32: see finetune's warning)."""
+    from ftl.system import bf16_training
+
+    return config.precision == "bf16" and bf16_training() is None
+
+
+def _precision_warnings(config: FinetuneConfig) -> list[str]:
+    from ftl.system import bf16_training
+
+    reason = bf16_training() if config.precision == "bf16" else None
+    return [f"--precision bf16: {reason}; training in fp32"] if reason else []
 
 
 def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_progress=None) -> FinetuneResult:
@@ -250,7 +269,9 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
                                 str(out), "pass --force to start over, or choose a new --output path")
     _drop_partial_checkpoints(out / CHECKPOINTS)
     _write_prepared(out / PREPARED, p)
+    warnings = _precision_warnings(config)
     record = manifest.new("finetune", inputs=_inputs(config, p), params=_params(config, p), fingerprint=p.fingerprint)
+    record["params"]["precision_used"] = "bf16" if bf16_used(config) else "fp32"
     record["prompt_format"] = p.fmt.model_dump()
     if rank.distributed:
         record["distributed"] = {"world_size": rank.world_size,
@@ -289,6 +310,10 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     metrics = {"rows": len(p.examples), "tokens": sum(p.token_counts), "answer_tokens": p.answer_tokens,
                "steps": p.steps, "final_loss": curve[-1]["loss"] if curve else None, "loss_curve": curve,
                "resumed": resumed}
+    if summary.get("train_seconds"):  # training alone: the rate bench/finetune.py compares
+        metrics.update(train_seconds=summary["train_seconds"], train_tokens=summary.get("train_tokens"),
+                       train_tokens_per_s=round(summary["train_tokens"] / summary["train_seconds"], 1)
+                       if summary.get("train_tokens") else None)
     if p.val_examples:
         metrics.update(val_rows=len(p.val_examples), steps_run=summary.get("global_step"),
                        stop_reason=summary.get("stop_reason"), best_step=summary.get("best_step"),
@@ -299,7 +324,8 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
     manifest.write(out, record)
     return FinetuneResult(out, out / (QSCALE if config.method == "qscale" else ADAPTER), len(p.examples),
                           sum(p.token_counts), p.steps, record["metrics"]["final_loss"], curve, seconds, resumed,
-                          answer_tokens=p.answer_tokens)
+                          answer_tokens=p.answer_tokens, warnings=warnings,
+                          train_tokens_per_s=metrics.get("train_tokens_per_s"))
 
 
 def last_complete_checkpoint(checkpoints: Path) -> Path | None:
@@ -451,4 +477,5 @@ def _result_from_manifest(out: Path, skipped: bool) -> FinetuneResult:
     produced = record.get("outputs", {}).get("qscale") or ADAPTER
     return FinetuneResult(out, out / produced, metrics["rows"], metrics["tokens"], metrics["steps"],
                           metrics["final_loss"], metrics["loss_curve"], record["timings"]["seconds"],
-                          skipped=skipped, answer_tokens=metrics.get("answer_tokens", 0))
+                          skipped=skipped, answer_tokens=metrics.get("answer_tokens", 0),
+                          train_tokens_per_s=metrics.get("train_tokens_per_s"))

@@ -173,6 +173,57 @@ class OnnxChatModel:
         text = "".join(self.stream(messages, stats=stats, **kwargs))
         return Generation(text=text, **stats)
 
+    def generate_batch(self, conversations: list[list[Message]], *, max_new_tokens: int = 256,
+                       search: dict | None = None) -> list[Generation]:
+        """Greedy answers to several conversations as one og batch (prompts padded on the right, which
+        og 0.18 masks: each row's answer is the one it gets alone, tests/test_generate.py). The times are
+        the batch's. About 2x the tokens/s of one by one at 4 rows on 2 cores (bench/serve.py)."""
+        import numpy as np
+
+        og = self._og
+        if len(conversations) == 1:
+            return [self.generate(conversations[0], max_new_tokens=max_new_tokens, search=search)]
+        prompts = [self.prompt_ids(messages) for messages in conversations]
+        for ids in prompts:
+            self.check_fits(ids, max_new_tokens)
+        longest = max(len(ids) for ids in prompts)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(**{k: v for k, v in (search or {}).items() if v is not None}, do_sample=False,
+                                  batch_size=len(prompts), max_length=min(self.context_length, max(
+                                      longest + max_new_tokens, self.min_length)))
+        started = time.perf_counter()
+        generator = og.Generator(self.model, params)
+        if self.adapters is not None:
+            generator.set_active_adapter(self.adapters, "default")
+        generator.append_tokens(np.array([ids + [self.pad_id] * (longest - len(ids)) for ids in prompts],
+                                         dtype=np.int32))
+        answers: list[list[int]] = [[] for _ in prompts]
+        live, first, last = [True] * len(prompts), None, [0.0] * len(prompts)
+        while any(live) and not generator.is_done():
+            generator.generate_next_token()
+            now = time.perf_counter() - started
+            first = now if first is None else first
+            for row, token in enumerate(generator.get_next_tokens()):
+                if not live[row]:
+                    continue
+                if int(token) in self.stop_ids:
+                    live[row] = False
+                    continue
+                answers[row].append(int(token))
+                last[row] = now
+                live[row] = len(answers[row]) < max_new_tokens
+        return [Generation(self.tokenizer.decode(np.array(ids, dtype=np.int32)) if ids else "", len(prompt), len(ids),
+                           first or 0.0, last[row] or (first or 0.0), ids)
+                for row, (ids, prompt) in enumerate(zip(answers, prompts))]
+
+    @property
+    def pad_id(self) -> int:
+        """The token that pads a batch's shorter prompts: the tokenizer's pad token, else an end-of-sequence id."""
+        if not hasattr(self, "_pad_id"):
+            pad = _genai_config(self.folder).get("model", {}).get("pad_token_id")
+            self._pad_id = int(pad if pad is not None else min(self.stop_ids))
+        return self._pad_id
+
     def ask(self, question: str, **kwargs) -> Generation:
         return self.generate(self.format.conversation(question), **kwargs)
 

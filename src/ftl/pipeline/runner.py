@@ -243,8 +243,9 @@ def setting_flags(block, config, flags: dict[str, str], skip=()) -> list[str]:
     for name in sorted(block.model_fields_set - set(skip) - {"data", "val_data", "model", "output", "force",
                                                            *_FINETUNE_PLACEMENT}):
         value, flag = getattr(config, name), flags[name]
-        if isinstance(value, bool):
-            out += [flag] if value else []
+        if isinstance(value, bool):  # "--packing/--no-packing": the second is how False is said
+            on, _, off = flag.partition("/")
+            out += [on] if value else ([off] if off else [])
         elif isinstance(value, list):
             out += [flag, ",".join(map(str, value))] if flag == "--target-modules" else \
                 [part for item in value for part in (flag, str(item))]
@@ -535,7 +536,8 @@ def _distill(config) -> StageReport:
 
     started = time.perf_counter()
     with task_progress(f"distill ({config.teacher} teacher)") as (progress, task):
-        result = distill(config, on_progress=lambda r: progress.update(task, info=f"{r.answered} answered"))
+        result = distill(config, on_progress=lambda r: progress.update(
+            task, completed=r.settled, total=r.to_ask, info=f"{r.answered} answered"))
     fresh = result.answered + sum(result.rejected.values())
     status = "skipped" if fresh == 0 and result.already_done and not result.pending else (
         "resumed" if result.already_done else "ran")

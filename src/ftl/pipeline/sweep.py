@@ -233,7 +233,7 @@ def azure_sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides
     fixed = setting_flags(plan.spec.stages.finetune, config, flags, skip=swept)
     for key in grid:
         name = key.split(".", 1)[1]
-        fixed += [flags[name], "${{search_space.%s}}" % name]
+        fixed += [flags[name].partition("/")[0], "${{search_space.%s}}" % name]
     spec = jobs.SweepSpec({key.split(".", 1)[1]: values for key, values in grid.items()},
                           primary_metric="eval_loss" if config.validates else "loss", max_concurrent=max_concurrent)
     prepared = jobs.prepare(config, fixed, compute=compute, experiment=raw["name"], workspace=workspace, wheel=wheel,

@@ -125,17 +125,28 @@ def tokenize_rows(tokenizer, prepared: Path, answer_only: bool = True) -> Rows:
     return tokenize_records(tokenizer, records, answer_only)
 
 
-def batch_loss(model: nn.Module, rows: Rows, picks: list[int], pad_id: int) -> torch.Tensor:
-    width = max(len(rows.ids[i]) for i in picks)
-    ids = torch.full((len(picks), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(picks), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(picks), width), dtype=torch.long)
-    for row, i in enumerate(picks):
-        seq = torch.tensor(rows.ids[i])
-        ids[row, : len(seq)] = seq
-        mask[row, : len(seq)] = 1
-        labels[row, rows.prompt_lengths[i] : len(seq)] = seq[rows.prompt_lengths[i] :]
-    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+def batch_loss(model: nn.Module, rows: Rows, picks: list[int], pad_id: int, packed: bool = True) -> torch.Tensor:
+    """Mean loss per labelled token of the rows ``picks``: packed into one sequence (ftl.finetune.packing:
+    no padding, no attention across rows, the head only where a label follows), or padded with ``pad_id``."""
+    from ftl.finetune.packing import IGNORE, labelled_loss, pack
+
+    batch = []
+    for i in picks:
+        ids = torch.tensor(rows.ids[i])
+        labels = ids.clone()
+        labels[: rows.prompt_lengths[i]] = IGNORE
+        batch.append({"input_ids": ids, "labels": labels})
+    if packed:
+        return labelled_loss(model, pack(batch))[0]
+    width = max(len(b["input_ids"]) for b in batch)
+    padded = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
+              "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
+              "labels": torch.full((len(batch), width), IGNORE, dtype=torch.long)}
+    for row, b in enumerate(batch):
+        n = len(b["input_ids"])
+        padded["input_ids"][row, :n], padded["attention_mask"][row, :n], padded["labels"][row, :n] = \
+            b["input_ids"], 1, b["labels"]
+    return labelled_loss(model, padded)[0]
 
 
 @dataclass
@@ -150,6 +161,8 @@ class TrainSettings:
     form: str = "float-min"
     eval_steps: int = 10
     patience: int | None = None
+    packing: bool = True
+    bf16: bool = False  # autocast (ftl.system.bf16_training decides whether the machine can)
 
 
 @dataclass
@@ -164,9 +177,11 @@ class TrainResult:
     best_eval_loss: float | None = None
     stop_reason: str = "max_steps"
     global_step: int = 0
+    train_seconds: float = 0.0  # the optimiser steps alone, this process (not evaluation, load or save)
+    train_tokens: int = 0
 
 
-def eval_loss(model: nn.Module, rows: Rows, pad_id: int, batch_size: int) -> float:
+def eval_loss(model: nn.Module, rows: Rows, pad_id: int, batch_size: int, packed: bool = True) -> float:
     """Mean loss per answer token over every row (the validation loss)."""
     was_training = model.training
     model.eval()
@@ -175,7 +190,7 @@ def eval_loss(model: nn.Module, rows: Rows, pad_id: int, batch_size: int) -> flo
         for start in range(0, len(rows.ids), batch_size):
             picks = list(range(start, min(start + batch_size, len(rows.ids))))
             count = sum(len(rows.ids[i]) - rows.prompt_lengths[i] for i in picks)
-            total += float(batch_loss(model, rows, picks, pad_id)) * count
+            total += float(batch_loss(model, rows, picks, pad_id, packed)) * count
             tokens += count
     model.train(was_training)
     return total / max(1, tokens)
@@ -235,16 +250,22 @@ def train(model: nn.Module, rows: Rows, settings: TrainSettings, *, pad_id: int,
     model.train()
     running = []
     done = start
+    trained_tokens, train_seconds = 0, 0.0
     for step, picks in enumerate(_order(len(rows.ids), settings.steps, settings.batch_size, settings.seed)):
         if step < start:
             continue
         if watch["stop"]:
             break
-        loss = batch_loss(model, rows, picks, pad_id)
+        step_started = time.perf_counter()
+        with torch.autocast("cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16,
+                            enabled=settings.bf16):
+            loss = batch_loss(model, rows, picks, pad_id, settings.packing)
         loss.backward()
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        train_seconds += time.perf_counter() - step_started
+        trained_tokens += sum(len(rows.ids[i]) for i in picks)
         running.append(float(loss.detach()))
         done = step + 1
         if done % settings.logging_steps == 0 or done == settings.steps:
@@ -255,7 +276,7 @@ def train(model: nn.Module, rows: Rows, settings: TrainSettings, *, pad_id: int,
             if on_log:
                 on_log(point)
         if val is not None and (done % settings.eval_steps == 0 or done == settings.steps):
-            loss_v = eval_loss(model, val, pad_id, settings.batch_size)
+            loss_v = eval_loss(model, val, pad_id, settings.batch_size, settings.packing)
             watch["curve"].append({"step": done, "eval_loss": round(loss_v, 4)})
             if on_log:
                 on_log({"step": done, "eval_loss": round(loss_v, 4)})
@@ -279,7 +300,8 @@ def train(model: nn.Module, rows: Rows, settings: TrainSettings, *, pad_id: int,
     round_to_artefact(model)
     return TrainResult(grids(model), {}, curve, time.perf_counter() - started, start, eval_curve=watch["curve"],
                        best_step=watch["best_step"], best_eval_loss=watch["best"],
-                       stop_reason="early_stopping" if watch["stop"] else "max_steps", global_step=done)
+                       stop_reason="early_stopping" if watch["stop"] else "max_steps", global_step=done,
+                       train_seconds=train_seconds, train_tokens=trained_tokens)
 
 
 def run(model_dir: Path, prepared: Path, out: Path, settings: TrainSettings, *, answer_only: bool = True,
@@ -302,7 +324,9 @@ def run(model_dir: Path, prepared: Path, out: Path, settings: TrainSettings, *, 
         "answer_tokens": str(rows.answer_tokens)})
     (out / "qscale-checkpoint.pt").unlink(missing_ok=True)
     summary = {"loss_curve": result.loss_curve, "answer_tokens": rows.answer_tokens, "rows": len(rows.ids),
-               "global_step": result.global_step, "max_steps": settings.steps, "stop_reason": result.stop_reason}
+               "global_step": result.global_step, "max_steps": settings.steps, "stop_reason": result.stop_reason,
+               "train_seconds": round(result.train_seconds, 2), "train_tokens": result.train_tokens,
+               "packing": settings.packing}
     if val is not None:
         summary.update(best_step=result.best_step, best_eval_loss=result.best_eval_loss, eval_curve=result.eval_curve)
     (out / "trainer_log.json").write_text(json.dumps(summary, indent=1))

@@ -31,7 +31,6 @@ scheduler drops its row at the next token.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import deque
@@ -104,9 +103,7 @@ class Engine:
         self.name = name or Path(export).resolve().name
         self.names: dict[str, str | None] = {self.name: "default" if self.chat.adapters is not None else None}
         self.adapters = self.chat.adapters
-        # What a shorter prompt is padded with in a batch: the model's pad token, else its end token.
-        pad = json.loads((Path(export) / "genai_config.json").read_text()).get("model", {}).get("pad_token_id")
-        self.pad_id = int(pad if pad is not None else min(self.chat.stop_ids))
+        self.pad_id = self.chat.pad_id  # what a shorter prompt is padded with in a batch
         for adapter_name, path in (adapters or {}).items():
             path = Path(path)
             if adapter_name in self.names:
