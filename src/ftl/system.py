@@ -88,3 +88,17 @@ def bf16_training(flags: set[str] | None = None) -> str | None:
     if flags & {"avx512_bf16", "amx_bf16"}:
         return None
     return "this CPU has neither AVX512-BF16 nor AMX"
+
+
+def run_measured(command: list[str], **popen) -> tuple[int, float, float]:
+    """Run ``command`` to its end: (exit code, wall seconds, peak RSS in MiB of the process and every
+    descendant it waited for). Call it from a small process: Linux starts a child's high-water mark at
+    its parent's RSS (see :func:`peak_rss_mib`)."""
+    import subprocess
+    import time
+
+    started = time.perf_counter()
+    process = subprocess.Popen(command, **popen)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024

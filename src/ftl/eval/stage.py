@@ -17,6 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -102,12 +103,33 @@ def _evaluate(config, samples, models, out: Path, fingerprint: str, on_progress,
     numeric = config.numeric if config.numeric is not None else all("####" in s["reference"] for s in samples)
 
     scorer = rouge_scorer()
+    # First the timed part: warm-up (untimed), then the first --latency-samples answers one at a time.
+    singles = {}
     for model in models:
-        for _ in range(config.warmup):  # warm-up runs are not timed
+        for _ in range(config.warmup):
             model.generate(model.format.conversation(samples[0]["question"]), min(16, config.max_new_tokens))
+        singles[model.label] = [model.generate(model.format.conversation(s["question"]), config.max_new_tokens)
+                                for s in samples[:config.latency_samples]]
+    details = _score_all(config, samples, models, sources, scorer, numeric, singles, on_progress)
+    # Each model's peak memory in a process of its own, two at a time (after the scoring: beside it, the
+    # CPU contention cost more than it saved, 69 s against 49 s for the quickstart's eval).
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        memory = dict(zip([m.label for m in models], pool.map(_peak_rss, [m.label for m in models]))) \
+            if config.memory else {}
+
+    summary = _summarise(models, details, sources, same_tokens, numeric, config, memory)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    comparison = _compare(summary, config.compare) if config.compare else []
+    _write_outputs(out, details, summary, comparison)
+    record.update(status="complete", metrics=summary["models"], timings={"seconds": summary["seconds"]})
+    manifest.write(out, record)
+    return EvalResult(out, summary, comparison)
+
+
+def _score_all(config, samples, models, sources, scorer, numeric, singles, on_progress) -> list[dict]:
+    """Samples go in chunks: each model scores a chunk's perplexity in one batch and answers the chunk's
+    samples that have no timed answer in one batch. Only a chunk's logits are held at once."""
     details = []
-    # Samples go in chunks: each model scores a chunk's perplexity in one batch and answers it (the first
-    # --latency-samples one at a time, timed; the rest together). Only a chunk's logits are held at once.
     for first in range(0, len(samples), config.batch_size):
         chunk = samples[first:first + config.batch_size]
         scored: dict[str, list[tuple[np.ndarray, int]]] = {}
@@ -115,7 +137,7 @@ def _evaluate(config, samples, models, out: Path, fingerprint: str, on_progress,
         for model in models:
             ids = [_ids(model, sample) for sample in chunk]
             scored[model.label] = list(zip(model.logits_batch([i for i, _ in ids]), [start for _, start in ids]))
-            answers[model.label] = _answers(model, chunk, first, config)
+            answers[model.label] = _answers(model, chunk, singles[model.label][first:first + len(chunk)], config)
         for offset, sample in enumerate(chunk):
             entry = {"where": sample["where"], "question": sample["question"], "reference": sample["reference"],
                      "models": {}}
@@ -131,14 +153,7 @@ def _evaluate(config, samples, models, out: Path, fingerprint: str, on_progress,
             details.append(entry)
             if on_progress:
                 on_progress(len(details), len(samples))
-
-    summary = _summarise(models, details, sources, same_tokens, numeric, config)
-    summary["seconds"] = round(time.perf_counter() - started, 1)
-    comparison = _compare(summary, config.compare) if config.compare else []
-    _write_outputs(out, details, summary, comparison)
-    record.update(status="complete", metrics=summary["models"], timings={"seconds": summary["seconds"]})
-    manifest.write(out, record)
-    return EvalResult(out, summary, comparison)
+    return details
 
 
 # -- per sample ------------------------------------------------------------------------------------
@@ -156,11 +171,10 @@ def _logits_for(model: EvalModel, sample: dict) -> tuple[np.ndarray, int]:
     return model.logits(ids), start
 
 
-def _answers(model: EvalModel, chunk: list[dict], first: int, config: EvalConfig) -> list[Timed]:
-    """A chunk's answers: samples before --latency-samples one at a time and timed, the rest as one batch."""
-    timed = max(0, min(len(chunk), config.latency_samples - first))
-    out = [model.generate(model.format.conversation(s["question"]), config.max_new_tokens) for s in chunk[:timed]]
-    rest = chunk[timed:]
+def _answers(model: EvalModel, chunk: list[dict], timed: list[Timed], config: EvalConfig) -> list[Timed]:
+    """A chunk's answers: the timed ones given, the rest generated as one batch (untimed)."""
+    out = list(timed)
+    rest = chunk[len(timed):]
     if rest:
         texts = model.generate_batch([model.format.conversation(s["question"]) for s in rest], config.max_new_tokens)
         out += [Timed(text, 0, None, None) for text in texts]
@@ -268,8 +282,7 @@ def _percentiles(values: list[float]) -> dict:
     return {"mean": statistics.fmean(ordered), "p50": pick(0.5), "p95": pick(0.95), "p99": pick(0.99)}
 
 
-def _summarise(models, details, sources, same_tokens, numeric, config) -> dict:
-    memory = _peak_rss_each([m.label for m in models]) if config.memory else {}
+def _summarise(models, details, sources, same_tokens, numeric, config, memory: dict) -> dict:
     summary = {"hardware": manifest.hardware(), "versions": manifest.versions(), "samples": len(details),
                "data": config.data, "tokenizers_agree": same_tokens, "models": {}}
     for model in models:
@@ -301,14 +314,6 @@ def _summarise(models, details, sources, same_tokens, numeric, config) -> dict:
             stats.update(memory[model.label])
         summary["models"][model.label] = stats
     return summary
-
-
-def _peak_rss_each(specs: list[str]) -> dict[str, dict]:
-    """Every model's probe, two at a time: a process's peak memory does not depend on sharing the CPU."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(specs, pool.map(_peak_rss, specs)))
 
 
 def _peak_rss(spec: str) -> dict:

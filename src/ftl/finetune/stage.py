@@ -200,7 +200,9 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         # A 135M model fits easily; recomputing activations only slows a CPU down.
         "gradient_checkpointing": config.method == "qlora",
         "lr_scheduler_type": "cosine",
-        "warmup_ratio": 0.05,
+        # transformers 5 has no warmup_ratio (Olive 0.13 drops it without a word, so there was no warm-up);
+        # a float warmup_steps below 1 is the ratio of the steps.
+        "warmup_steps": 0.05,
         "dataloader_num_workers": 0,
         "bf16": bf16_used(config),  # autocast, fp32 master weights (--precision, ftl.system.bf16_training)
         # "mlflow" when the stage is tracked: the Trainer logs loss (and eval_loss) per step into the
@@ -209,6 +211,11 @@ def olive_workflow(config: FinetuneConfig, out: Path, *, model_dir: Path, max_se
         # Olive would look for a checkpoint itself; ftl has chosen (see ``resume``).
         "overwrite_output_dir": True,
     }
+    if lora["training_args"]["bf16"]:
+        import torch
+
+        if not torch.cuda.is_available():  # the Trainer refuses bf16 on a CPU unless told it is one
+            lora["training_args"]["use_cpu"] = True
     if resume:
         lora["training_args"]["resume_from_checkpoint"] = str(Path(resume).resolve())
     if world_size > 1:
