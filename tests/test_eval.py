@@ -128,3 +128,29 @@ def test_different_tokenizers_compare_per_byte(tmp_path, tiny_model, qa_file):
     assert result.summary["tokenizers_agree"] is False
     assert all(m["perplexity_answer"] is None and m["nll_per_byte"] > 0 for m in result.summary["models"].values())
     assert "different tokenizers" in (tmp_path / "e" / "report.md").read_text()
+
+
+def test_batched_answers_and_logits_are_each_samples_own(tiny_export, tiny_finetune, tiny_model):
+    """The batches eval (and the local distil teacher) use give every sample what it gets alone: the
+    greedy answer (ONNX padded on the right, PyTorch on the left) and the logits (padded, masked)."""
+    import numpy as np
+
+    from ftl.distill.teachers.local import LocalTeacher
+    from ftl.eval.models import load
+    from ftl.eval.stage import _ids
+
+    rows = QA[:4]
+    assert len({len(r["Question"]) for r in rows}) > 1  # prompts of different lengths: padding is exercised
+    for spec in (f"onnx:{tiny_export}", f"torch:{tiny_finetune}"):
+        model = load(spec)
+        conversations = [model.format.conversation(r["Question"]) for r in rows]
+        assert model.generate_batch(conversations, 8) == [model.generate(c, 8).text for c in conversations]
+        sequences = [_ids(model, {"question": r["Question"], "reference": r["Answer"]})[0] for r in rows]
+        for batched, alone in zip(model.logits_batch(sequences), [model.logits(s) for s in sequences]):
+            assert batched.shape == alone.shape and np.allclose(batched, alone, atol=1e-4)
+    teacher = LocalTeacher(tiny_model)
+    conversations = [[{"role": "user", "content": r["Question"]}] for r in rows]
+    together = teacher._run_torch_batch(conversations, 8, 0.0, 1)
+    alone = [teacher._run_torch(c, 8, 0.0, 1) for c in conversations]
+    assert [c.choices[0].text for c in together] == [c.choices[0].text for c in alone]
+    assert [c.prompt_tokens for c in together] == [c.prompt_tokens for c in alone]

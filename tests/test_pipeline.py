@@ -145,7 +145,7 @@ def test_quickstart_pipeline_is_valid(monkeypatch):
     monkeypatch.chdir(REPO)
     plan = load_pipeline(REPO / "pipelines" / "quickstart.yaml")
     assert plan.spec.stages.import_.source == "smollm2-135m"
-    assert plan.finetune.max_steps == 40 and plan.export.int4_algo == "k_quant_last" and plan.eval.limit == 8
+    assert plan.finetune.max_steps == 30 and plan.export.int4_algo == "k_quant_last" and plan.eval.limit == 8
     reports = check(plan)
     assert [r.stage for r in reports] == ["import", "distill", "finetune", "export", "generate", "eval"]
     assert all(r.status == "planned" for r in reports)
