@@ -145,3 +145,25 @@ def test_peak_rss_is_this_programs_own_not_its_parents(tiny_model):
     assert found["peak_rss_mib"] is not None and found["peak_rss_mib"] < peak_rss_mib()
     assert 0 <= found["model_rss_mib"] < 300
     assert found["rss_baseline_mib"] + found["model_rss_mib"] == pytest.approx(found["peak_rss_mib"], abs=0.2)
+
+
+def test_progress_outside_a_terminal_is_one_line_per_step_with_rate_and_eta(monkeypatch):
+    """Logs and CI get no bar: each step is one plain line with its count, rate and ETA."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from ftl import progress
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(progress, "console", Console(file=buffer, force_terminal=False, width=200))
+    with progress.task_progress("finetune (test)") as (bar, task):
+        for step in range(1, 4):
+            time.sleep(0.01)
+            bar.update(task, completed=step, total=3, info=f"loss {2.0 / step:.4f}")
+        bar.update(task, completed=3, total=3, info="loss 0.6667")  # no new step: no new line
+    lines = buffer.getvalue().splitlines()
+    assert lines[0] == "→ finetune (test)"
+    assert len(lines) == 4 and lines[1].startswith("  finetune (test) 1/3 · ") and "loss 2.0000" in lines[1]
+    assert "/s · ETA " in lines[1] and "ETA" not in lines[3] and lines[3].startswith("  finetune (test) 3/3 · ")
