@@ -154,3 +154,19 @@ def test_batched_answers_and_logits_are_each_samples_own(tiny_export, tiny_finet
     alone = [teacher._run_torch(c, 8, 0.0, 1) for c in conversations]
     assert [c.choices[0].text for c in together] == [c.choices[0].text for c in alone]
     assert [c.prompt_tokens for c in together] == [c.prompt_tokens for c in alone]
+    # greedy with n > 1: the one answer n times (transformers refuses n greedy sequences)
+    twice = teacher._run_torch_batch(conversations[:2], 8, 0.0, 2)
+    assert [[ch.text for ch in c.choices] for c in twice] == [[c.choices[0].text] * 2 for c in alone[:2]]
+
+    # a request that gives up (a timeout cancels it) leaves the batch: the others are still answered
+    import asyncio
+
+    async def ask_all():
+        tasks = [asyncio.create_task(teacher.complete(c, max_tokens=8, temperature=0.0, n=1)) for c in conversations]
+        await asyncio.sleep(0)
+        tasks[1].cancel()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    answered = asyncio.run(ask_all())
+    assert isinstance(answered[1], asyncio.CancelledError)
+    assert [answered[i].choices[0].text for i in (0, 2, 3)] == [alone[i].choices[0].text for i in (0, 2, 3)]

@@ -163,7 +163,13 @@ def test_progress_outside_a_terminal_is_one_line_per_step_with_rate_and_eta(monk
             time.sleep(0.01)
             bar.update(task, completed=step, total=3, info=f"loss {2.0 / step:.4f}")
         bar.update(task, completed=3, total=3, info="loss 0.6667")  # no new step: no new line
+    with progress.task_progress("generate (test)", total=2) as (bar, task):
+        bar.advance(task)
+        bar.advance(task)
     lines = buffer.getvalue().splitlines()
-    assert lines[0] == "→ finetune (test)"
-    assert len(lines) == 4 and lines[1].startswith("  finetune (test) 1/3 · ") and "loss 2.0000" in lines[1]
-    assert "/s · ETA " in lines[1] and "ETA" not in lines[3] and lines[3].startswith("  finetune (test) 3/3 · ")
+    finetune, generate = lines[:4], lines[4:]
+    assert finetune[0] == "→ finetune (test)"
+    assert finetune[1].startswith("  finetune (test) 1/3 · ") and "loss 2.0000" in finetune[1]
+    assert "/s · ETA " in finetune[1] and "ETA" not in finetune[3] and finetune[3].startswith("  finetune (test) 3/3 · ")
+    assert generate[0] == "→ generate (test)" and len(generate) == 3  # advance() steps print too
+    assert generate[1].startswith("  generate (test) 1/2 · ") and generate[2].startswith("  generate (test) 2/2 · ")

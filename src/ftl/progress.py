@@ -51,6 +51,9 @@ def step_line(task) -> str:
 class _Progress(Progress):
     """rich's Progress; outside a terminal, one line per step instead of a live bar."""
 
+    def advance(self, task_id, advance: float = 1) -> None:  # rich's own advance bypasses update()
+        self.update(task_id, advance=advance)
+
     def update(self, task_id, **kwargs) -> None:
         super().update(task_id, **kwargs)
         if not self.disable:

@@ -143,8 +143,14 @@ class TorchEvalModel(EvalModel):
         stops = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(stops)
         encoded = _left_pad(self.tokenizer, [self.format.render_prompt(m) for m in conversations], pad)
+        from transformers import GenerationConfig
+
+        # Plain argmax, as generate() above: not the model's own generation_config (some carry a
+        # repetition penalty that HF applies even to greedy decoding).
+        greedy = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stops) or None,
+                                  pad_token_id=pad, repetition_penalty=1.0, no_repeat_ngram_size=0)
         with torch.inference_mode():
-            out = self.model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+            out = self.model.generate(**encoded, generation_config=greedy)
         texts = []
         for row in out[:, encoded["input_ids"].shape[1]:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))

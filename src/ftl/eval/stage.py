@@ -132,24 +132,33 @@ def _score_all(config, samples, models, sources, scorer, numeric, singles, on_pr
     details = []
     for first in range(0, len(samples), config.batch_size):
         chunk = samples[first:first + config.batch_size]
-        scored: dict[str, list[tuple[np.ndarray, int]]] = {}
+        # Per model and sample: the two NLLs, and the answer positions' logits where the damage needs them
+        # (ONNX models and their sources); the whole chunk's logits are never held at once.
+        scored: dict[str, list[tuple[tuple, np.ndarray | None, int]]] = {}
         answers: dict[str, list] = {}
+        kept = set(sources) | {s.label for s in sources.values()}
         for model in models:
             ids = [_ids(model, sample) for sample in chunk]
-            scored[model.label] = list(zip(model.logits_batch([i for i, _ in ids]), [start for _, start in ids]))
+            scored[model.label] = []
+            for logits, (seq, start) in zip(model.logits_batch([i for i, _ in ids]), ids):
+                scored[model.label].append(((token_nll(logits, seq, start), token_nll(logits, seq, 1)),
+                                            logits[start - 1:-1].copy() if model.label in kept else None, start))
+                del logits
             answers[model.label] = _answers(model, chunk, singles[model.label][first:first + len(chunk)], config)
         for offset, sample in enumerate(chunk):
             entry = {"where": sample["where"], "question": sample["question"], "reference": sample["reference"],
                      "models": {}}
             for model in models:
-                logits, start = scored[model.label][offset]
-                entry["models"][model.label] = _score(model, sample, scorer, numeric, logits, start,
-                                                      answers[model.label][offset])
+                nlls, _, _ = scored[model.label][offset]
+                entry["models"][model.label] = _score(sample, scorer, numeric, nlls, answers[model.label][offset])
             for onnx_label, source in sources.items():
-                onnx_logits, start = scored[onnx_label][offset]
-                ref_logits = scored[source.label][offset][0] if source.label in scored else \
-                    _logits_for(source, sample)[0]
-                entry["models"][onnx_label].update(_damage(onnx_logits, ref_logits, start))
+                _, onnx_logits, start = scored[onnx_label][offset]
+                if source.label in scored:
+                    ref_logits = scored[source.label][offset][1]
+                else:  # a source loaded only for the damage (not one of the compared models)
+                    logits, source_start = _logits_for(source, sample)
+                    ref_logits = logits[source_start - 1:-1]
+                entry["models"][onnx_label].update(_damage(onnx_logits, ref_logits))
             details.append(entry)
             if on_progress:
                 on_progress(len(details), len(samples))
@@ -181,11 +190,8 @@ def _answers(model: EvalModel, chunk: list[dict], timed: list[Timed], config: Ev
     return out
 
 
-def _score(model: EvalModel, sample: dict, scorer, numeric: bool, logits: np.ndarray, start: int,
-           timed: Timed) -> dict:
-    ids, _ = _ids(model, sample)
-    nll_answer, n_answer = token_nll(logits, ids, start)
-    nll_full, n_full = token_nll(logits, ids, 1)
+def _score(sample: dict, scorer, numeric: bool, nlls: tuple, timed: Timed) -> dict:
+    (nll_answer, n_answer), (nll_full, n_full) = nlls
     rouge = rouge_scores(scorer, sample["reference"], timed.text)
     answer_bytes = max(1, len(sample["reference"].encode("utf-8")))
     scores = {
@@ -216,10 +222,11 @@ def rouge_scores(scorer, reference: str, prediction: str) -> dict[str, float]:
     return {key: scores[key].fmeasure for key in ("rouge1", "rouge2", "rougeL")}
 
 
-def _damage(onnx: np.ndarray, reference: np.ndarray, start: int) -> dict:
-    """Mean KL(reference || onnx) and top-1 agreement over the positions that predict answer tokens."""
-    p_log = _log_softmax(reference[start - 1 : -1].astype(np.float64))
-    q_log = _log_softmax(onnx[start - 1 : -1].astype(np.float64))
+def _damage(onnx: np.ndarray, reference: np.ndarray) -> dict:
+    """Mean KL(reference || onnx) and top-1 agreement over the positions that predict answer tokens
+    (both arrays are those positions' logits)."""
+    p_log = _log_softmax(reference.astype(np.float64))
+    q_log = _log_softmax(onnx.astype(np.float64))
     kl = (np.exp(p_log) * (p_log - q_log)).sum(axis=-1)
     agree = (p_log.argmax(-1) == q_log.argmax(-1))
     return {"kl_sum": float(kl.sum()), "top1_agree": int(agree.sum()), "damage_positions": int(len(kl))}

@@ -72,12 +72,24 @@ class FtlGenaiBuilder(Pass):
                 options = replace(options, algo_config="rtn_last", is_symmetric=False)
         build(Path(model.model_name_or_path), out, options, cache_dir=out.parent / "genai-builder-cache")
         if plan is not None:
+            body = _int4_matmuls(out / "model.onnx")
             written = write_grid(out, plan.grids, config.grid_form, plan.head, plan.built_from)
-            if options.algo_config == "rtn_last" and not written.head:
-                raise ValueError("the exact int8 head was not written over the fast build's")
+            if options.algo_config == "rtn_last" and (not written.head or written.matrices != body):
+                raise ValueError(f"the fast build's weights were not all overwritten ({written.matrices} of {body} "
+                                 f"int4 MatMuls, head {written.head})")
             (out / GRID_RECORD).write_text(json.dumps({
                 **written.as_dict(), "source": plan.source, "builder_algo": options.algo_config,
                 "lora_codes_changed": plan.lora_codes_changed,
                 "lora_delta_rounded_away": plan.lora_delta_rounded_away}, indent=1))
         extra = sorted(str(p) for p in out.iterdir() if p.name not in ("model.onnx", "model.onnx.data"))
         return ONNXModelHandler(out, onnx_file_name="model.onnx", model_attributes={"additional_files": extra})
+
+
+def _int4_matmuls(model_path: Path) -> int:
+    """The 4-bit MatMulNBits nodes of a built graph (what an exact grid must overwrite, every one)."""
+    import onnx
+    from onnx import helper
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return sum(1 for node in graph.node if node.op_type == "MatMulNBits"
+               and any(a.name == "bits" and helper.get_attribute_value(a) == 4 for a in node.attribute))

@@ -72,10 +72,16 @@ class _FtlTraining:
 
             def train(self, *args, **kwargs):
                 result = super().train(*args, **kwargs)
+                tokens = self.ftl_tokens
+                if self.args.world_size > 1:  # every rank's tokens, not rank 0's alone (all ranks reach here)
+                    import torch
+
+                    tokens = int(self.accelerator.reduce(torch.tensor([tokens], device=self.args.device),
+                                                         reduction="sum").item())
                 if summary_path and self.is_world_process_zero():
                     write_summary(self.state, Path(summary_path), patience,
                                   {"train_seconds": round(result.metrics.get("train_runtime", 0.0), 2),
-                                   "train_tokens": self.ftl_tokens, "packing": packed})
+                                   "train_tokens": tokens, "packing": packed})
                 return result
 
         transformers.Trainer = Trainer

@@ -39,27 +39,40 @@ class LocalTeacher:
             self._torch = AutoModelForCausalLM.from_pretrained(self.folder).eval()
             self._run = self._run_torch
             self._queue: dict[tuple, list] = {}
+            self._drainer: asyncio.Task | None = None
+            eos = self._torch.generation_config.eos_token_id
+            # every id that ends an answer: the generation config's (several for some models) and the tokenizer's
+            self._stops = set(eos if isinstance(eos, list) else [eos] if eos is not None else []) | {
+                self._tokenizer.eos_token_id}
 
     async def complete(self, messages, *, max_tokens, temperature, n) -> Completion:
         if self._run != self._run_torch:
             async with self._lock:
                 return await asyncio.to_thread(self._run, messages, max_tokens, temperature, n)
-        # batched: wait behind the running batch, then take everyone who queued with the same settings
-        waiting = (messages, asyncio.get_running_loop().create_future())
-        self._queue.setdefault((max_tokens, temperature, n), []).append(waiting)
-        async with self._lock:
-            if not waiting[1].done():
-                batch = self._queue.pop((max_tokens, temperature, n), [])
-                try:
-                    answers = await asyncio.to_thread(self._run_torch_batch, [m for m, _ in batch], max_tokens,
-                                                      temperature, n)
-                except Exception as exc:  # every request of the batch gets the error
-                    for _, future in batch:
+        # Batched: queue the request; one drain task answers what waits together, batch by batch. The
+        # caller awaits only its own answer, so a caller that gives up (a timeout) takes nothing else down.
+        future = asyncio.get_running_loop().create_future()
+        self._queue.setdefault((max_tokens, temperature, n), []).append((messages, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        while self._queue:
+            key = next(iter(self._queue))
+            batch = [(m, f) for m, f in self._queue.pop(key) if not f.done()]
+            if not batch:
+                continue
+            try:
+                answers = await asyncio.to_thread(self._run_torch_batch, [m for m, _ in batch], *key)
+            except Exception as exc:  # every request of the batch gets the error
+                for _, future in batch:
+                    if not future.done():
                         future.set_exception(exc)
-                else:
-                    for (_, future), answer in zip(batch, answers):
+            else:
+                for (_, future), answer in zip(batch, answers):
+                    if not future.done():
                         future.set_result(answer)
-        return await waiting[1]
 
     def _run_onnx(self, messages, max_tokens, temperature, n) -> Completion:
         choices, prompt_tokens, completion_tokens = [], 0, 0
@@ -78,17 +91,20 @@ class LocalTeacher:
 
         prompts = self._tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
         encoded = self._tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-        eos = self._tokenizer.eos_token_id
+        sampled = temperature > 0
+        sampling = {"do_sample": True, "temperature": temperature} if sampled else {"do_sample": False}
+        returned = n if sampled else 1  # greedy gives one answer (transformers refuses n > 1 without sampling)
         with torch.inference_mode():
             out = self._torch.generate(**encoded, max_new_tokens=max_tokens, pad_token_id=self._tokenizer.pad_token_id,
-                                       num_return_sequences=n, **sampling)[:, encoded["input_ids"].shape[1]:]
+                                       num_return_sequences=returned, **sampling)[:, encoded["input_ids"].shape[1]:]
         completions = []
         for row, mask in enumerate(encoded["attention_mask"]):
             choices, completion_tokens = [], 0
-            for new in out[row * n:(row + 1) * n].tolist():
-                ended = eos in new
-                new = new[:new.index(eos) + 1] if ended else new
+            answers = out[row * returned:(row + 1) * returned].tolist()
+            for new in answers * (n // returned):
+                end = next((i for i, token in enumerate(new) if token in self._stops), None)
+                ended = end is not None
+                new = new[:end + 1] if ended else new  # a shorter row's padding is not part of its answer
                 choices.append(Choice(self._tokenizer.decode(new, skip_special_tokens=True),
                                       "stop" if ended or len(new) < max_tokens else "length"))
                 completion_tokens += len(new)
@@ -96,7 +112,8 @@ class LocalTeacher:
         return completions
 
     async def aclose(self) -> None:
-        return None
+        if getattr(self, "_drainer", None) is not None and not self._drainer.done():
+            self._drainer.cancel()
 
 
 @register("local")
