@@ -113,9 +113,10 @@ def _evaluate(config, samples, models, out: Path, fingerprint: str, on_progress,
     details = _score_all(config, samples, models, sources, scorer, numeric, singles, on_progress)
     # Each model's peak memory in a process of its own, two at a time (after the scoring: beside it, the
     # CPU contention cost more than it saved, 69 s against 49 s for the quickstart's eval).
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        memory = dict(zip([m.label for m in models], pool.map(_peak_rss, [m.label for m in models]))) \
-            if config.memory else {}
+    memory = {}
+    if config.memory:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            memory = dict(zip([m.label for m in models], pool.map(_peak_rss, [m.label for m in models])))
 
     summary = _summarise(models, details, sources, same_tokens, numeric, config, memory)
     summary["seconds"] = round(time.perf_counter() - started, 1)
@@ -134,7 +135,7 @@ def _score_all(config, samples, models, sources, scorer, numeric, singles, on_pr
         chunk = samples[first:first + config.batch_size]
         # Per model and sample: the two NLLs, and the answer positions' logits where the damage needs them
         # (ONNX models and their sources); the whole chunk's logits are never held at once.
-        scored: dict[str, list[tuple[tuple, np.ndarray | None, int]]] = {}
+        scored: dict[str, list[tuple[tuple, np.ndarray | None]]] = {}
         answers: dict[str, list] = {}
         kept = set(sources) | {s.label for s in sources.values()}
         for model in models:
@@ -142,17 +143,16 @@ def _score_all(config, samples, models, sources, scorer, numeric, singles, on_pr
             scored[model.label] = []
             for logits, (seq, start) in zip(model.logits_batch([i for i, _ in ids]), ids):
                 scored[model.label].append(((token_nll(logits, seq, start), token_nll(logits, seq, 1)),
-                                            logits[start - 1:-1].copy() if model.label in kept else None, start))
-                del logits
+                                            logits[start - 1:-1].copy() if model.label in kept else None))
             answers[model.label] = _answers(model, chunk, singles[model.label][first:first + len(chunk)], config)
         for offset, sample in enumerate(chunk):
             entry = {"where": sample["where"], "question": sample["question"], "reference": sample["reference"],
                      "models": {}}
             for model in models:
-                nlls, _, _ = scored[model.label][offset]
+                nlls, _ = scored[model.label][offset]
                 entry["models"][model.label] = _score(sample, scorer, numeric, nlls, answers[model.label][offset])
             for onnx_label, source in sources.items():
-                _, onnx_logits, start = scored[onnx_label][offset]
+                _, onnx_logits = scored[onnx_label][offset]
                 if source.label in scored:
                     ref_logits = scored[source.label][offset][1]
                 else:  # a source loaded only for the damage (not one of the compared models)

@@ -47,14 +47,26 @@ def tokens_in(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["input_ids"].numel())
 
 
+def pad(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """The same rows as a padded batch (right padding, masked): what --no-packing trains on."""
+    width = max(len(row["input_ids"]) for row in rows)
+    batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
+             "labels": torch.full((len(rows), width), IGNORE, dtype=torch.long)}
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
+        batch["attention_mask"][i, :n] = 1
+        batch["labels"][i, :n] = torch.as_tensor(row.get("labels", row["input_ids"]))
+    return batch
+
+
 def _keeps_logits(model) -> bool:
-    target = model
-    for attr in ("module", "get_base_model"):  # DDP, then PEFT
-        if attr == "module" and hasattr(target, "module"):
-            target = target.module
-        elif attr == "get_base_model" and hasattr(target, "get_base_model"):
-            target = target.get_base_model()
-    return "logits_to_keep" in inspect.signature(target.forward).parameters
+    """Whether the causal LM under DDP and PEFT wrappers takes ``logits_to_keep``."""
+    model = getattr(model, "module", model)
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def labelled_loss(model, batch: dict[str, torch.Tensor], num_items: int | torch.Tensor | None = None):

@@ -128,7 +128,7 @@ def tokenize_rows(tokenizer, prepared: Path, answer_only: bool = True) -> Rows:
 def batch_loss(model: nn.Module, rows: Rows, picks: list[int], pad_id: int, packed: bool = True) -> torch.Tensor:
     """Mean loss per labelled token of the rows ``picks``: packed into one sequence (ftl.finetune.packing:
     no padding, no attention across rows, the head only where a label follows), or padded with ``pad_id``."""
-    from ftl.finetune.packing import IGNORE, labelled_loss, pack
+    from ftl.finetune.packing import IGNORE, labelled_loss, pack, pad
 
     batch = []
     for i in picks:
@@ -136,17 +136,7 @@ def batch_loss(model: nn.Module, rows: Rows, picks: list[int], pad_id: int, pack
         labels = ids.clone()
         labels[: rows.prompt_lengths[i]] = IGNORE
         batch.append({"input_ids": ids, "labels": labels})
-    if packed:
-        return labelled_loss(model, pack(batch))[0]
-    width = max(len(b["input_ids"]) for b in batch)
-    padded = {"input_ids": torch.full((len(batch), width), pad_id, dtype=torch.long),
-              "attention_mask": torch.zeros((len(batch), width), dtype=torch.long),
-              "labels": torch.full((len(batch), width), IGNORE, dtype=torch.long)}
-    for row, b in enumerate(batch):
-        n = len(b["input_ids"])
-        padded["input_ids"][row, :n], padded["attention_mask"][row, :n], padded["labels"][row, :n] = \
-            b["input_ids"], 1, b["labels"]
-    return labelled_loss(model, padded)[0]
+    return labelled_loss(model, pack(batch) if packed else pad(batch, pad_id))[0]
 
 
 @dataclass
