@@ -22,7 +22,17 @@ Put a marker in a question to script a fault for it:
   withheld by the output filter (``finish_reason: content_filter``): every attempt, or the first
   N with ``[longx1]``.
 
-``rate_429`` / ``rate_500`` add random faults. ``onnx_answerer(folder)`` answers through a real
+``rate_429`` / ``rate_500`` add random faults.
+
+``rpm`` / ``tpm`` enforce a quota the way Azure OpenAI does: over a sliding ``window`` of seconds
+(10 by default), each window allows ``rpm * window / 60`` requests and ``tpm * window / 60``
+tokens (the prompt's tokens plus ``max_tokens * n``, counted on arrival). A request over it gets 429
+with ``Retry-After`` (and ``retry-after-ms``). Every response carries rate-limit headers:
+``headers="openai"`` (the default) sends OpenAI's ``x-ratelimit-limit-*``, ``-remaining-*`` and
+``-reset-*``; ``"azure"`` only ``x-ratelimit-remaining-requests`` / ``-tokens``, as Azure OpenAI
+does; ``None`` none. ``events`` lists ``(seconds since start, status)`` for each response.
+
+``onnx_answerer(folder)`` answers through a real
 exported model. From a shell, ``python -m ftl.testing [--model EXPORT_DIR] [--delay S]`` prints
 the URL and serves until interrupted.
 """
@@ -38,6 +48,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+_TOKEN = re.compile(r"\w+|[^\w\s]")  # the test server's "tokenizer": words and punctuation
 _MARK = re.compile(r"\[(429|500|400|hang|reset|garbage|empty|refuse|long|filter|filtered)(?:x(\d+))?\]")
 # Faults a real service repeats on every attempt (the question itself causes them) unless a count is given.
 _PERMANENT = ("400", "garbage", "empty", "refuse", "long", "filter", "filtered")
@@ -66,7 +77,8 @@ class TeacherServer:
 
     def __init__(self, answer: Callable[[list[dict]], str] | None = None, *, delay: float = 0.0,
                  api_key: str | None = None, rate_429: float = 0.0, rate_500: float = 0.0, hang_s: float = 3.0,
-                 seed: int = 0, models: set[str] | None = None):
+                 seed: int = 0, models: set[str] | None = None, rpm: int | None = None, tpm: int | None = None,
+                 window: float = 10.0, headers: str | None = "openai"):
         self.answer = answer or (lambda messages: "Answer: " + messages[-1]["content"][::-1])
         self.delay, self.api_key, self.hang_s = delay, api_key, hang_s
         self.rate_429, self.rate_500, self.models = rate_429, rate_500, models
@@ -76,6 +88,10 @@ class TeacherServer:
         self.auth_headers: list[str | None] = []
         self.statuses: Counter = Counter()
         self.requests = 0
+        self.quota = _Quota(rpm, tpm, window) if (rpm or tpm) else None
+        self.headers = headers
+        self.events: list[tuple[float, int]] = []
+        self.started = time.monotonic()
         self.lock = threading.Lock()
         self.httpd = _Server(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -122,6 +138,7 @@ class TeacherServer:
             def _send(self, status: int, body: bytes, headers: dict | None = None):
                 with server.lock:
                     server.statuses[status] += 1
+                    server.events.append((time.monotonic() - server.started, status))
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -145,6 +162,17 @@ class TeacherServer:
                                                        f"{body.get('model')!r} does not exist"}}).encode())
                 messages = body.get("messages", [])
                 question = messages[-1]["content"] if messages else ""
+                prompt_tokens = sum(len(_TOKEN.findall(str(m.get("content", "")))) for m in messages)
+                n = int(body.get("n", 1))
+                limits = {}
+                if server.quota:
+                    granted, limits = server.quota.take(prompt_tokens + int(body.get("max_tokens") or 16) * n)
+                    limits = {k: v for k, v in limits.items() if "ratelimit" not in k or server.headers == "openai"
+                              or (server.headers == "azure" and "remaining" in k)}
+                    if not granted:
+                        return self._send(429, b'{"error": {"code": "429", "message": "Requests to this deployment '
+                                               b'have exceeded the rate limit of your current tier."}}', limits)
+                    limits = {k: v for k, v in limits.items() if "retry-after" not in k}
                 fault = server._fault(question)
                 if server.delay:
                     time.sleep(server.delay)
@@ -163,7 +191,6 @@ class TeacherServer:
                     return None
                 if fault == "garbage":
                     return self._send(200, b'{"choices": [{"message": {"content": "tru')
-                n = int(body.get("n", 1))
                 if fault == "empty":
                     choices = [_choice(i, "", "stop") for i in range(n)]
                 elif fault == "filtered":
@@ -176,11 +203,59 @@ class TeacherServer:
                     choices = [_choice(i, server.answer(messages), "stop") for i in range(n)]
                 payload = {"id": "chatcmpl-ftl", "object": "chat.completion", "created": int(time.time()),
                            "model": body.get("model", "test"), "choices": choices,
-                           "usage": {"prompt_tokens": len(question.split()), "completion_tokens": 8 * n,
-                                     "total_tokens": len(question.split()) + 8 * n}}
-                return self._send(200, json.dumps(payload).encode())
+                           "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 8 * n,
+                                     "total_tokens": prompt_tokens + 8 * n}}
+                return self._send(200, json.dumps(payload).encode(), limits)
 
         return Handler
+
+
+class _Quota:
+    """Requests and tokens over a sliding window, as a provider enforces RPM/TPM (a rejected request is not counted)."""
+
+    def __init__(self, rpm: int | None, tpm: int | None, window: float):
+        self.window = window
+        self.requests = rpm * window / 60 if rpm else None
+        self.tokens = tpm * window / 60 if tpm else None
+        self.rpm, self.tpm = rpm, tpm
+        self.log: list[tuple[float, int]] = []
+        self.lock = threading.Lock()
+
+    def take(self, tokens: int) -> tuple[bool, dict]:
+        with self.lock:
+            now = time.monotonic()
+            self.log = [(t, c) for t, c in self.log if now - t < self.window]
+            used = sum(c for _, c in self.log)
+            fits = (self.requests is None or len(self.log) + 1 <= self.requests) and \
+                   (self.tokens is None or used + tokens <= self.tokens)
+            if fits:
+                self.log.append((now, tokens))
+                used += tokens
+            wait = 0.0 if fits else self._wait(now, tokens)
+            headers = {}
+            if self.requests is not None:
+                reset = self.window - (now - self.log[0][0]) if self.log else 0.0
+                headers |= {"x-ratelimit-limit-requests": str(self.rpm),
+                            "x-ratelimit-remaining-requests": str(max(0, int(self.requests) - len(self.log))),
+                            "x-ratelimit-reset-requests": f"{max(reset, 0.001):.3f}s"}
+            if self.tokens is not None:
+                reset = self.window - (now - self.log[0][0]) if self.log else 0.0
+                headers |= {"x-ratelimit-limit-tokens": str(self.tpm),
+                            "x-ratelimit-remaining-tokens": str(max(0, int(self.tokens - used))),
+                            "x-ratelimit-reset-tokens": f"{max(reset, 0.001):.3f}s"}
+            if not fits:
+                headers |= {"Retry-After": str(max(1, round(wait))), "retry-after-ms": str(max(1, int(wait * 1000)))}
+            return fits, headers
+
+    def _wait(self, now: float, tokens: int) -> float:
+        """Seconds until enough of the window has expired for this request to fit."""
+        count, used = len(self.log), sum(c for _, c in self.log)
+        for t, c in self.log:  # oldest first: each one that expires frees its request and tokens
+            count, used = count - 1, used - c
+            if (self.requests is None or count + 1 <= self.requests) and \
+                    (self.tokens is None or used + tokens <= self.tokens):
+                return max(self.window - (now - t), 0.001)
+        return self.window  # more tokens than a whole window allows: a provider would refuse it every time
 
 
 def _choice(index: int, text: str | None, finish: str) -> dict:
@@ -212,9 +287,15 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--rate-429", type=float, default=0.0, help="fraction of requests answered 429")
     parser.add_argument("--rate-500", type=float, default=0.0, help="fraction of requests answered 500")
+    parser.add_argument("--rpm", type=int, help="enforce this requests-per-minute quota over --window")
+    parser.add_argument("--tpm", type=int, help="enforce this tokens-per-minute quota over --window")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds over which the quota is enforced")
+    parser.add_argument("--headers", choices=["openai", "azure", "none"], default="openai",
+                        help="rate-limit headers to send: OpenAI's, Azure's (remaining only), or none")
     args = parser.parse_args()
     server = TeacherServer(onnx_answerer(args.model) if args.model else None, delay=args.delay,
-                           rate_429=args.rate_429, rate_500=args.rate_500, seed=1)
+                           rate_429=args.rate_429, rate_500=args.rate_500, seed=1, rpm=args.rpm, tpm=args.tpm,
+                           window=args.window, headers=None if args.headers == "none" else args.headers)
     with server:
         print(server.url, flush=True)
         try:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ftl.distill.teachers.base import CLIENT_ERROR_CODES
@@ -15,6 +17,25 @@ from ftl.distill.teachers.base import CLIENT_ERROR_CODES
 # Permanent outcomes, the only ones written to <output>.rejects.jsonl (transient failures stay pending).
 REJECT_REASONS = ("empty", "refusal", "truncated", *CLIENT_ERROR_CODES)
 _CLIENT_ERROR = re.compile(r"client_error_\d{3}")
+
+
+class Deployment(BaseModel):
+    """One teacher deployment of a fan-out: its own endpoint, key variable and quota."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, description="Shown in the summary and the manifest; default model@host")
+    teacher: str | None = Field(None, description="openai or azure; default: --teacher")
+    base_url: str | None = Field(None, description="OpenAI-compatible base URL (…/v1)")
+    endpoint: str | None = Field(None, description="Azure OpenAI endpoint")
+    model: str = Field(min_length=1, description="Model or deployment name")
+    api_key_env: str | None = Field(None, description="Environment variable holding this deployment's key")
+    api_version: str | None = Field(None, description="Azure OpenAI API version; default: --api-version")
+    rpm: int | None = Field(None, gt=0, description="This deployment's requests-per-minute quota")
+    tpm: int | None = Field(None, gt=0, description="This deployment's tokens-per-minute quota")
+    concurrency: int | None = Field(None, ge=1, description="Requests in flight here; default: --concurrency")
+    price_input: float | None = Field(None, ge=0, description="Price per 1M prompt tokens here")
+    price_output: float | None = Field(None, ge=0, description="Price per 1M completion tokens here")
 
 
 class DistillConfig(BaseModel):
@@ -39,8 +60,16 @@ class DistillConfig(BaseModel):
     temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0 asks for the most likely answer")
     n: int = Field(1, ge=1, description="Answers asked per seed; the best one is kept")
     concurrency: int = Field(8, ge=1, description="Requests in flight at once")
-    rpm: int | None = Field(None, gt=0, description="Requests-per-minute budget")
-    tpm: int | None = Field(None, gt=0, description="Tokens-per-minute budget")
+    rpm: int | None = Field(None, gt=0, description="Requests-per-minute quota, spread evenly over --quota-window; "
+                                                    "default: read from the endpoint's rate-limit headers")
+    tpm: int | None = Field(None, gt=0, description="Tokens-per-minute quota (prompt + max_tokens), spread the same "
+                                                    "way; default: read from the headers")
+    quota_window: float = Field(10.0, gt=0, description="Seconds over which the endpoint enforces its quota "
+                                                        "(Azure OpenAI: 10, i.e. RPM/6 per 10 s)")
+    api_key_env: str | None = Field(None, description="Environment variable holding the API key (default "
+                                                      "OPENAI_API_KEY, or AZURE_OPENAI_API_KEY for azure)")
+    deployments: list[Deployment] | None = Field(None, description="Several teacher deployments to fan out over: "
+                                                 "a YAML file, or a list of {base_url|endpoint, model, ...}")
     max_retries: int = Field(5, ge=0, description="Retries of a transient failure (429, 5xx, timeout, dropped "
                                                    "connection, malformed body); past them the seed stays pending")
     timeout: float = Field(60.0, gt=0, description="Seconds before a request counts as hung")
@@ -52,6 +81,26 @@ class DistillConfig(BaseModel):
     price_output: float | None = Field(None, ge=0, description="Price per 1M completion tokens")
     retry_rejects: list[str] | None = Field(None, description="Reject reasons to ask again for (e.g. truncated, "
                                                               "refusal), or all; other rejects are not paid for again")
+
+    @field_validator("deployments", mode="before")
+    @classmethod
+    def _deployments_file(cls, value):
+        """A path is a YAML file: a list of deployments, or {deployments: [...]}."""
+        if not isinstance(value, (str, Path)):
+            return value
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"no deployments file at {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise ValueError(f"{path}{f':{mark.line + 1}' if mark else ''} is not valid YAML") from None
+        if isinstance(data, dict) and "deployments" in data:
+            data = data["deployments"]
+        if not isinstance(data, list) or not data:
+            raise ValueError(f"{path} must hold a list of deployments (each with base_url or endpoint, and model)")
+        return data
 
     @field_validator("retry_rejects")
     @classmethod

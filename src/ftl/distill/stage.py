@@ -19,11 +19,13 @@ import os
 import random
 import re
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ftl import manifest
+from ftl.distill.budget import Budget, TokenCounter
 from ftl.distill.config import DistillConfig
 from ftl.distill.seeds import Seed, drop_duplicates, load_seeds
 from ftl.distill.teachers import Completion, TeacherError, create
@@ -54,11 +56,28 @@ class DistillResult:
     cost: float | None = None
     split: dict | None = None
     to_ask: int = 0  # the seeds this run asks the teacher about (not answered or rejected before)
+    requests: int = 0  # HTTP requests sent (first asks and retries)
+    rate_limited: int = 0  # of them, answered 429
+    ask_seconds: float = 0.0  # from the first request to the last answer
+    deployments: dict = field(default_factory=dict)  # name → requests, tokens, cost, waits, settled rate
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def settled(self) -> int:
         """Seeds of this run with an outcome: answered, rejected, or left pending for a re-run."""
         return self.answered + sum(self.rejected.values()) + sum(self.pending.values())
+
+    @property
+    def rate_limited_share(self) -> float:
+        return self.rate_limited / self.requests if self.requests else 0.0
+
+    @property
+    def effective_rpm(self) -> float:
+        return self.requests * 60 / self.ask_seconds if self.ask_seconds else 0.0
+
+    @property
+    def effective_tpm(self) -> float:
+        return (self.prompt_tokens + self.completion_tokens) * 60 / self.ask_seconds if self.ask_seconds else 0.0
 
 
 def rejects_path(output: Path) -> Path:
@@ -87,7 +106,7 @@ def build_messages(seed: Seed, config: DistillConfig) -> list[dict]:
     return messages + [{"role": "user", "content": prompt}]
 
 
-def distill(config: DistillConfig, on_progress=None) -> DistillResult:
+def distill(config: DistillConfig, on_progress=None, on_warning=None) -> DistillResult:
     started = time.perf_counter()
     output = Path(config.output)
     result = DistillResult(output, rejects_path(output))
@@ -100,53 +119,226 @@ def distill(config: DistillConfig, on_progress=None) -> DistillResult:
     result.already_done = sum(1 for k, _ in keyed if k in done)
     result.to_ask = len(pending)
     output.parent.mkdir(parents=True, exist_ok=True)
-    teacher = create(config)
-    asyncio.run(_run_all(teacher, pending, config, result, on_progress))
+
+    def warn(message: str) -> None:
+        result.warnings.append(message)
+        if on_warning:
+            on_warning(message)
+
+    deployments = _open_deployments(config, warn)
+    asking = time.perf_counter()
+    try:
+        asyncio.run(_run_all(deployments, pending, config, result, on_progress, warn))
+    finally:  # a stopped run still records what each deployment did
+        result.ask_seconds = time.perf_counter() - asking
+        result.deployments = {d.name: d.record() for d in deployments}
     if config.val_fraction:
         result.split = _write_split(output, config.val_fraction)
     result.seconds = time.perf_counter() - started
-    if config.price_input is not None or config.price_output is not None:
-        result.cost = (result.prompt_tokens * (config.price_input or 0)
-                       + result.completion_tokens * (config.price_output or 0)) / 1e6
-    _write_manifest(config, result, teacher, len(seeds))
+    costs = [d["estimated_cost"] for d in result.deployments.values() if d["estimated_cost"] is not None]
+    result.cost = sum(costs) if costs else None
+    _write_manifest(config, result, deployments, len(seeds))
     return result
 
 
-async def _run_all(teacher, pending, config, result, on_progress) -> None:
-    limiter = RateLimiter(config.rpm, config.tpm)
-    semaphore = asyncio.Semaphore(config.concurrency)
-    fatal: list[TeacherError] = []
+@dataclass
+class _Job:
+    key: str
+    seed: Seed
+    messages: list[dict]
+    attempts: int = 0
+    not_before: float = 0.0
+
+
+@dataclass
+class _Deployment:
+    """One teacher endpoint of the run, its budget, and what it did (the manifest's per-deployment record)."""
+
+    name: str
+    config: DistillConfig
+    teacher: object
+    budget: Budget
+    tokens: TokenCounter = field(default_factory=TokenCounter)
+    requests: int = 0
+    rate_limited: int = 0
+    answered: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wait_budget_s: float = 0.0
+    wait_teacher_s: float = 0.0
+    set_aside: str | None = None
+    failures: int = 0  # transient failures in a row; SET_ASIDE_AFTER of them (with others left) sets it aside
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def record(self) -> dict:
+        cost = None
+        if self.config.price_input is not None or self.config.price_output is not None:
+            cost = round((self.prompt_tokens * (self.config.price_input or 0)
+                          + self.completion_tokens * (self.config.price_output or 0)) / 1e6, 6)
+        return {"teacher": self.teacher.name, "model": self.teacher.model, "requests": self.requests,
+                "rate_limited": self.rate_limited, "answered": self.answered, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "estimated_cost": cost,
+                "wait_budget_s": round(self.wait_budget_s, 2), "wait_teacher_s": round(self.wait_teacher_s, 2),
+                "set_aside": self.set_aside, "settled": self.budget.settled()}
+
+
+SET_ASIDE_AFTER = 3
+
+
+def _open_deployments(config: DistillConfig, warn) -> list[_Deployment]:
+    """The run's deployments: --deployments, else the one teacher the flags name. Checked before any request."""
+    specs = config.deployments or [None]
+    subs = []
+    for index, spec in enumerate(specs, 1):
+        if spec is None:
+            sub = config
+        else:
+            sub = config.model_copy(update={
+                "teacher": spec.teacher or (config.teacher if config.teacher != "local" else "openai"),
+                "base_url": spec.base_url, "endpoint": spec.endpoint, "model": spec.model,
+                "api_key_env": spec.api_key_env, "api_version": spec.api_version or config.api_version,
+                "rpm": spec.rpm or config.rpm, "tpm": spec.tpm or config.tpm,
+                "concurrency": spec.concurrency or config.concurrency,
+                "price_input": spec.price_input if spec.price_input is not None else config.price_input,
+                "price_output": spec.price_output if spec.price_output is not None else config.price_output,
+                "deployments": None})
+            if spec.api_key_env and not os.environ.get(spec.api_key_env):
+                raise ConfigError(f"deployment {index} ({_name(spec.name, sub)}): its key variable ${spec.api_key_env} "
+                                  "is not set", "--deployments", f"export {spec.api_key_env}=<key>, or fix api_key_env")
+        if sub.tpm and sub.max_tokens * sub.n > sub.tpm * sub.quota_window / 60:
+            raise ConfigError(f"--max-tokens {sub.max_tokens} × --n {sub.n} is more than one {sub.quota_window:g}-second "
+                              f"window of --tpm {sub.tpm} allows ({sub.tpm * sub.quota_window / 60:.0f} tokens): the "
+                              "endpoint would refuse every request", "--max-tokens / --tpm",
+                              "lower --max-tokens, or give the deployment's real TPM")
+        subs.append((_name(spec.name if spec else None, sub), sub))
+    seen: dict[tuple, str] = {}
+    for name, sub in subs:
+        where = (sub.teacher, (sub.base_url or sub.endpoint or "").rstrip("/").lower(), sub.model)
+        if where in seen and sub.teacher != "local":
+            warn(f"deployments {seen[where]} and {name} are the same endpoint and model: they share one quota, so "
+                 "their budgets together allow more than it does")
+        seen.setdefault(where, name)
+    names = Counter(name for name, _ in subs)
+    return [_Deployment(f"{name}#{i}" if names[name] > 1 else name, sub, create(sub),
+                        Budget(sub.rpm, sub.tpm, sub.quota_window, sub.concurrency))
+            for i, (name, sub) in enumerate(subs, 1)]
+
+
+def _name(given: str | None, config: DistillConfig) -> str:
+    if given:
+        return given
+    url = config.base_url or config.endpoint
+    host = urlparse(url).netloc if url else None
+    model = Path(config.model).name if config.teacher == "local" and config.model else config.model
+    return f"{model}@{host}" if host and model else (model or config.teacher)
+
+
+async def _run_all(deployments: list[_Deployment], pending, config, result, on_progress, warn) -> None:
+    """Workers per deployment take seeds from one queue; a seed goes to whichever deployment's
+    budget lets it through first. A retry goes back on the queue, so a healthy deployment answers
+    what a failing one could not. Each deployment's first request goes alone: a wrong endpoint or key
+    fails fast, before any fan-out."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for key, seed in pending:
+        queue.put_nowait(_Job(key, seed, build_messages(seed, config)))
+    unsettled = len(pending)
+    fatal: list[tuple[_Deployment, TeacherError]] = []
+    workers: list[asyncio.Task] = []
+    stop = asyncio.Event()
+    crashed: list[Exception] = []
     with open(result.output, "a", encoding="utf-8") as out, open(result.rejects, "a", encoding="utf-8") as rej:
-        async def one(key: str, seed: Seed, first: bool = False) -> None:
-            async with semaphore:
-                if fatal:
-                    return
-                outcome = await _ask(teacher, seed, config, limiter, result)
-            if isinstance(outcome, TeacherError) and (outcome.fatal or (first and outcome.kind == "connection")):
-                fatal.append(outcome)
-                return
-            _record(outcome, key, seed, teacher, config, result, out, rej)
+        def settle(job: _Job, outcome, dep: _Deployment) -> None:
+            nonlocal unsettled
+            answered = result.answered
+            _record(outcome, job.key, job.seed, dep.teacher, config, result, out, rej, dep.name)
+            dep.answered += result.answered - answered
+            unsettled -= 1
             if on_progress:
                 on_progress(result)
+            if unsettled == 0:
+                stop.set()
 
-        tasks = []
+        def set_aside(dep: _Deployment, why: str) -> None:
+            if dep.set_aside is None:
+                dep.set_aside = why
+                dep.ready.set()
+                if any(d.set_aside is None for d in deployments):
+                    warn(f"deployment {dep.name} set aside: {why}; the others go on")
+                else:
+                    stop.set()
+
+        async def worker(dep: _Deployment, first: bool) -> None:
+            try:
+                await work(dep, first)
+            except Exception as exc:  # an error that is not the teacher's answer (e.g. no Entra ID sign-in) stops all
+                crashed.append(exc)
+                stop.set()
+
+        async def work(dep: _Deployment, first: bool) -> None:
+            if not first:
+                await dep.ready.wait()
+            while dep.set_aside is None and not stop.is_set():
+                job = await queue.get()
+                if dep.set_aside is not None:
+                    queue.put_nowait(job)
+                    return
+                wait = job.not_before - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                outcome = await _ask(dep, job.messages, config, result)
+                others = any(d.set_aside is None and d is not dep for d in deployments)
+                if isinstance(outcome, TeacherError) and (outcome.fatal or (first and outcome.kind == "connection")):
+                    if not others:
+                        fatal.append((dep, outcome))
+                    set_aside(dep, outcome.message)
+                    again(job, outcome, 0.0)
+                    return
+                first = False
+                dep.ready.set()
+                if isinstance(outcome, TeacherError) and outcome.transient:
+                    if outcome.kind != "rate_limit":
+                        dep.failures += 1
+                        if dep.failures >= SET_ASIDE_AFTER and others:  # the deployment's fault, not the seed's
+                            set_aside(dep, f"{dep.failures} failures in a row ({outcome.message})")
+                            again(job, outcome, 0.0)
+                            return
+                    job.attempts += 1
+                    if job.attempts > config.max_retries:
+                        settle(job, outcome, dep)
+                    else:  # with another deployment to take it, a 429 need not wait: this budget holds itself
+                        again(job, outcome, 0.0 if outcome.kind == "rate_limit" and others else
+                              _delay(outcome, job.attempts - 1, config.backoff))
+                    continue
+                dep.failures = 0
+                settle(job, outcome, dep)
+
+        def again(job: _Job, error: TeacherError, after: float) -> None:
+            """Back on the queue, for any deployment to ask (every re-ask is counted as a retry)."""
+            result.retries[error.kind] += 1
+            job.not_before = time.monotonic() + after
+            queue.put_nowait(job)
+
         try:
-            if pending:  # the first call alone: a wrong endpoint or key fails fast, before any fan-out
-                await one(*pending[0], first=True)
-            tasks = [asyncio.create_task(one(k, s)) for k, s in pending[1:]]
-            await asyncio.gather(*tasks)
+            for dep in deployments:
+                workers += [asyncio.create_task(worker(dep, i == 0)) for i in range(dep.config.concurrency)]
+            if pending:
+                await stop.wait()
         finally:
-            for task in tasks:
+            for task in workers:
                 task.cancel()
-            await teacher.aclose()
+            await asyncio.gather(*workers, return_exceptions=True)
+            for dep in deployments:
+                await dep.teacher.aclose()
+    if crashed:
+        raise crashed[0]
     if fatal:
-        error = fatal[0]
-        raise TeacherFailed(f"teacher {teacher.name} failed: {error.message}", config.base_url or config.endpoint
-                            or teacher.model, "check the endpoint, model name and key (the key is never printed); "
+        dep, error = fatal[0]
+        raise TeacherFailed(f"teacher {dep.name} failed: {error.message}", dep.config.base_url or dep.config.endpoint
+                            or dep.teacher.model, "check the endpoint, model name and key (the key is never printed); "
                             "finished answers are kept")
 
 
-def _record(outcome, key: str, seed: Seed, teacher, config, result: DistillResult, out, rej) -> None:
+def _record(outcome, key: str, seed: Seed, teacher, config, result: DistillResult, out, rej, deployment: str) -> None:
     """Answered → output; permanent failure → rejects; transient → counted only, so a re-run asks again."""
     if isinstance(outcome, TeacherError):
         if outcome.transient:
@@ -156,6 +348,7 @@ def _record(outcome, key: str, seed: Seed, teacher, config, result: DistillResul
     else:
         row, reason = _accept(outcome, seed, key, teacher, config)
         if reason is None:
+            row["deployment"] = deployment
             _append(out, row)
             result.answered += 1
             return
@@ -164,31 +357,41 @@ def _record(outcome, key: str, seed: Seed, teacher, config, result: DistillResul
     result.rejected[reason] += 1
 
 
-async def _ask(teacher, seed: Seed, config: DistillConfig, limiter, result) -> Completion | TeacherError:
-    messages = build_messages(seed, config)
-    estimate = sum(len(m["content"]) for m in messages) // 4 + config.max_tokens * config.n
-    last: TeacherError | None = None
-    for attempt in range(config.max_retries + 1):
-        await limiter.acquire(estimate)
-        started = time.perf_counter()
-        try:
-            completion = await asyncio.wait_for(
-                teacher.complete(messages, max_tokens=config.max_tokens, temperature=config.temperature, n=config.n),
-                timeout=config.timeout * 1.5)  # a guard above the client's own timeout, for teachers without one
-            completion.latency_s = time.perf_counter() - started
-            result.prompt_tokens += completion.prompt_tokens
-            result.completion_tokens += completion.completion_tokens
-            return completion
-        except asyncio.TimeoutError:
-            last = TeacherError("timeout", f"no answer in {config.timeout * 1.5:.0f}s")
-        except TeacherError as exc:
-            last = exc
-            if not exc.transient:  # the same request would fail the same way: do not pay for it again
-                return exc
-        if attempt < config.max_retries:
-            result.retries[last.kind] += 1
-            await asyncio.sleep(_delay(last, attempt, config.backoff))
-    return last
+async def _ask(dep: _Deployment, messages: list[dict], config: DistillConfig,
+               result: DistillResult) -> Completion | TeacherError:
+    """One request through the deployment's budget. Waiting for the budget and for the teacher are timed apart."""
+    reserve = config.max_tokens * config.n  # providers charge max_tokens up front
+    waited = time.perf_counter()
+    ticket = await dep.budget.acquire(dep.tokens.estimate(messages) + reserve)
+    started = time.perf_counter()
+    dep.wait_budget_s += started - waited
+    dep.requests += 1
+    result.requests += 1
+    outcome: Completion | TeacherError
+    try:
+        outcome = await asyncio.wait_for(
+            dep.teacher.complete(messages, max_tokens=config.max_tokens, temperature=config.temperature, n=config.n),
+            timeout=config.timeout * 1.5)  # a guard above the client's own timeout, for teachers without one
+    except asyncio.TimeoutError:
+        outcome = TeacherError("timeout", f"no answer in {config.timeout * 1.5:.0f}s")
+    except TeacherError as exc:
+        outcome = exc
+    finally:
+        dep.wait_teacher_s += time.perf_counter() - started
+    if isinstance(outcome, TeacherError):
+        limited = outcome.kind == "rate_limit"
+        dep.rate_limited += limited
+        result.rate_limited += limited
+        dep.budget.done(ticket, limits=outcome.limits, rate_limited=limited, retry_after=outcome.retry_after)
+        return outcome
+    outcome.latency_s = time.perf_counter() - started
+    dep.tokens.learn(messages, outcome.prompt_tokens)
+    dep.budget.done(ticket, limits=outcome.limits, charged=outcome.prompt_tokens + reserve if outcome.prompt_tokens
+                    else None)
+    for holder in (result, dep):
+        holder.prompt_tokens += outcome.prompt_tokens
+        holder.completion_tokens += outcome.completion_tokens
+    return outcome
 
 
 def _delay(error: TeacherError, attempt: int, backoff: float) -> float:
@@ -305,40 +508,21 @@ def _write_split(output: Path, fraction: float) -> dict:
     return {"train": len(train), "val": len(val)}
 
 
-def _write_manifest(config: DistillConfig, result: DistillResult, teacher, seeds: int) -> None:
+def _write_manifest(config: DistillConfig, result: DistillResult, deployments, seeds: int) -> None:
     path = manifest_path(result.output)
     total_rows = sum(1 for line in open(result.output, encoding="utf-8") if line.strip())
     record = manifest.new("distill", inputs={"seeds": config.seeds}, fingerprint="",
                           params=config.model_dump(mode="json"))
-    record.update(status="complete", teacher={"name": teacher.name, "model": teacher.model}, metrics={
+    teacher = [{"name": d.teacher.name, "model": d.teacher.model, "deployment": d.name} for d in deployments]
+    record.update(status="complete", teacher=teacher[0] if len(teacher) == 1 else teacher, metrics={
         "seeds_after_dedup": seeds, "rows_in_output": total_rows, "answered_this_run": result.answered,
         "already_done": result.already_done, "rejected": dict(result.rejected), "pending": dict(result.pending),
         "duplicates_exact": result.duplicates_exact, "duplicates_near": result.duplicates_near,
         "retries": dict(result.retries), "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens, "estimated_cost": result.cost, "split": result.split},
-        timings={"seconds": round(result.seconds, 2)})
+        "completion_tokens": result.completion_tokens, "estimated_cost": result.cost, "split": result.split,
+        "requests": result.requests, "rate_limited": result.rate_limited,
+        "rate_limited_share": round(result.rate_limited_share, 4), "effective_rpm": round(result.effective_rpm, 1),
+        "effective_tpm": round(result.effective_tpm, 1), "deployments": result.deployments,
+        "warnings": result.warnings},
+        timings={"seconds": round(result.seconds, 2), "asking_seconds": round(result.ask_seconds, 2)})
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-
-
-class RateLimiter:
-    """Requests-per-minute and tokens-per-minute budgets over a sliding 60-second window."""
-
-    def __init__(self, rpm: int | None, tpm: int | None):
-        self.rpm, self.tpm = rpm, tpm
-        self.events: deque[tuple[float, int]] = deque()
-        self.lock = asyncio.Lock()
-
-    async def acquire(self, tokens: int) -> None:
-        if not self.rpm and not self.tpm:
-            return
-        async with self.lock:
-            while True:
-                now = time.monotonic()
-                while self.events and now - self.events[0][0] >= 60:
-                    self.events.popleft()
-                used = sum(t for _, t in self.events)
-                if (not self.rpm or len(self.events) < self.rpm) and (not self.tpm or used + tokens <= self.tpm
-                                                                      or not self.events):
-                    self.events.append((now, tokens))
-                    return
-                await asyncio.sleep(max(0.01, 60 - (now - self.events[0][0])))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ftl.distill.teachers.base import register
-from ftl.distill.teachers.openai_compat import OpenAICompatibleTeacher
+from ftl.distill.teachers.openai_compat import OpenAICompatibleTeacher, api_key
 from ftl.errors import ConfigError
 
 SCOPE = "https://cognitiveservices.azure.com/.default"
@@ -25,8 +25,8 @@ def create_azure(config) -> AzureTeacher:
                           "e.g. --endpoint https://<resource>.openai.azure.com")
     if not config.model:
         raise ConfigError("the azure teacher needs a deployment name", "--model", "pass --model <deployment>")
-    auth = {"api_key": os.environ["AZURE_OPENAI_API_KEY"]} if os.environ.get("AZURE_OPENAI_API_KEY") else {
-        "azure_ad_token_provider": _entra_token_provider()}
+    key = api_key(config, "AZURE_OPENAI_API_KEY")
+    auth = {"api_key": key} if key else {"azure_ad_token_provider": _entra_token_provider()}
     client = openai.AsyncAzureOpenAI(azure_endpoint=endpoint, api_version=config.api_version, max_retries=0,
                                      timeout=config.timeout, **auth)
     return AzureTeacher(client, config.model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from ftl.distill.budget import RateLimits
 from ftl.errors import ConfigError
 
 
@@ -19,6 +20,7 @@ class Completion:
     choices: list[Choice]
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    limits: RateLimits | None = None  # the response's rate-limit headers, when it sent any
 
 
 # What a failed request means for its seed. Fatal: the run stops, since every later request would
@@ -44,6 +46,7 @@ class TeacherError(Exception):
     retry_after: float | None = None
     status: int | None = None
     code: str | None = None
+    limits: RateLimits | None = None
     fatal: bool = field(init=False)
     transient: bool = field(init=False)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from ftl.distill.budget import RateLimits, parse_duration
 from ftl.distill.teachers.base import Choice, Completion, TeacherError, register
 from ftl.errors import ConfigError
 
@@ -19,10 +20,13 @@ class OpenAICompatibleTeacher:
         import openai
 
         try:
-            response = await self.client.chat.completions.create(
+            # the raw response, for its rate-limit headers; parse() builds the same object create() returns
+            raw = await self.client.chat.completions.with_raw_response.create(
                 model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, n=n)
+            response = raw.parse()
         except openai.RateLimitError as exc:
-            raise TeacherError("rate_limit", "429 Too Many Requests", _retry_after(exc.response), 429) from None
+            raise TeacherError("rate_limit", "429 Too Many Requests", _retry_after(exc.response), 429,
+                               limits=RateLimits.from_headers(exc.response.headers)) from None
         except openai.APITimeoutError:
             raise TeacherError("timeout", "request timed out") from None
         except openai.APIConnectionError as exc:
@@ -31,7 +35,9 @@ class OpenAICompatibleTeacher:
             raise _status_error(exc) from None
         except (ValueError, TypeError, AttributeError) as exc:  # a body that is not a chat completion
             raise TeacherError("bad_response", f"malformed response: {exc}"[:200]) from None
-        return _completion(response)
+        completion = _completion(response)
+        completion.limits = RateLimits.from_headers(raw.headers)
+        return completion
 
     async def aclose(self) -> None:
         await self.client.close()
@@ -56,12 +62,14 @@ def _status_error(exc) -> TeacherError:
 
 
 def _retry_after(response) -> float | None:
+    """Retry-After (ms or s); Azure's TPM 429s sometimes send only x-ratelimit-reset-tokens."""
     try:
-        value = response.headers.get("retry-after-ms")
-        if value:
-            return float(value) / 1000
-        value = response.headers.get("retry-after")
-        return float(value) if value else None
+        headers = response.headers
+        if headers.get("retry-after-ms"):
+            return float(headers["retry-after-ms"]) / 1000
+        if headers.get("retry-after"):
+            return float(headers["retry-after"])
+        return parse_duration(headers.get("x-ratelimit-reset-tokens") or headers.get("x-ratelimit-reset-requests"))
     except (AttributeError, ValueError):
         return None
 
@@ -85,11 +93,21 @@ def _completion(response) -> Completion:
     return Completion(choices, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)
 
 
+def api_key(config, default_variable: str) -> str | None:
+    """The key from the environment variable the config names (or the default one). A variable named
+    on purpose but unset is an error naming it; its value never appears anywhere."""
+    variable = config.api_key_env or default_variable
+    key = os.environ.get(variable)
+    if config.api_key_env and not key:
+        raise ConfigError(f"the API key variable ${variable} is not set", "--api-key-env", f"export {variable}=<key>, or name the variable that holds it")
+    return key
+
+
 @register("openai")
 def create_openai(config) -> OpenAICompatibleTeacher:
     import openai
 
-    key = os.environ.get("OPENAI_API_KEY")
+    key = api_key(config, "OPENAI_API_KEY")
     if not key:
         if not config.base_url:
             raise ConfigError("no API key for the openai teacher", "OPENAI_API_KEY is not set",
