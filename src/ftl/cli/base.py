@@ -44,7 +44,11 @@ def build(config_class: type[BaseModel], /, **values):
         flags = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
 
         def key_name(loc: tuple) -> str:
-            return flags.get(str(loc[0]), str(loc[0])) if loc else ""
+            """The flag, then where inside its value: ``--deployments entry 2 rpm``."""
+            if not loc:
+                return ""
+            inner = [f"entry {part + 1}" if isinstance(part, int) else str(part) for part in loc[1:]]
+            return " ".join([flags.get(str(loc[0]), str(loc[0])), *inner])
 
         raise settings_error(exc, source=f"ftl {ctx.command_path.split(' ', 1)[-1]}", model=config_class,
                              key_name=key_name, fix="fix those options and run again") from None

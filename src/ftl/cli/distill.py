@@ -109,8 +109,6 @@ def show_distill(result) -> None:
     console.print(table)
     if result.requests:
         show_rates(result)
-    for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
     cost = f", estimated cost {result.cost:.4f}" if result.cost is not None else ""
     console.print(f"[green]✓[/] {result.output} (rejects: {result.rejects}){cost}")
     if result.pending:

@@ -14,7 +14,8 @@ tokens per 10 seconds), not per minute. A budget that lets a minute's worth thro
   flight, which then grow back by one per round (AIMD). Without ``--rpm``/``--tpm``, the rate comes
   from the rate-limit headers: OpenAI's ``x-ratelimit-limit-*`` give it; Azure sends only
   ``x-ratelimit-remaining-*``, from which the first window's responses give the window's allowance.
-  A remaining count that the requests in flight will use up holds new ones until the reset.
+  A remaining count that the requests in flight will use up holds new ones until the reset. With no
+  headers at all, the first 429 sets the pace to the requests the endpoint took in the window before.
 
 Why not a library: aiolimiter is a leaky bucket whose capacity is its burst, so a window's
 allowance as capacity sends up to twice the window's quota in the first window (``bench/distill.py``
@@ -136,6 +137,9 @@ class Budget:
         self.window_allowance: dict[str, int] = {}  # inferred from remaining headers in the first window
         self.last_decrease = 0.0
         self.rate_limited = 0
+        self.accepted: deque[float] = deque()  # when the requests that were not refused were sent
+        self.lowest_flight = concurrency
+        self.open: dict[int, float] = {}  # requests in flight: seq → sent
         self.lock = asyncio.Lock()
         self.released = asyncio.Event()
 
@@ -166,6 +170,7 @@ class Budget:
             self.sent += 1
             self.tokens_sent += tokens
             self.in_flight += 1
+            self.open[ticket.seq] = now
             if self.first_sent is None:
                 self.first_sent = now
             return ticket
@@ -190,6 +195,7 @@ class Budget:
         """A response came back: free its slot, correct its tokens, and learn from headers or a 429."""
         now = time.monotonic()
         self.in_flight -= 1
+        self.open.pop(ticket.seq, None)
         self.released.set()
         if charged is not None and charged != ticket.tokens:
             if self.tpm:
@@ -201,13 +207,27 @@ class Budget:
         if rate_limited:
             self.rate_limited += 1
             self.hold_until = max(self.hold_until, now + (retry_after if retry_after is not None else 1.0))
-            if now - self.last_decrease > (retry_after or 1.0):  # one decrease per burst of 429s
-                self.last_decrease = now
-                self.flight_limit = max(1.0, self.flight_limit / 2)
+            if not self.rpm and not self.tpm:
+                # No budget and no headers: what the endpoint took in the window before the refused request
+                # is its allowance: the requests accepted, and those still in flight that it received first.
+                start = ticket.sent - self.window
+                while self.accepted and self.accepted[0] < start:
+                    self.accepted.popleft()
+                took = sum(1 for sent in self.accepted if sent < ticket.sent) + \
+                    sum(1 for sent in self.open.values() if start < sent < ticket.sent)
+                if took:
+                    self.rpm = took * 60 / self.window
+                    self.source = "429s (the requests accepted in the window before)"
+            elif now - self.last_decrease > (retry_after or 1.0):
                 # A 429 at a paced rate means the quota is lower than the pace: slow it by a tenth.
                 self.rpm = self.rpm * 0.9 if self.rpm else self.rpm
                 self.tpm = self.tpm * 0.9 if self.tpm else self.tpm
+            if now - self.last_decrease > (retry_after or 1.0):  # one decrease per burst of 429s
+                self.last_decrease = now
+                self.flight_limit = max(1.0, self.flight_limit / 2)
+                self.lowest_flight = min(self.lowest_flight, int(self.flight_limit))
         else:
+            self.accepted.append(ticket.sent)
             self.flight_limit = min(self.max_flight, self.flight_limit + 1 / self.flight_limit)
 
     def _learn(self, ticket: Ticket, limits: RateLimits, now: float) -> None:
@@ -246,4 +266,4 @@ class Budget:
     def settled(self) -> dict:
         """The pace it ended at: pass these as --rpm/--tpm next time to start there."""
         return {"rpm": round(self.rpm) if self.rpm else None, "tpm": round(self.tpm) if self.tpm else None,
-                "source": self.source, "concurrency": int(self.flight_limit)}
+                "source": self.source, "concurrency": int(self.flight_limit), "lowest_concurrency": self.lowest_flight}
