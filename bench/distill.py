@@ -1,17 +1,26 @@
 #!/usr/bin/env python
-"""Distil throughput against the local OpenAI-compatible test server with a fixed per-request delay.
+"""Distil against the local OpenAI-compatible test server: throughput, and behaviour under a quota.
 
-Prints, in one run: achieved requests/s as a fraction of the ideal (concurrency / delay), the
-overhead per request, and a faulty run (10% 429 with Retry-After, 5% 500) checked for every seed
-answered, rejected or left pending exactly once, with its wall time against the fault-free run.
+Throughput (``--scenario throughput``): achieved requests/s as a fraction of the ideal
+(concurrency / delay), the overhead per request, and a faulty run (10% 429 with Retry-After, 5%
+500) checked for every seed answered, rejected or left pending exactly once.
 
-    python bench/distill.py --seeds 200 --delay 0.1 --concurrency 16
+Quota (``--scenario quota``): a teacher enforcing ``--quota-rpm`` over 10-second windows, as Azure
+OpenAI does, and ``--quota-seeds`` questions at ``--concurrency 16``. Side by side: ftl as it was
+before the quota work (commit 3ebb818, run from a git worktree: its 60-second budget), ftl now with
+``--rpm`` = the quota, ftl now with no budget reading OpenAI's headers, Azure's (remaining only),
+or none, and (if installed) aiolimiter's leaky bucket sized to one window. For each: the 429
+share, and the achieved rate and wall time against the quota's ideal.
+
+    python bench/distill.py                                  # both scenarios
+    python bench/distill.py --scenario quota --quota-seeds 300 --quota-rpm 600
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -80,13 +89,128 @@ def bare_client_rps(count: int, delay: float, concurrency: int) -> float:
         server.wait()
 
 
+BEFORE = "3ebb818"  # the last commit before the quota work: a 60-second sliding budget, no headers, no AIMD
+REPO = Path(__file__).resolve().parent.parent
+
+
+def quota_run(name: str, seeds: Path, out: Path, rpm: int, window: float, delay: float, concurrency: int,
+              headers: str, flags: list[str], src: Path | None = None, aiolimiter: bool = False) -> dict:
+    """One `ftl distill` process against a quota-enforcing server process; figures from its manifest."""
+    server = subprocess.Popen([sys.executable, "-m", "ftl.testing", "--delay", str(delay), "--rpm", str(rpm),
+                               "--window", str(window), "--headers", headers], stdout=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().strip()
+        cli = ["distill", "--seeds", str(seeds), "--output", str(out), "--teacher", "openai", "--base-url", url,
+               "--model", "bench", "--concurrency", str(concurrency), "--max-retries", "10", "--no-track", *flags]
+        env = dict(os.environ, PYTHONPATH=str(src)) if src else dict(os.environ)
+        code = [sys.executable, __file__, "--aiolimiter-run", str(window), *cli] if aiolimiter else \
+            [sys.executable, "-m", "ftl", *cli]
+        subprocess.run(code, check=True, capture_output=True, env=env, text=True)
+    finally:
+        server.terminate()
+        server.wait()
+    metrics = json.loads(out.with_name(out.stem + ".manifest.json").read_text())
+    m, seconds = metrics["metrics"], metrics["timings"]["seconds"]
+    pending = sum(m["pending"].values())
+    requests = m.get("requests") or (m["answered_this_run"] + sum(m["rejected"].values()) + pending
+                                     + sum(m["retries"].values()))
+    limited = m.get("rate_limited")
+    if limited is None:  # before: every 429 was retried or left pending
+        limited = m["retries"].get("rate_limit", 0) + m["pending"].get("rate_limit", 0)
+    settled = next(iter(m.get("deployments", {}).values()), {}).get("settled", {})
+    return {"name": name, "answered": m["answered_this_run"], "pending": pending, "requests": requests,
+            "rate_limited": limited, "seconds": seconds, "settled": settled}
+
+
+def aiolimiter_run(window: float, cli: list[str]) -> None:
+    """`ftl distill` with its budget replaced by aiolimiter's AsyncLimiter(rpm * window / 60, window)."""
+    from aiolimiter import AsyncLimiter
+
+    from ftl.cli import cli as ftl_cli
+    from ftl.distill import stage
+    from ftl.distill.budget import Budget
+
+    class LeakyBucket(Budget):
+        def __init__(self, rpm, tpm, window, concurrency):
+            super().__init__(None, None, window, concurrency)
+            self.bucket = AsyncLimiter(rpm * window / 60, window)
+            self.source = "aiolimiter"
+
+        async def acquire(self, tokens):
+            await self.bucket.acquire()
+            return await super().acquire(tokens)
+
+        def done(self, ticket, **_):  # the library alone: no headers, no AIMD, no pace learnt from 429s
+            self.in_flight -= 1
+            self.open.pop(ticket.seq, None)
+            self.released.set()
+
+    stage.Budget = LeakyBucket
+    ftl_cli.main(cli, standalone_mode=True)
+
+
+def quota_scenario(tmp: Path, args) -> None:
+    seeds = tmp / "quota-seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"question": f"Quota question number {i}: explain topic {i * 7919}"})
+                             + "\n" for i in range(args.quota_seeds)))
+    window, rpm, delay, concurrency = 10.0, args.quota_rpm, args.quota_delay, args.concurrency
+    common = (seeds, rpm, window, delay, concurrency)
+    runs = []
+    before = tmp / "before"
+    made = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), BEFORE],
+                          capture_output=True, text=True)
+    try:
+        if made.returncode == 0:
+            runs.append(quota_run(f"before ({BEFORE}) --rpm {rpm}", seeds, tmp / "b1.jsonl", *common[1:], "openai",
+                                  ["--rpm", str(rpm)], src=before / "src"))
+        else:
+            console.print(f"[yellow]no worktree of {BEFORE} ({made.stderr.strip()}): the 'before' row is left out")
+    finally:
+        if made.returncode == 0:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], capture_output=True)
+    runs.append(quota_run(f"now --rpm {rpm}", seeds, tmp / "n1.jsonl", *common[1:], "openai", ["--rpm", str(rpm)]))
+    for headers in ("openai", "azure", "none"):
+        runs.append(quota_run(f"now, no budget, {headers} headers", seeds, tmp / f"n-{headers}.jsonl", *common[1:],
+                              headers, []))
+    try:
+        import aiolimiter  # noqa: F401
+        runs.append(quota_run(f"aiolimiter bucket of {rpm * window / 60:.0f} per {window:.0f} s", seeds,
+                              tmp / "aio.jsonl", *common[1:], "none", ["--rpm", str(rpm)], aiolimiter=True))
+    except ImportError:
+        console.print("aiolimiter is not installed: `pip install aiolimiter` adds its row")
+    ideal = args.quota_seeds * 60 / rpm
+    table = Table("run", "answered", "pending", "requests", "429s", "429 share", "seconds", "× ideal time",
+                  "achieved / quota rate", "settled at", title=f"quota: {rpm} RPM over {window:.0f} s windows, "
+                  f"{args.quota_seeds} questions, concurrency {concurrency}, teacher {delay * 1000:.0f} ms; ideal "
+                  f"{ideal:.1f} s")
+    for run_ in runs:
+        settled = run_["settled"]
+        rate = f"{settled['rpm']} RPM ({settled['source']})" if settled.get("rpm") else "-"
+        table.add_row(run_["name"], str(run_["answered"]), str(run_["pending"]), str(run_["requests"]),
+                      str(run_["rate_limited"]), f"{run_['rate_limited'] / run_['requests']:.1%}",
+                      f"{run_['seconds']:.1f}", f"{run_['seconds'] / ideal:.2f}",
+                      f"{run_['answered'] * 60 / run_['seconds'] / rpm:.2f}", rate)
+    console.print(table)
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--aiolimiter-run":
+        return aiolimiter_run(float(sys.argv[2]), sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=["throughput", "quota", "all"], default="all")
     parser.add_argument("--seeds", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--quota-seeds", type=int, default=300)
+    parser.add_argument("--quota-rpm", type=int, default=600)
+    parser.add_argument("--quota-delay", type=float, default=0.2, help="the quota scenario's teacher seconds per answer")
     args = parser.parse_args()
     console.print(f"[bold]hardware:[/] {manifest.hardware()}")
+    if args.scenario in ("quota", "all"):
+        with tempfile.TemporaryDirectory() as tmp:
+            quota_scenario(Path(tmp), args)
+    if args.scenario == "quota":
+        return
     import openai  # noqa: F401  (imported once here, so its import time is not charged to the first run)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -87,7 +87,7 @@ def test_without_headers_aimd_and_retry_after_keep_every_seed(tmp_path):
     assert result.retries["rate_limit"] == result.rate_limited  # each 429 was asked again, once
     (deployment,) = result.deployments.values()
     assert deployment["settled"]["lowest_concurrency"] < 8  # halved on 429s
-    assert deployment["settled"]["rpm"] == pytest.approx(RPM, rel=0.2)  # the pace the first 429 gave
+    assert 0.6 * RPM < deployment["settled"]["rpm"] < 1.3 * RPM  # what a window took, probed up after
     assert deployment["settled"]["source"].startswith("429s")
 
 

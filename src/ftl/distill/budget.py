@@ -15,7 +15,8 @@ tokens per 10 seconds), not per minute. A budget that lets a minute's worth thro
   from the rate-limit headers: OpenAI's ``x-ratelimit-limit-*`` give it; Azure sends only
   ``x-ratelimit-remaining-*``, from which the first window's responses give the window's allowance.
   A remaining count that the requests in flight will use up holds new ones until the reset. With no
-  headers at all, the first 429 sets the pace to the requests the endpoint took in the window before.
+  headers at all, a 429 after the first window sets the pace to the requests the endpoint took in
+  the window before. A lowered pace grows back by about a tenth per window without a 429.
 
 Why not a library: aiolimiter is a leaky bucket whose capacity is its burst, so a window's
 allowance as capacity sends up to twice the window's quota in the first window (``bench/distill.py``
@@ -33,6 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+_FROM_429 = "429s (the requests accepted in the window before)"
 HEADROOM = 1.02  # pace 2% under the quota: a request that leaves a few ms late must not share a window
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English; off by ±25% on other text, until usage corrects it
 
@@ -123,6 +125,7 @@ class Budget:
     def __init__(self, rpm: float | None, tpm: float | None, window: float, concurrency: int):
         self.given_rpm, self.given_tpm = rpm, tpm
         self.rpm, self.tpm = rpm, tpm  # the pace now; None = not paced
+        self.caps = {"rpm": rpm, "tpm": tpm}  # the most the pace grows back to: the budget, or a header's limit
         self.source = "--rpm/--tpm" if (rpm or tpm) else None
         self.window = window
         self.max_flight = concurrency
@@ -204,31 +207,41 @@ class Budget:
             ticket.entry[1] = charged
         if limits is not None:
             self._learn(ticket, limits, now)
+        while self.accepted and self.accepted[0] < now - 2 * self.window:
+            self.accepted.popleft()
         if rate_limited:
             self.rate_limited += 1
             self.hold_until = max(self.hold_until, now + (retry_after if retry_after is not None else 1.0))
-            if not self.rpm and not self.tpm:
-                # No budget and no headers: what the endpoint took in the window before the refused request
-                # is its allowance: the requests accepted, and those still in flight that it received first.
-                start = ticket.sent - self.window
-                while self.accepted and self.accepted[0] < start:
-                    self.accepted.popleft()
-                took = sum(1 for sent in self.accepted if sent < ticket.sent) + \
-                    sum(1 for sent in self.open.values() if start < sent < ticket.sent)
-                if took:
-                    self.rpm = took * 60 / self.window
-                    self.source = "429s (the requests accepted in the window before)"
-            elif now - self.last_decrease > (retry_after or 1.0):
-                # A 429 at a paced rate means the quota is lower than the pace: slow it by a tenth.
-                self.rpm = self.rpm * 0.9 if self.rpm else self.rpm
-                self.tpm = self.tpm * 0.9 if self.tpm else self.tpm
             if now - self.last_decrease > (retry_after or 1.0):  # one decrease per burst of 429s
                 self.last_decrease = now
+                self._slow_down(ticket)
                 self.flight_limit = max(1.0, self.flight_limit / 2)
                 self.lowest_flight = min(self.lowest_flight, int(self.flight_limit))
         else:
             self.accepted.append(ticket.sent)
             self.flight_limit = min(self.max_flight, self.flight_limit + 1 / self.flight_limit)
+            # Additive increase: about a tenth more per window's worth of answers, up to the known limit,
+            # so a pace lowered by a passing 429 comes back.
+            grow = 1 + 0.1 / max(1.0, sum(1 for sent in self.accepted if sent > now - self.window))
+            for which in ("rpm", "tpm"):
+                rate = getattr(self, which)
+                if rate:
+                    setattr(self, which, min(self.caps.get(which) or math.inf, rate * grow))
+
+    def _slow_down(self, ticket: Ticket) -> None:
+        """A 429 says the pace is above the quota. Without headers, once a window has passed, what the
+        endpoint accepted in the window before the refused request is its allowance (at least; the
+        pace grows back from there). Otherwise the pace drops by a tenth."""
+        if self.source in (None, _FROM_429) and ticket.sent - (self.first_sent or ticket.sent) >= self.window:
+            start = ticket.sent - self.window
+            # (requests still in flight are not counted: after a hold they are mostly refused too)
+            took = sum(1 for sent in self.accepted if start < sent < ticket.sent)
+            if took:
+                self.rpm = took * 60 / self.window
+                self.source = _FROM_429
+                return
+        self.rpm = self.rpm * 0.9 if self.rpm else self.rpm
+        self.tpm = self.tpm * 0.9 if self.tpm else self.tpm
 
     def _learn(self, ticket: Ticket, limits: RateLimits, now: float) -> None:
         # The rate: OpenAI says it (per minute); Azure's remaining counts in the first window give it.
@@ -251,16 +264,20 @@ class Budget:
             self.hold_until = max(self.hold_until, now + (limits.reset_tokens or self.window / 10))
 
     def _adopt(self, which: str, per_minute: float, source: str) -> None:
-        if getattr(self, which) is None or self.source == source and per_minute < getattr(self, which):
-            setattr(self, which, float(per_minute))
+        if self.caps.get(which) is None or per_minute < self.caps[which]:
+            self.caps[which] = float(per_minute)
+            rate = getattr(self, which)
+            setattr(self, which, float(per_minute) if rate is None else min(rate, per_minute))
             self.source = source
 
     def _infer(self, which: str, allowance: int) -> None:
         allowance = min(allowance, self.window_allowance.get(which, allowance))
         self.window_allowance[which] = allowance
         rate = allowance * 60 / self.window
-        if getattr(self, which) is None or rate < getattr(self, which):
-            setattr(self, which, rate)
+        if self.caps.get(which) is None or rate < self.caps[which]:
+            self.caps[which] = rate
+            current = getattr(self, which)
+            setattr(self, which, rate if current is None else min(current, rate))
             self.source = "x-ratelimit-remaining-* in the first window"
 
     def settled(self) -> dict:

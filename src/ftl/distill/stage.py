@@ -194,7 +194,9 @@ def _open_deployments(config: DistillConfig, warn) -> list[_Deployment]:
             sub = config
         else:
             sub = config.model_copy(update={
-                "teacher": spec.teacher or (config.teacher if config.teacher != "local" else "openai"),
+                # an Azure endpoint means the azure teacher; a base URL the flag's teacher (openai if that is local)
+                "teacher": spec.teacher or ("azure" if spec.endpoint else
+                                            config.teacher if config.teacher != "local" else "openai"),
                 "base_url": spec.base_url, "endpoint": spec.endpoint, "model": spec.model,
                 "api_key_env": spec.api_key_env, "api_version": spec.api_version or config.api_version,
                 "rpm": spec.rpm or config.rpm, "tpm": spec.tpm or config.tpm,

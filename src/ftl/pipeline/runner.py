@@ -537,7 +537,8 @@ def _distill(config) -> StageReport:
     started = time.perf_counter()
     with task_progress(f"distill ({config.teacher} teacher)") as (progress, task):
         result = distill(config, on_progress=lambda r: progress.update(
-            task, completed=r.settled, total=r.to_ask, info=f"{r.answered} answered"))
+            task, completed=r.settled, total=r.to_ask, info=f"{r.answered} answered"),
+            on_warning=lambda message: console.print(f"[yellow]warning:[/] {message}"))
     fresh = result.answered + sum(result.rejected.values())
     status = "skipped" if fresh == 0 and result.already_done and not result.pending else (
         "resumed" if result.already_done else "ran")
@@ -545,6 +546,8 @@ def _distill(config) -> StageReport:
     detail = f"{result.answered + result.already_done} Q/A, {rejected} rejected this run"
     if pending:
         detail += f", {pending} pending (run again to ask for them)"
+    if result.rate_limited:
+        detail += f", {result.rate_limited} of {result.requests} requests answered 429"
     return StageReport("distill", status, time.perf_counter() - started, detail, str(result.output))
 
 
