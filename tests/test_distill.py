@@ -316,3 +316,10 @@ def test_azure_without_key_and_without_an_entra_id_sign_in_is_one_line(tmp_path,
     with pytest.raises(ConfigError, match="az login"):
         distill(DistillConfig(seeds=str(seeds), output="az.jsonl", teacher="azure",
                               endpoint="https://example.openai.azure.com", model="d"))
+
+
+def test_a_dropped_connection_on_the_first_request_is_retried_not_fatal(tmp_path):
+    seeds = write_jsonl(tmp_path / "s.jsonl", [{"question": q} for q in ("Dropped [reset]", "Second", "Third")])
+    with TeacherServer() as server:
+        result = distill(config(seeds, server))
+    assert result.answered == 3 and result.retries == {"connection": 1}

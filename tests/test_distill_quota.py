@@ -166,22 +166,32 @@ def test_bad_quota_input_is_one_line(tmp_path):
             "--base-url", "http://127.0.0.1:9/v1"]
     assert "--rpm" in one_error(ftl(*base, "--rpm", "0", cwd=tmp_path))
     assert "--quota-window" in one_error(ftl(*base, "--quota-window", "-1", cwd=tmp_path))
-    error = one_error(ftl(*base, "--tpm", "600", "--max-tokens", "512", cwd=tmp_path))
-    assert "--max-tokens 512" in error and "100 tokens" in error
+    assert "not printed" in one_error(ftl(*base, "--api-key-env", "sk-0123456789abcdef", cwd=tmp_path))
+    assert "sk-0123456789abcdef" not in ftl(*base, "--api-key-env", "sk-0123456789abcdef", cwd=tmp_path).stderr
     deployments = tmp_path / "d.yaml"
     deployments.write_text("- base_url: http://127.0.0.1:9/v1\n  model: m\n  api_key_env: FTL_NOT_SET_KEY\n")
-    error = one_error(ftl(*base[:-2], "--deployments", deployments, cwd=tmp_path, env={"FTL_NOT_SET_KEY": ""}))
+    assert "drop --base-url" in one_error(ftl(*base, "--deployments", deployments, cwd=tmp_path))
+    base = base[:-4]  # the teachers come from the file
+    error = one_error(ftl(*base, "--deployments", deployments, cwd=tmp_path, env={"FTL_NOT_SET_KEY": ""}))
     assert "$FTL_NOT_SET_KEY is not set" in error
     deployments.write_text("- base_url: http://127.0.0.1:9/v1\n  model: m\n  rpm: -5\n")
-    assert "rpm" in one_error(ftl(*base[:-2], "--deployments", deployments, cwd=tmp_path))
+    assert "rpm" in one_error(ftl(*base, "--deployments", deployments, cwd=tmp_path))
     deployments.write_text("- base_url: [unclosed\n")
-    assert f"{deployments}:" in one_error(ftl(*base[:-2], "--deployments", deployments, cwd=tmp_path))
+    assert f"{deployments}:" in one_error(ftl(*base, "--deployments", deployments, cwd=tmp_path))
     three_models = ftl("distill", "--seeds", path, "--output", "o.jsonl", "--teacher", "openai", "--model", "a",
                        "--model", "b", "--model", "c", "--base-url", "http://x/v1", "--base-url", "http://y/v1",
                        cwd=tmp_path)
     assert three_models.returncode != 0 and "one --model per" in three_models.stderr
     assert "--api-key-env" in one_error(ftl(*base, "--api-key-env", "FTL_NOT_SET_KEY", cwd=tmp_path,
                                             env={"FTL_NOT_SET_KEY": ""}))
+
+
+def test_max_tokens_above_one_window_of_tpm_is_warned_about(tmp_path):
+    with TeacherServer() as server:
+        out = ftl("distill", "--seeds", seeds(tmp_path, 1), "--output", "o.jsonl", "--teacher", "openai",
+                  "--model", "m", "--base-url", server.url, "--tpm", "600", "--max-tokens", "512", cwd=tmp_path)
+    text = " ".join((out.stdout + out.stderr).split())
+    assert out.returncode == 0 and "--max-tokens 512" in text and "(100 tokens)" in text and "--quota-window 60" in text
 
 
 def test_the_same_endpoint_and_model_twice_is_warned_about(tmp_path):

@@ -79,13 +79,16 @@ def distill(as_json: bool, **options) -> None:
 def fan_out(base_urls: tuple, endpoints: tuple, models: tuple, deployments) -> dict:
     """One --base-url/--endpoint and --model is one teacher; several make a fan-out, paired in order
     (one URL with several models, or several URLs with one model, pair up too)."""
+    if deployments and (base_urls or endpoints or models):
+        raise click.UsageError("--deployments names the teachers (URL and model each): drop --base-url, --endpoint "
+                               "and --model, or drop --deployments")
     urls = [("base_url", u) for u in base_urls] + [("endpoint", e) for e in endpoints]
     if len(urls) <= 1 and len(models) <= 1:
         return {"base_url": base_urls[0] if base_urls else None, "endpoint": endpoints[0] if endpoints else None,
                 "model": models[0] if models else None}
-    if deployments:
-        raise click.UsageError("give several teachers either as --deployments or as repeated --base-url/--model, "
-                               "not both")
+    if base_urls and endpoints:  # click cannot tell their order apart, so they could pair with the wrong --model
+        raise click.UsageError("a fan-out of both --base-url and --endpoint teachers needs --deployments (a YAML "
+                               "list), so each URL is paired with its own model")
     if len(urls) == 1:
         urls = urls * len(models)
     if len(models) == 1:

@@ -193,6 +193,27 @@ class Budget:
                 return sent + self.window - now
         return self.log[-1][0] + self.window - now
 
+    def restamp(self, ticket: Ticket, tokens: int) -> None:
+        """The request goes now, with these tokens: a slot granted before its seed was taken (or before a
+        retry's back-off) must not let the next one follow too closely, nor leave the window too early."""
+        now = time.monotonic()
+        if self.rpm:
+            self.tat_requests = max(self.tat_requests, now + 60 / self.rpm * HEADROOM)
+        if self.tpm:
+            self.tat_tokens = max(self.tat_tokens + (tokens - ticket.tokens) * 60 / self.tpm * HEADROOM,
+                                  now + tokens * 60 / self.tpm * HEADROOM)
+        self.tokens_sent += tokens - ticket.tokens
+        ticket.sent = ticket.entry[0] = now
+        ticket.tokens = ticket.entry[1] = tokens
+        self.open[ticket.seq] = now
+
+    def cancel(self, ticket: Ticket) -> None:
+        """A slot not used after all (no seed left, or the run stopping)."""
+        self.in_flight -= 1
+        self.open.pop(ticket.seq, None)
+        ticket.entry[1] = 0
+        self.released.set()
+
     def done(self, ticket: Ticket, *, limits: RateLimits | None = None, rate_limited: bool = False,
              retry_after: float | None = None, charged: int | None = None) -> None:
         """A response came back: free its slot, correct its tokens, and learn from headers or a 429."""

@@ -30,6 +30,7 @@ from ftl.distill.config import DistillConfig
 from ftl.distill.seeds import Seed, drop_duplicates, load_seeds
 from ftl.distill.teachers import Completion, TeacherError, create
 from ftl.distill.teachers.base import TRANSIENT_KINDS
+from ftl.distill.teachers.openai_compat import check_key_variable
 from ftl.errors import ConfigError, FtlError
 
 REFUSAL = re.compile(r"^\s*(i'?m sorry|i am sorry|i cannot|i can'?t|as an ai\b|i'?m unable|i am unable)", re.I)
@@ -168,6 +169,7 @@ class _Deployment:
     wait_teacher_s: float = 0.0
     set_aside: str | None = None
     failures: int = 0  # transient failures in a row; SET_ASIDE_AFTER of them (with others left) sets it aside
+    typical: int = 256  # the tokens the budget reserves before a seed is taken (then corrected to the seed's)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def record(self) -> dict:
@@ -198,20 +200,21 @@ def _open_deployments(config: DistillConfig, warn) -> list[_Deployment]:
                 "teacher": spec.teacher or ("azure" if spec.endpoint else
                                             config.teacher if config.teacher != "local" else "openai"),
                 "base_url": spec.base_url, "endpoint": spec.endpoint, "model": spec.model,
-                "api_key_env": spec.api_key_env, "api_version": spec.api_version or config.api_version,
+                "api_key_env": spec.api_key_env or config.api_key_env, "api_version": spec.api_version or config.api_version,
                 "rpm": spec.rpm or config.rpm, "tpm": spec.tpm or config.tpm,
                 "concurrency": spec.concurrency or config.concurrency,
                 "price_input": spec.price_input if spec.price_input is not None else config.price_input,
                 "price_output": spec.price_output if spec.price_output is not None else config.price_output,
                 "deployments": None})
+            check_key_variable(spec.api_key_env, f"--deployments entry {index} api_key_env")
             if spec.api_key_env and not os.environ.get(spec.api_key_env):
                 raise ConfigError(f"deployment {index} ({_name(spec.name, sub)}): its key variable ${spec.api_key_env} "
                                   "is not set", "--deployments", f"export {spec.api_key_env}=<key>, or fix api_key_env")
         if sub.tpm and sub.max_tokens * sub.n > sub.tpm * sub.quota_window / 60:
-            raise ConfigError(f"--max-tokens {sub.max_tokens} × --n {sub.n} is more than one {sub.quota_window:g}-second "
-                              f"window of --tpm {sub.tpm} allows ({sub.tpm * sub.quota_window / 60:.0f} tokens): the "
-                              "endpoint would refuse every request", "--max-tokens / --tpm",
-                              "lower --max-tokens, or give the deployment's real TPM")
+            warn(f"--max-tokens {sub.max_tokens} × --n {sub.n} is more than one {sub.quota_window:g}-second window of "
+                 f"--tpm {sub.tpm} allows ({sub.tpm * sub.quota_window / 60:.0f} tokens): an endpoint that enforces "
+                 "over such windows (Azure OpenAI) refuses every request; lower --max-tokens, or pass --quota-window 60 "
+                 "if it enforces per minute")
         subs.append((_name(spec.name if spec else None, sub), sub))
     seen: dict[tuple, str] = {}
     for name, sub in subs:
@@ -230,7 +233,8 @@ def _name(given: str | None, config: DistillConfig) -> str:
     if given:
         return given
     url = config.base_url or config.endpoint
-    host = urlparse(url).netloc if url else None
+    parts = urlparse(url) if url else None  # host and port only: never a user:token@ the URL may carry
+    host = f"{parts.hostname}{f':{parts.port}' if parts.port else ''}" if parts and parts.hostname else None
     model = Path(config.model).name if config.teacher == "local" and config.model else config.model
     return f"{model}@{host}" if host and model else (model or config.teacher)
 
@@ -248,6 +252,7 @@ async def _run_all(deployments: list[_Deployment], pending, config, result, on_p
     workers: list[asyncio.Task] = []
     stop = asyncio.Event()
     crashed: list[Exception] = []
+    asking: set[asyncio.Task] = set()  # workers with a request in flight
     with open(result.output, "a", encoding="utf-8") as out, open(result.rejects, "a", encoding="utf-8") as rej:
         def settle(job: _Job, outcome, dep: _Deployment) -> None:
             nonlocal unsettled
@@ -279,44 +284,68 @@ async def _run_all(deployments: list[_Deployment], pending, config, result, on_p
         async def work(dep: _Deployment, first: bool) -> None:
             if not first:
                 await dep.ready.wait()
+            reserve = config.max_tokens * config.n  # providers charge max_tokens up front
             while dep.set_aside is None and not stop.is_set():
+                # The budget first, then a seed: a deployment held by its quota keeps no seeds from the others.
+                waited = time.perf_counter()
+                ticket = await dep.budget.acquire(dep.typical)
+                dep.wait_budget_s += time.perf_counter() - waited
                 job = await queue.get()
-                if dep.set_aside is not None:
-                    queue.put_nowait(job)
+                if job is not None and job.not_before > time.monotonic():  # a retry's back-off
+                    await asyncio.sleep(job.not_before - time.monotonic())
+                if job is None or dep.set_aside is not None or stop.is_set():
+                    dep.budget.cancel(ticket)
+                    if job is not None:
+                        queue.put_nowait(job)
                     return
-                wait = job.not_before - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                outcome = await _ask(dep, job.messages, config, result)
-                others = any(d.set_aside is None and d is not dep for d in deployments)
-                if isinstance(outcome, TeacherError) and (outcome.fatal or (first and outcome.kind == "connection")):
-                    if not others:
-                        fatal.append((dep, outcome))
-                    set_aside(dep, outcome.message)
-                    again(job, outcome, 0.0)
+                dep.typical = dep.tokens.estimate(job.messages) + reserve
+                dep.budget.restamp(ticket, dep.typical)
+                asking.add(asyncio.current_task())
+                try:
+                    outcome = await _ask(dep, ticket, job.messages, config, result)
+                    first = handle(dep, job, outcome, first)
+                finally:
+                    asking.discard(asyncio.current_task())
+                if first is None:
                     return
-                first = False
-                dep.ready.set()
-                if isinstance(outcome, TeacherError) and outcome.transient:
-                    if outcome.kind != "rate_limit":
-                        dep.failures += 1
-                        if dep.failures >= SET_ASIDE_AFTER and others:  # the deployment's fault, not the seed's
-                            set_aside(dep, f"{dep.failures} failures in a row ({outcome.message})")
-                            again(job, outcome, 0.0)
-                            return
-                    job.attempts += 1
-                    if job.attempts > config.max_retries:
-                        settle(job, outcome, dep)
-                    else:  # with another deployment to take it, a 429 need not wait: this budget holds itself
-                        again(job, outcome, 0.0 if outcome.kind == "rate_limit" and others else
-                              _delay(outcome, job.attempts - 1, config.backoff))
-                    continue
-                dep.failures = 0
-                settle(job, outcome, dep)
 
-        def again(job: _Job, error: TeacherError, after: float) -> None:
-            """Back on the queue, for any deployment to ask (every re-ask is counted as a retry)."""
-            result.retries[error.kind] += 1
+        def handle(dep: _Deployment, job: _Job, outcome, first: bool) -> bool | None:
+            """Record, retry or move the seed; None when this deployment is done for (set aside)."""
+            others = any(d.set_aside is None and d is not dep for d in deployments)
+            if isinstance(outcome, TeacherError) and first and outcome.kind == "connection" \
+                    and job.attempts < config.max_retries:  # the first seed: retried before the endpoint is judged
+                job.attempts += 1
+                again(job, outcome, _delay(outcome, job.attempts - 1, config.backoff))
+                return True
+            if isinstance(outcome, TeacherError) and (outcome.fatal or (first and outcome.kind == "connection")):
+                if not others:
+                    fatal.append((dep, outcome))
+                set_aside(dep, outcome.message)
+                again(job, outcome, 0.0, retry=False)
+                return None
+            dep.ready.set()
+            if isinstance(outcome, TeacherError) and outcome.transient:
+                if outcome.kind != "rate_limit":
+                    dep.failures += 1
+                    if dep.failures >= SET_ASIDE_AFTER and others:  # the deployment's fault, not the seed's
+                        set_aside(dep, f"{dep.failures} failures in a row ({outcome.message})")
+                        again(job, outcome, 0.0, retry=False)
+                        return None
+                job.attempts += 1
+                if job.attempts > config.max_retries:
+                    settle(job, outcome, dep)
+                else:  # with another deployment to take it, a 429 need not wait: this budget holds itself
+                    again(job, outcome, 0.0 if outcome.kind == "rate_limit" and others else
+                          _delay(outcome, job.attempts - 1, config.backoff))
+                return False
+            dep.failures = 0
+            settle(job, outcome, dep)
+            return False
+
+        def again(job: _Job, error: TeacherError, after: float, retry: bool = True) -> None:
+            """Back on the queue for any deployment to ask. A retry is counted, not a move off a set-aside one."""
+            if retry:
+                result.retries[error.kind] += 1
             job.not_before = time.monotonic() + after
             queue.put_nowait(job)
 
@@ -325,6 +354,11 @@ async def _run_all(deployments: list[_Deployment], pending, config, result, on_p
                 workers += [asyncio.create_task(worker(dep, i == 0)) for i in range(dep.config.concurrency)]
             if pending:
                 await stop.wait()
+            if fatal and not crashed:  # requests already sent are paid for: let them finish and be written
+                for task in workers:
+                    if task not in asking:
+                        task.cancel()
+                await asyncio.wait(workers, timeout=config.timeout * 1.5 + 1)
         finally:
             for task in workers:
                 task.cancel()
@@ -359,14 +393,11 @@ def _record(outcome, key: str, seed: Seed, teacher, config, result: DistillResul
     result.rejected[reason] += 1
 
 
-async def _ask(dep: _Deployment, messages: list[dict], config: DistillConfig,
+async def _ask(dep: _Deployment, ticket, messages: list[dict], config: DistillConfig,
                result: DistillResult) -> Completion | TeacherError:
-    """One request through the deployment's budget. Waiting for the budget and for the teacher are timed apart."""
-    reserve = config.max_tokens * config.n  # providers charge max_tokens up front
-    waited = time.perf_counter()
-    ticket = await dep.budget.acquire(dep.tokens.estimate(messages) + reserve)
+    """One request the deployment's budget let through; the time waiting for the teacher is timed."""
+    reserve = config.max_tokens * config.n
     started = time.perf_counter()
-    dep.wait_budget_s += started - waited
     dep.requests += 1
     result.requests += 1
     outcome: Completion | TeacherError

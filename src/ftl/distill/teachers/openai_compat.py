@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from ftl.distill.budget import RateLimits, parse_duration
 from ftl.distill.teachers.base import Choice, Completion, TeacherError, register
@@ -25,7 +26,7 @@ class OpenAICompatibleTeacher:
                 model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, n=n)
             response = raw.parse()
         except openai.RateLimitError as exc:
-            raise TeacherError("rate_limit", "429 Too Many Requests", _retry_after(exc.response), 429,
+            raise TeacherError("rate_limit", "429 Too Many Requests", _retry_after(exc.response, 429), 429,
                                limits=RateLimits.from_headers(exc.response.headers)) from None
         except openai.APITimeoutError:
             raise TeacherError("timeout", "request timed out") from None
@@ -61,15 +62,19 @@ def _status_error(exc) -> TeacherError:
                         code=exc.code)
 
 
-def _retry_after(response) -> float | None:
-    """Retry-After (ms or s); Azure's TPM 429s sometimes send only x-ratelimit-reset-tokens."""
+def _retry_after(response, status: int | None = None) -> float | None:
+    """Retry-After (ms or s); Azure's TPM 429s sometimes send only x-ratelimit-reset-tokens (read on 429 alone)."""
     try:
         headers = response.headers
         if headers.get("retry-after-ms"):
             return float(headers["retry-after-ms"]) / 1000
         if headers.get("retry-after"):
             return float(headers["retry-after"])
-        return parse_duration(headers.get("x-ratelimit-reset-tokens") or headers.get("x-ratelimit-reset-requests"))
+        if status != 429:
+            return None
+        resets = [parse_duration(headers.get(name)) for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")]
+        resets = [r for r in resets if r is not None]
+        return min(resets) if resets else None  # the sooner one: ftl's own budget waits for the other
     except (AttributeError, ValueError):
         return None
 
@@ -96,11 +101,24 @@ def _completion(response) -> Completion:
 def api_key(config, default_variable: str) -> str | None:
     """The key from the environment variable the config names (or the default one). A variable named
     on purpose but unset is an error naming it; its value never appears anywhere."""
-    variable = config.api_key_env or default_variable
+    variable = check_key_variable(config.api_key_env, "--api-key-env") or default_variable
     key = os.environ.get(variable)
     if config.api_key_env and not key:
-        raise ConfigError(f"the API key variable ${variable} is not set", "--api-key-env", f"export {variable}=<key>, or name the variable that holds it")
+        raise ConfigError(f"the API key variable ${variable} is not set", "--api-key-env",
+                          f"export {variable}=<key>, or name the variable that holds it")
     return key
+
+
+def check_key_variable(name: str | None, where: str) -> str | None:
+    """A variable's name, not a key: `--api-key-env "$KEY"` expands to the key itself, never to be echoed."""
+    if name is not None and not _VARIABLE.fullmatch(name):
+        raise ConfigError("the API key variable must be the name of an environment variable, e.g. MY_TEACHER_KEY "
+                          "(what was given is not printed: it may be the key itself)", where,
+                          "pass the variable's name, without $")
+    return name
+
+
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @register("openai")
