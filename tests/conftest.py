@@ -89,3 +89,19 @@ def tiny_export(tmp_path_factory, tiny_finetune, session_cwd) -> Path:
     with working_directory(session_cwd):
         export_onnx(ExportConfig(adapter=tiny_finetune, output=out))
     return out
+
+
+def kill_9_after(cmd: list[str], out: Path, lines: int, cwd: Path | None = None) -> int:
+    """Start ``cmd`` in its own session, kill -9 it once ``out`` has ``lines`` lines; the lines it had."""
+    import signal
+    import subprocess
+    import time
+
+    process = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               cwd=cwd)
+    deadline = time.time() + 60
+    while (not out.exists() or out.read_text().count("\n") < lines) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return out.read_text().count("\n")

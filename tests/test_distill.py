@@ -1,11 +1,8 @@
 """ftl distill against a real local HTTP server (OpenAI-compatible) with scripted faults."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from pydantic import ValidationError
@@ -14,7 +11,7 @@ from ftl.distill import DistillConfig, distill
 from ftl.distill.stage import TeacherFailed
 from ftl.testing import TeacherServer, onnx_answerer
 from ftl.errors import ConfigError, DataError
-from conftest import REPO, write_jsonl
+from conftest import REPO, kill_9_after, write_jsonl
 
 SHARED_SEEDS = REPO.parent / "shared" / "datasets" / "self-instruct" / "seed_tasks.jsonl"
 
@@ -290,15 +287,8 @@ def test_kill_9_then_rerun_answers_every_seed_exactly_once(tmp_path):
     with TeacherServer(delay=0.05) as server:
         cmd = [sys.executable, "-m", "ftl", "distill", "--seeds", str(seeds), "--output", "out.jsonl",
                "--teacher", "openai", "--base-url", server.url, "--model", "m", "--concurrency", "2"]
-        process = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out = tmp_path / "out.jsonl"
-        deadline = time.time() + 60
-        while (not out.exists() or out.read_text().count("\n") < 10) and time.time() < deadline:
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        before = out.read_text().count("\n")
-        assert 10 <= before < 60
+        assert 10 <= kill_9_after(cmd, out, 10) < 60
         subprocess.run(cmd, check=True, capture_output=True)
     answered = [r["Question"] for r in rows(out)]
     assert sorted(answered) == sorted(f"Question number {i}" for i in range(60))

@@ -4,17 +4,15 @@ windowed quota (``ftl.testing.TeacherServer(rpm=…, tpm=…, window=…)``)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from ftl.distill import DistillConfig, distill
 from ftl.distill.budget import RateLimits, parse_duration
 from ftl.testing import TeacherServer
-from conftest import write_jsonl
+from conftest import kill_9_after, write_jsonl
 
 WINDOW = 1.0  # the tests' quota window: seconds, where Azure's is 10, so a test sees several windows quickly
 RPM = 1200  # 20 requests per 1 s window
@@ -130,16 +128,8 @@ def test_kill_9_mid_fan_out_then_rerun_gives_each_seed_exactly_once(tmp_path):
         cmd = [sys.executable, "-m", "ftl", "distill", "--seeds", str(path), "--output", "out.jsonl",
                "--teacher", "openai", "--base-url", one.url, "--base-url", two.url, "--model", "m",
                "--concurrency", "2"]
-        process = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                   cwd=tmp_path)
         out = tmp_path / "out.jsonl"
-        deadline = time.time() + 60
-        while (not out.exists() or out.read_text().count("\n") < 10) and time.time() < deadline:
-            time.sleep(0.05)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        before = out.read_text().count("\n")
-        assert 10 <= before < 60
+        assert 10 <= kill_9_after(cmd, out, 10, cwd=tmp_path) < 60
         subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=120)
         assert one.statuses[200] > 0 and two.statuses[200] > 0  # both deployments answered
     answered = rows(out)
