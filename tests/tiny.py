@@ -65,6 +65,32 @@ def build_tiny_llama(folder: Path, *, hidden_size: int = 64, layers: int = 2, se
     return _save(LlamaForCausalLM, config, tokenizer, folder, seed)
 
 
+def build_tiny(family: str, folder: Path, *, hidden_size: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random model of ``family`` (llama, phi3, qwen2, mistral, gemma3) with a ChatML tokenizer."""
+    if family == "gemma3":
+        return build_tiny_gemma3(folder, hidden_size=hidden_size, layers=layers, seed=seed)
+    if family == "llama":
+        return build_tiny_llama(folder, hidden_size=hidden_size, layers=layers, seed=seed)
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    config_class, model_class, extra = {
+        # Phi-4-mini's shape: longrope scaling past an original context (16 = head_dim / 2 factors here)
+        "phi3": ("Phi3Config", "Phi3ForCausalLM", {
+            "tie_word_embeddings": False, "original_max_position_embeddings": 256,
+            "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                                "long_factor": [1.5] * 8}}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+        "mistral": ("MistralConfig", "MistralForCausalLM", {"tie_word_embeddings": False, "sliding_window": None}),
+    }[family]
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=_bpe(specials, 512), bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    tokenizer.chat_template = CHATML
+    config = getattr(transformers, config_class)(**_sizes(tokenizer, hidden_size, layers), **extra)
+    return _save(getattr(transformers, model_class), config, tokenizer, Path(folder), seed)
+
+
 def _sizes(tokenizer, hidden_size: int, layers: int) -> dict:
     """What every tiny model shares: its sizes and the special token ids of its tokenizer."""
     return dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,

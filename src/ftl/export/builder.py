@@ -94,13 +94,50 @@ def build(model_dir: Path, output_dir: Path, options: BuildOptions, cache_dir: P
                             "read olive.log for the builder's output")
 
 
+# The families ftl's tests take through every stage (tests/test_families.py, tests/test_gemma3.py).
+TESTED = ("LlamaForCausalLM", "Phi3ForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")
+
+
+def supported_architectures() -> set[str]:
+    """The architectures the installed onnxruntime-genai builder dispatches on, read from its source,
+    so the list moves with the pinned version."""
+    import inspect
+    import re
+
+    from onnxruntime_genai.models import builder
+
+    return set(re.findall(r'architectures\[0\] == "(\w+)"', inspect.getsource(builder)))
+
+
+def check_architecture(model_dir: Path) -> None:
+    """An architecture the builder cannot export is refused before Olive starts."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    architecture = (config.get("architectures") or ["?"])[0]
+    supported = supported_architectures()
+    if supported and architecture not in supported:
+        from importlib.metadata import version
+
+        raise ConfigError(f"{architecture} ({config.get('model_type')}) cannot be exported: the onnxruntime-genai "
+                          f"{version('onnxruntime-genai')} model builder does not support it", str(model_dir),
+                          f"export one of: {', '.join(TESTED)} (tested by ftl), or {len(supported - set(TESTED))} "
+                          "more the builder knows")
+
+
 def _fit_config(config) -> None:
-    """transformers 5 nests Gemma 3's rope settings per layer type ({"full_attention": {...},
-    "sliding_attention": {...}}); og's builder reads a flat ``rope_parameters`` with a
-    ``rope_type``, ``rope_theta`` for the global layers and ``rope_local_base_freq`` for the
-    sliding ones. Give it those, on the loaded config (editing config.json does not survive
-    transformers' loading)."""
+    """Where transformers 5 and onnxruntime-genai's builder (0.18) read a config differently, give the
+    builder what it reads, on the loaded config (editing config.json does not survive transformers'
+    loading). Each shim says what it bridges; drop it once the builder reads transformers 5's form."""
     text = getattr(config, "text_config", None) or config
+    _gemma3_rope(text)
+    _phi3_rope(text)
+
+
+def _gemma3_rope(text) -> None:
+    """Gemma 3: transformers 5 nests the rope settings per layer type ({"full_attention": {...},
+    "sliding_attention": {...}}); the builder reads a flat ``rope_parameters`` with a ``rope_type``,
+    ``rope_theta`` for the global layers and ``rope_local_base_freq`` for the sliding ones."""
     rope = getattr(text, "rope_parameters", None)
     if not isinstance(rope, dict) or "rope_type" in rope or "full_attention" not in rope:
         return
@@ -108,6 +145,20 @@ def _fit_config(config) -> None:
     text.rope_parameters = dict(full)
     text.rope_theta = full.get("rope_theta", 10000.0)
     text.rope_local_base_freq = sliding.get("rope_theta", text.rope_theta)
+
+
+def _phi3_rope(text) -> None:
+    """Phi-3 / Phi-4-mini: the builder picks its LongRoPE graph whenever max_position_embeddings differs
+    from original_max_position_embeddings (transformers 5 defaults the latter to 4096), and then reads
+    the transformers 4 key ``type``. A Phi-3 without longrope scaling gets the plain graph; one with it
+    gets ``type`` beside transformers 5's ``rope_type``."""
+    if getattr(text, "model_type", None) != "phi3":
+        return
+    rope = getattr(text, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "longrope":
+        text.rope_parameters = {**rope, "type": "longrope"}
+    elif getattr(text, "original_max_position_embeddings", None) != text.max_position_embeddings:
+        text.original_max_position_embeddings = text.max_position_embeddings
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 from ftl import manifest, olive
 from ftl.chat import PromptFormat, prompt_format_for
 from ftl.errors import ConfigError, DataError, ExportError
-from ftl.export.builder import BuildOptions, check_options, verify
+from ftl.export.builder import BuildOptions, check_architecture, check_options, verify
 from ftl.export.config import ExportConfig
 from ftl.export.exact import GRID_RECORD
 from ftl.lineage import (adapter_dir_of, base_of_qscale, check_adapter_base, qscale_of, require_base,
@@ -76,6 +76,7 @@ def plan(config: ExportConfig) -> _Plan:
     else:
         raise ConfigError("nothing to export", None, "pass --adapter (a finetune output) and/or --model")
     model_dir = resolve_model(model_ref)
+    check_architecture(model_dir)
     check_options(build_options(config))
     unfit = block_misfits(model_dir, config.block_size)
     if unfit:

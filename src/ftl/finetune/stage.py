@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -78,6 +79,7 @@ def plan(config: FinetuneConfig) -> _Plan:
     if config.method == "qlora":
         _require_cuda()
     model_dir = resolve_model(config.model)
+    _check_model_fits(model_dir, config)
     examples, val_examples = split_rows(config, load_training_rows(config))
     fmt = prompt_format_for(model_dir, text_template=config.text_template, question_field=config.question_field,
                             answer_field=config.answer_field, system_prompt=config.system_prompt)
@@ -245,6 +247,44 @@ def _precision_warnings(config: FinetuneConfig) -> list[str]:
 
     reason = bf16_training() if config.precision == "bf16" else None
     return [f"--precision bf16: {reason}; training in fp32"] if reason else []
+
+
+def _check_model_fits(model_dir: Path, config: FinetuneConfig) -> None:
+    """Before any weights load: the target modules exist (peft would fail much later, inside Olive),
+    and the model fits this machine at the chosen precision. The model is built on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in config.target_modules or [] if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ConfigError(f"--target-modules {', '.join(missing)}: no such module in {model.config.model_type}",
+                          str(model_dir), f"its linear layers are: {', '.join(linear)}")
+    params = sum(p.numel() for p in model.parameters())
+    need, have, where = training_memory_gib(params, config.method, config.precision), *_memory_gib()
+    if need > have:
+        raise ConfigError(f"{params / 1e9:.1f}B parameters need about {need:.0f} GiB to train with --method "
+                          f"{config.method} --precision {config.precision} (estimated), and this machine's {where} "
+                          f"has {have:.0f} GiB", str(model_dir),
+                          "use a smaller model, --precision bf16, or --method qlora on a CUDA GPU")
+
+
+def training_memory_gib(params: int, method: str, precision: str) -> float:
+    """An estimate: the frozen weights at their training precision (4-bit for QLoRA), plus a third for
+    activations, the LoRA weights' gradients and optimiser state, plus 1 GiB for the runtime."""
+    per_param = 0.6 if method == "qlora" else 2 if precision == "bf16" else 4
+    return params * per_param * 4 / 3 / 2**30 + 1.0
+
+
+def _memory_gib() -> tuple[float, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30, "GPU"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, "memory"
 
 
 def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_progress=None) -> FinetuneResult:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from dataclasses import dataclass
 from contextlib import contextmanager
 from pathlib import Path
 
 from ftl import manifest
-from ftl.errors import ModelNotFoundError
+from ftl.errors import ConfigError, ModelNotFoundError
 from ftl.system import folder_size_mb
 
 
@@ -186,6 +187,18 @@ def _convert(origin: Path | str, gguf_file: str | None, target: Path) -> int:
     except OSError as exc:
         raise ModelNotFoundError(f"could not load model: {str(exc).splitlines()[0]}", str(origin),
                                  "for a Hub id you need network access; otherwise give a local path") from None
+    except ValueError as exc:
+        unsupported = re.search(r"GGUF model with architecture (\S+) is not supported", str(exc))
+        if not unsupported:
+            raise
+        from importlib.metadata import version
+
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        known = [a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ("general", "tokenizer")]
+        raise ConfigError(f"transformers {version('transformers')} cannot load a GGUF of architecture "
+                          f"{unsupported.group(1)!r}", str(Path(origin) / gguf_file) if gguf_file else str(origin),
+                          f"convert it to an HF folder another way, or use one of: {', '.join(known)}") from None
     if gguf_file:
         # GGUF weights arrive dequantised; drop the quantizer so save_pretrained writes plain fp32.
         model.hf_quantizer = None
