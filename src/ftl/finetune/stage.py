@@ -74,12 +74,13 @@ class _Plan:
     fingerprint: str
 
 
-def plan(config: FinetuneConfig) -> _Plan:
-    """Validate inputs and render the data. Cheap: loads the tokenizer, never the weights."""
+def plan(config: FinetuneConfig, *, here: bool = True) -> _Plan:
+    """Validate inputs and render the data. Cheap: loads the tokenizer, never the weights. ``here``:
+    training runs on this machine, so its memory is checked too (not for an Azure ML job)."""
     if config.method == "qlora":
         _require_cuda()
     model_dir = resolve_model(config.model)
-    _check_model_fits(model_dir, config)
+    _check_model_fits(model_dir, config, memory=here)
     examples, val_examples = split_rows(config, load_training_rows(config))
     fmt = prompt_format_for(model_dir, text_template=config.text_template, question_field=config.question_field,
                             answer_field=config.answer_field, system_prompt=config.system_prompt)
@@ -249,7 +250,7 @@ def _precision_warnings(config: FinetuneConfig) -> list[str]:
     return [f"--precision bf16: {reason}; training in fp32"] if reason else []
 
 
-def _check_model_fits(model_dir: Path, config: FinetuneConfig) -> None:
+def _check_model_fits(model_dir: Path, config: FinetuneConfig, memory: bool = True) -> None:
     """Before any weights load: the target modules exist (peft would fail much later, inside Olive),
     and the model fits this machine at the chosen precision. The model is built on the meta device."""
     import torch
@@ -263,6 +264,8 @@ def _check_model_fits(model_dir: Path, config: FinetuneConfig) -> None:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"--target-modules {', '.join(missing)}: no such module in {model.config.model_type}",
                           str(model_dir), f"its linear layers are: {', '.join(linear)}")
+    if not memory:
+        return
     params = sum(p.numel() for p in model.parameters())
     need, have, where = training_memory_gib(params, config.method, config.precision), *_memory_gib()
     if need > have:
