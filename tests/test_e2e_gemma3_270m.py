@@ -11,7 +11,6 @@ import pytest
 
 from ftl import manifest, metrics
 from ftl.export import ExportConfig, export_onnx
-from ftl.export.builder import BuildOptions, build
 from ftl.finetune import FinetuneConfig, finetune
 from ftl.generate import OnnxChatModel
 from ftl.models import import_model
@@ -48,8 +47,7 @@ def test_gemma3_270m_imports_finetunes_exports_and_answers(tmp_path, capsys):
     # The graph is right: an fp32 build of the same fine-tune scores what PyTorch does. What int4 loses
     # is quantisation (Q4_K_M's super-blocks and Q6_K tensors do not sit on a 32-block int4 grid).
     adapter = tmp_path / "ft" / "adapter"
-    build(imported.path, tmp_path / "fp32", BuildOptions(precision="fp32", adapter_path=str(adapter)),
-          cache_dir=tmp_path / "builder-cache")
+    export_onnx(ExportConfig(adapter=tmp_path / "ft", output=tmp_path / "fp32", precision="fp32"))
     sequences = [model.prompt_ids(model.format.conversation(r["Question"], r["Answer"])) for r in held_out]
     torch = metrics.torch_perplexity(metrics.load_merged_torch(imported.path, adapter), sequences)
     fp32 = metrics.onnx_perplexity(tmp_path / "fp32", sequences)

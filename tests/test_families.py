@@ -7,10 +7,9 @@ import json
 
 import pytest
 
-from ftl import metrics
+from ftl import manifest, metrics
 from ftl.errors import ConfigError
 from ftl.export import ExportConfig, export_onnx
-from ftl.export.builder import BuildOptions, build
 from ftl.finetune import FinetuneConfig, finetune
 from ftl.generate import OnnxChatModel
 from ftl.models import import_model
@@ -35,9 +34,9 @@ def test_family_imports_finetunes_exports_and_answers(tmp_path, qa_file, family)
     answer = OnnxChatModel(exported.output).ask("What is 2 + 2?", max_new_tokens=4)
     assert answer.new_tokens >= 1
 
-    # fp32: the builder (with ftl's config shims) computes the merged PyTorch model's function
-    fp32 = tmp_path / "fp32"
-    build(imported.path, fp32, BuildOptions(precision="fp32", adapter_path=str(adapter)), cache_dir=tmp_path / "c")
+    # fp32: the same export (builder and ftl's config shims) computes the merged PyTorch model's function
+    fp32 = export_onnx(ExportConfig(adapter=tmp_path / "ft", output=tmp_path / "fp32", precision="fp32")).output
+    assert manifest.read(fp32)["outputs"]["layout"]["body_bits"] == []
     model = OnnxChatModel(fp32)
     sequences = [model.prompt_ids(model.format.conversation(q, a)) for q, a in
                  (("What is the capital of France?", "Paris."), ("How many legs does a spider have?", "Eight."))]

@@ -16,6 +16,7 @@ from ftl.progress import console, task_progress
 @option(C, "adapter", "--adapter", type=click.Path(path_type=Path))
 @option(C, "model", "--model")
 @option(C, "output", "--output", type=click.Path(path_type=Path))
+@option(C, "precision", "--precision", type=click.Choice(["int4", "fp32"]))
 @option(C, "block_size", "--block-size", type=click.Choice(["16", "32", "64", "128", "256"]))
 @option(C, "op_types", "--op-types", help="Ops quantized to int4, comma-separated.")
 @option(C, "int4_algo", "--int4-algo", type=click.Choice(["default", "rtn", "k_quant", "k_quant_mixed",

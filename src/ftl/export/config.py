@@ -16,6 +16,8 @@ class ExportConfig(StrictModel):
     adapter: Path | None = Field(None, description="A finetune output folder or a peft adapter folder")
     model: str | None = Field(None, description="Base model (default: the one the adapter was trained on)")
     output: Path = Field(description="Folder for the onnxruntime-genai model")
+    precision: Literal["int4", "fp32"] = Field("int4", description="int4 for the edge; fp32 to check a model's graph "
+                                                                  "against PyTorch (4× the size, no quantisation)")
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="int4 quantization block size")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gather"],
                                 description="Ops quantized to int4; Gather covers the (tied) embedding")
@@ -66,4 +68,4 @@ class ExportConfig(StrictModel):
         at the model (no grid to keep: the builder)."""
         if self.grid is not None:
             return self.grid == "exact"
-        return self.block_size == 32 and not self.keep_adapter_separate
+        return self.block_size == 32 and not self.keep_adapter_separate and self.precision == "int4"

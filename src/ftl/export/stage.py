@@ -61,6 +61,14 @@ def plan(config: ExportConfig) -> _Plan:
     if config.keep_adapter_separate and not config.adapter:
         raise ConfigError("--keep-adapter-separate needs an adapter", None, "pass --adapter, or drop the flag")
     qscale = qscale_of(config.adapter) if config.adapter else None
+    if qscale and config.precision != "int4":
+        raise ConfigError("a qscale fine-tune is an int4 model by construction: it has no fp32 export",
+                          str(config.adapter), "drop --precision fp32, or export a LoRA fine-tune")
+    if config.max_ppl_increase is not None and config.precision != "int4":
+        raise ConfigError("--max-ppl-increase chooses among int4 settings", "--precision fp32",
+                          "drop --max-ppl-increase for an fp32 export")
+    if config.grid == "exact" and config.precision != "int4":
+        raise ConfigError("--grid exact is an int4 grid", "--grid exact --precision fp32", "drop one of them")
     _check_grid(config, qscale)
     adapter = adapter_dir_of(config.adapter) if config.adapter and not qscale else None
     trained = training_record(adapter or qscale.parent) if (adapter or qscale) else None
@@ -78,7 +86,7 @@ def plan(config: ExportConfig) -> _Plan:
     model_dir = resolve_model(model_ref)
     check_architecture(model_dir)
     check_options(build_options(config))
-    unfit = block_misfits(model_dir, config.block_size)
+    unfit = block_misfits(model_dir, config.block_size) if config.precision == "int4" else None
     if unfit:
         raise ConfigError(f"--block-size {config.block_size} does not divide the model's {unfit}", str(model_dir),
                           "use a block size that divides it (32 fits every model ftl has met)")
@@ -172,7 +180,7 @@ def olive_workflow(config: ExportConfig, out: Path, *, model_dir: Path, adapter:
 def build_options(config: ExportConfig) -> BuildOptions:
     """The builder options these settings ask for (what the built graph is checked against)."""
     algo = "default" if config.keep_adapter_separate else config.int4_algo
-    return BuildOptions(precision="int4", algo_config=algo, block_size=config.block_size,
+    return BuildOptions(precision=config.precision, algo_config=algo, block_size=config.block_size,
                         is_symmetric=config.symmetric or config.keep_adapter_separate,
                         accuracy_level=config.accuracy_level,
                         op_types_to_quantize=tuple(config.op_types))
