@@ -85,4 +85,4 @@ def show_export(result) -> None:
             table.add_row(trial["name"], f"{trial['rouge_l']:.3f}", f"{trial['repeated_ngrams']:.1f}",
                           f"{trial['looping']:.2f}", "← genai_config.json" if trial["chosen"] else "")
         console.print(table)
-    console.print(f"[green]✓[/] int4 model → {result.output} ({result.size_mb} MB, {result.seconds:.0f}s{note})")
+    console.print(f"[green]✓[/] {result.precision} model → {result.output} ({result.size_mb} MB, {result.seconds:.0f}s{note})")

@@ -161,8 +161,7 @@ def _on_azure(config, forwarded: list[str], tracking: dict, azure: dict):
     if azure["instance_count"] * azure["gpus_per_node"] > 1 and config.method == "qscale":
         raise ConfigError("--method qscale trains in one process", "--instance-count / --gpus-per-node",
                           "use --method lora or qlora for a distributed job, or one GPU")
-    # the rows, template and model are checked before any upload (the memory is the cluster's, not this machine's)
-    fingerprint = plan(config, here=False).fingerprint
+    fingerprint = plan(config).fingerprint  # the rows, template and model are checked before any upload
     manifest.check_output(config.output, force=config.force, stage="finetune")
     ref = workspace.resolve_workspace(azure["subscription"], azure["resource_group"], azure["workspace"],
                                       required=not azure["dry_run"])

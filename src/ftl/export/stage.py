@@ -39,6 +39,7 @@ class ExportResult:
     seconds: float
     adapter_file: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    precision: str = "int4"
     skipped: bool = False
     config_only: bool = False
     search_defaults: dict | None = None
@@ -103,7 +104,9 @@ def plan(config: ExportConfig) -> _Plan:
         "validation": manifest.sha256_file(config.validation_data) if config.validation_data else None,
         "base": base["sha256"], "adapter": manifest.sha256_dir(adapter) if adapter else None,
         "qscale": manifest.sha256_file(qscale) if qscale else None, "grid": grid,
-        "params": config.model_dump(mode="json", exclude={"force", "output", "adapter", "model"}),
+        # precision joined the settings later: int4 (the default) is left out, so older exports keep their fingerprint
+        "params": config.model_dump(mode="json", exclude={"force", "output", "adapter", "model"}
+                                    | ({"precision"} if config.precision == "int4" else set())),
         "format": fmt.model_dump()})
     return _Plan(model_dir, base, adapter, fmt, fingerprint, qscale, validation, grid)
 
@@ -192,7 +195,7 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
     p = plan(config)
     config = config.model_copy(update={"grid": p.grid})
     warnings = [SLOW_ADAPTER_WARNING] if config.keep_adapter_separate else []
-    if config.keep_adapter_separate and config.int4_algo != "default":
+    if config.keep_adapter_separate and config.int4_algo != "default" and config.precision == "int4":
         warnings.append(f"int4 algorithm {config.int4_algo} does not support a separate adapter; using 'default' (onnxruntime's default quantiser)")
     if save_config:
         olive.save_config(build_olive_config(config, p, out), save_config)
@@ -202,7 +205,7 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
     if manifest.is_complete(out, p.fingerprint) and not config.force:
         record = manifest.read(out)
         return ExportResult(out, record["metrics"]["size_mb"], record["timings"]["seconds"],
-                            _adapter_file(out), warnings, skipped=True,
+                            _adapter_file(out), warnings, skipped=True, precision=config.precision,
                             search_defaults=record["outputs"].get("search_defaults"),
                             trials=record["outputs"].get("trials"))
     if config.max_ppl_increase is not None:
@@ -249,7 +252,8 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
                          "layout": layout.as_dict(), "built_with_onnxruntime_genai": _og_version(),
                          "int4_grid": grid, "search_defaults": search_defaults}
     manifest.write(out, record)
-    return ExportResult(out, size_mb, seconds, _adapter_file(out), warnings, search_defaults=search_defaults)
+    return ExportResult(out, size_mb, seconds, _adapter_file(out), warnings, search_defaults=search_defaults,
+                        precision=config.precision)
 
 
 def block_misfits(model_dir: Path, block: int) -> str | None:

@@ -72,15 +72,15 @@ class _Plan:
     logging_steps: int
     data_hashes: list[str]
     fingerprint: str
+    parameters: int = 0
 
 
-def plan(config: FinetuneConfig, *, here: bool = True) -> _Plan:
-    """Validate inputs and render the data. Cheap: loads the tokenizer, never the weights. ``here``:
-    training runs on this machine, so its memory is checked too (not for an Azure ML job)."""
+def plan(config: FinetuneConfig) -> _Plan:
+    """Validate inputs and render the data. Cheap: loads the tokenizer, never the weights."""
     if config.method == "qlora":
         _require_cuda()
     model_dir = resolve_model(config.model)
-    _check_model_fits(model_dir, config, memory=here)
+    parameters = _check_target_modules(model_dir, config)
     examples, val_examples = split_rows(config, load_training_rows(config))
     fmt = prompt_format_for(model_dir, text_template=config.text_template, question_field=config.question_field,
                             answer_field=config.answer_field, system_prompt=config.system_prompt)
@@ -99,7 +99,7 @@ def plan(config: FinetuneConfig, *, here: bool = True) -> _Plan:
     fingerprint = manifest.sha256_json({"base": base["sha256"], "data": data_hashes,
                                         "params": params, "format": fmt.model_dump()})
     return _Plan(model_dir, base, fmt, examples, val_examples, token_counts, answer_tokens, steps, logging_steps, data_hashes,
-                 fingerprint)
+                 fingerprint, parameters)
 
 
 def load_training_rows(config: FinetuneConfig) -> list[Example]:
@@ -250,35 +250,43 @@ def _precision_warnings(config: FinetuneConfig) -> list[str]:
     return [f"--precision bf16: {reason}; training in fp32"] if reason else []
 
 
-def _check_model_fits(model_dir: Path, config: FinetuneConfig, memory: bool = True) -> None:
-    """Before any weights load: the target modules exist (peft would fail much later, inside Olive),
-    and the model fits this machine at the chosen precision. The model is built on the meta device."""
+def _check_target_modules(model_dir: Path, config: FinetuneConfig) -> int:
+    """The target modules exist (peft would fail much later, inside Olive); the parameter count, for the
+    memory check. The model is built on the meta device: no weights are read."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model_config = AutoConfig.from_pretrained(model_dir)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"transformers cannot build {model_config.model_type} as a causal LM: "
+                          f"{str(exc).splitlines()[0][:200]}", str(model_dir),
+                          "fine-tune a text model (see the README's families table)") from None
     names = [name for name, _ in model.named_modules()]
     missing = [t for t in config.target_modules or [] if not any(n == t or n.endswith(f".{t}") for n in names)]
     if missing:
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
         raise ConfigError(f"--target-modules {', '.join(missing)}: no such module in {model.config.model_type}",
                           str(model_dir), f"its linear layers are: {', '.join(linear)}")
-    if not memory:
-        return
-    params = sum(p.numel() for p in model.parameters())
-    need, have, where = training_memory_gib(params, config.method, config.precision), *_memory_gib()
+    return sum(p.numel() for p in model.parameters())
+
+
+def _check_memory(parameters: int, config: FinetuneConfig, model_dir: Path) -> None:
+    """Before training here (not for --save-config, a finished run, or an Azure ML job): the model fits."""
+    need, (have, where) = training_memory_gib(parameters, config.method), _memory_gib()
     if need > have:
-        raise ConfigError(f"{params / 1e9:.1f}B parameters need about {need:.0f} GiB to train with --method "
-                          f"{config.method} --precision {config.precision} (estimated), and this machine's {where} "
-                          f"has {have:.0f} GiB", str(model_dir),
-                          "use a smaller model, --precision bf16, or --method qlora on a CUDA GPU")
+        raise ConfigError(f"{parameters / 1e9:.1f}B parameters need about {need:.0f} GiB to train with --method "
+                          f"{config.method} (estimated), and this machine's {where} has {have:.0f} GiB",
+                          str(model_dir), "use a smaller model, or --method qlora on a CUDA GPU (4-bit weights)")
 
 
-def training_memory_gib(params: int, method: str, precision: str) -> float:
-    """An estimate: the frozen weights at their training precision (4-bit for QLoRA), plus a third for
-    activations, the LoRA weights' gradients and optimiser state, plus 1 GiB for the runtime."""
-    per_param = 0.6 if method == "qlora" else 2 if precision == "bf16" else 4
+def training_memory_gib(params: int, method: str) -> float:
+    """An estimate: the frozen weights as they are loaded (fp32; 4-bit for QLoRA; --precision bf16 is
+    autocast and keeps fp32 weights), plus a third for activations, the LoRA weights' gradients and
+    optimiser state, plus 1 GiB for the runtime."""
+    per_param = 0.6 if method == "qlora" else 4
     return params * per_param * 4 / 3 / 2**30 + 1.0
 
 
@@ -306,6 +314,7 @@ def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_prog
                               config_only=True, answer_tokens=p.answer_tokens)
     if manifest.is_complete(out, p.fingerprint) and not config.force:
         return _result_from_manifest(out, skipped=True)
+    _check_memory(p.parameters, config, p.model_dir)
     if not rank.main:
         # rank 0's own checks, read-only: a worker must not train when rank 0 refuses the folder
         if manifest.check_output(out, force=config.force, stage="finetune", resumable=True) == "resume" and \

@@ -75,10 +75,14 @@ def _assembled(entry: Builtin) -> Path:
     """Join the chunks once into the package's cache folder, and check the SHA256 the package ships."""
     import importlib
 
-    package = importlib.import_module(entry.package)
     try:
-        path = package.assemble()
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # a chunk missing, or a hash that differs
+        package = importlib.import_module(entry.package)
+        target = package.default_output_path()
+        path = package.assemble(target)
+    except FileExistsError:  # a file from an interrupted assembly: not the model
+        raise ModelNotFoundError(f"{entry.filename} in the cache does not match its SHA256 (an interrupted "
+                                 "assembly?)", str(target), "delete that file and import again") from None
+    except (ImportError, OSError, ValueError) as exc:  # a chunk wheel missing, an unwritable cache, a bad hash
         raise ModelNotFoundError(f"could not assemble {entry.filename}: {exc}", entry.package,
                                  f"reinstall: {entry.install}") from None
     if manifest.sha256_file(path) != package.EXPECTED_SHA256:

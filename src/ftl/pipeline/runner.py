@@ -514,7 +514,7 @@ def _finetune_on_azure(plan: PipelinePlan, force: bool, azure: AzureSession):
 
     config = plan.finetune.model_copy(update={"force": force})
     out, target = Path(config.output), plan.azure
-    fingerprint = plan_finetune(config, here=False).fingerprint
+    fingerprint = plan_finetune(config).fingerprint
     if not force and manifest.is_complete(out) and jobs.job_record(out).get("fingerprint") == fingerprint:
         return _result_from_manifest(out, skipped=True)
     manifest.check_output(out, force=force, stage="finetune")
