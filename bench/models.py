@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ftl import manifest
-from ftl.system import decode_rate, run_measured
+from ftl.system import decode_rate, folder_size_mb, run_measured
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "Question: {Question}\nAnswer: {Answer}"  # for base models without a chat template
@@ -55,7 +55,7 @@ def measure(model: str, tmp: Path, steps: int) -> list[dict]:
     answer = json.loads(out.read_text())
     rows.append({"stage": f"generate ({answer['new_tokens']} tokens)", "seconds": seconds, "peak_mib": peak,
                  "decode": decode_rate(answer["new_tokens"], answer["ttft_s"], answer["total_s"])})
-    size = sum(f.stat().st_size for f in (tmp / "onnx").rglob("*") if f.is_file()) / 1e6
+    size = folder_size_mb(tmp / "onnx")
     rows.append({"stage": f"int4 folder {size:.0f} MB", "seconds": None, "peak_mib": None})
     return rows
 
