@@ -34,6 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+_FROM_REMAINING = "x-ratelimit-remaining-* in the first window"
 _FROM_429 = "429s (the requests accepted in the window before)"
 HEADROOM = 1.02  # pace 2% under the quota: a request that leaves a few ms late must not share a window
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English; off by ±25% on other text, until usage corrects it
@@ -137,7 +138,6 @@ class Budget:
         self.sent = 0
         self.tokens_sent = 0
         self.first_sent: float | None = None
-        self.window_allowance: dict[str, int] = {}  # inferred from remaining headers in the first window
         self.last_decrease = 0.0
         self.rate_limited = 0
         self.accepted: deque[float] = deque()  # when the requests that were not refused were sent
@@ -274,9 +274,10 @@ class Budget:
         if first_window and not limits.limit_requests and not self.given_rpm and limits.remaining_requests is not None:
             # nothing has left the window yet: it holds every request sent so far (at most), so
             # remaining + those is the window's allowance (at most); the smallest such sum is the tightest
-            self._infer("rpm", limits.remaining_requests + ticket.seq + 1)
+            self._adopt("rpm", (limits.remaining_requests + ticket.seq + 1) * 60 / self.window, _FROM_REMAINING)
         if first_window and not limits.limit_tokens and not self.given_tpm and limits.remaining_tokens is not None:
-            self._infer("tpm", limits.remaining_tokens + ticket.tokens_before + ticket.tokens)
+            self._adopt("tpm", (limits.remaining_tokens + ticket.tokens_before + ticket.tokens) * 60 / self.window,
+                        _FROM_REMAINING)
         # Credit: what the headers say is left, less what was sent since this request. Used up = hold.
         if limits.remaining_requests is not None and limits.remaining_requests - (self.sent - ticket.seq - 1) <= 0:
             self.hold_until = max(self.hold_until, now + (limits.reset_requests or self.window / 10))
@@ -285,21 +286,12 @@ class Budget:
             self.hold_until = max(self.hold_until, now + (limits.reset_tokens or self.window / 10))
 
     def _adopt(self, which: str, per_minute: float, source: str) -> None:
+        """A limit learnt from headers: the pace's cap, and the pace itself when it is above it."""
         if self.caps.get(which) is None or per_minute < self.caps[which]:
             self.caps[which] = float(per_minute)
             rate = getattr(self, which)
             setattr(self, which, float(per_minute) if rate is None else min(rate, per_minute))
             self.source = source
-
-    def _infer(self, which: str, allowance: int) -> None:
-        allowance = min(allowance, self.window_allowance.get(which, allowance))
-        self.window_allowance[which] = allowance
-        rate = allowance * 60 / self.window
-        if self.caps.get(which) is None or rate < self.caps[which]:
-            self.caps[which] = rate
-            current = getattr(self, which)
-            setattr(self, which, rate if current is None else min(current, rate))
-            self.source = "x-ratelimit-remaining-* in the first window"
 
     def settled(self) -> dict:
         """The pace it ended at: pass these as --rpm/--tpm next time to start there."""
