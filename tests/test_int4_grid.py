@@ -135,6 +135,40 @@ def test_float_zero_points_hold_the_same_grid(grid_model, tmp_path):
     assert abs(onnx_ppl / torch_ppl - 1) < 0.005
 
 
+def _matmul_nbits(x: np.ndarray, codes, scale, zp) -> np.ndarray:
+    """One onnxruntime MatMulNBits (4 bits, float zero points) over x: what the exported graph computes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from ftl.export.exact import _pack
+
+    n, k = codes.shape
+    inits = [numpy_helper.from_array(_pack(codes.reshape(n, k // BLOCK, BLOCK)), "w"),
+             numpy_helper.from_array(scale.reshape(-1), "s"), numpy_helper.from_array(zp.reshape(-1), "z")]
+    node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=BLOCK)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 21),
+                                                                   helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def test_float_zero_points_keep_constant_blocks_and_negative_scales():
+    """A constant Q4_1 block (scale 0) is its minimum, and a trained scale may turn negative: the float
+    zero-point form keeps both (it used to write 0 for such blocks, dropping the minimum)."""
+    from ftl.export.exact import float_zero_points
+
+    grid = _random_grid(8, 64, seed=3)
+    grid.scale[0, 0], grid.minimum[0, 0] = 0.0, 0.0625  # constant block: every weight is the minimum
+    grid.scale[1, 1] = -grid.scale[1, 1]  # a trained negative scale
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)).numpy()
+    got = _matmul_nbits(x, *float_zero_points(grid))
+    want = x @ grid.dequantize().numpy().T
+    assert np.allclose(got, want, rtol=1e-4, atol=1e-5), np.abs(got - want).max()
+
+
 @pytest.fixture(scope="module")
 def qscale_run(tmp_path_factory, grid_model, qa_file):
     out = tmp_path_factory.mktemp("qscale") / "ft"

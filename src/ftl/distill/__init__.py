@@ -1,7 +1,20 @@
 """``ftl distill``: a teacher model answers seed questions; every paid-for answer is kept."""
 
-from ftl.distill.config import DistillConfig
-from ftl.distill.stage import DistillResult, distill
-from ftl.distill.teachers import TEACHERS, register
+from __future__ import annotations
 
-__all__ = ["DistillConfig", "DistillResult", "TEACHERS", "distill", "register"]
+from typing import TYPE_CHECKING
+
+from ftl.distill.config import DistillConfig
+from ftl.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from ftl.distill.stage import DistillResult, distill
+    from ftl.distill.teachers import TEACHERS, register
+
+__all__ = ["distill", "DistillConfig", "DistillResult", "register", "TEACHERS"]
+__getattr__ = lazy_exports(__name__, {
+    "DistillResult": "ftl.distill.stage",
+    "distill": "ftl.distill.stage",
+    "TEACHERS": "ftl.distill.teachers",
+    "register": "ftl.distill.teachers",
+})

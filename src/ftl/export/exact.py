@@ -66,6 +66,21 @@ def offsets(grid: Grid, z: torch.Tensor) -> torch.Tensor:
     return grid.float_minimum() + grid.scale.float() * z
 
 
+def float_zero_points(grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes [N, K], scale, float zero point [N, K/32]) with (code − zp)·scale = minimum + scale·code.
+
+    zp = −minimum/scale holds any non-zero scale, a trained negative one included. A zero-scale block
+    (a constant Q4_1 block) has no such zp: it becomes code 0, scale = minimum, zp = −1, so its
+    minimum is kept rather than dropped."""
+    n, k = grid.codes.shape
+    d, m = grid.scale.float().numpy(), grid.float_minimum().numpy()
+    flat = d == 0
+    zp = np.where(flat, -1.0, -m / np.where(flat, 1.0, d)).astype(np.float32)
+    codes = grid.codes.numpy().reshape(n, k // BLOCK, BLOCK).copy()
+    codes[flat] = 0
+    return codes.reshape(n, k), np.where(flat, m, d).astype(np.float32), zp
+
+
 def _pack(values: np.ndarray) -> np.ndarray:
     """Two 4-bit values per byte along the last axis, the even one in the low nibble (MatMulNBits)."""
     if values.shape[-1] % 2:
@@ -124,15 +139,16 @@ def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head:
                               f"{attrs.get('block_size')}; the grid is {n}×{k}, 4 bits, block {BLOCK}", str(folder),
                               "build the folder with block size 32 and an int4 body")
         _check_close(_concat([(built_from or grids)[m] for m in modules]), inits, node)
-        codes = grid.codes.numpy().reshape(n, k // BLOCK, BLOCK)
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(_pack(codes), node.input[1]))
-        scale = grid.scale.float().numpy().reshape(inits[node.input[2]].dims)
+        codes, scale = grid.codes.numpy(), grid.scale.float().numpy()
+        if form == "float-zp":
+            codes, scale, zp = float_zero_points(grid)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(_pack(codes.reshape(n, k // BLOCK, BLOCK)),
+                                                              node.input[1]))
+        scale = scale.reshape(inits[node.input[2]].dims)
         inits[node.input[2]].CopyFrom(numpy_helper.from_array(scale, node.input[2]))
         zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else f"{node.input[1]}_zp"
         if form == "float-zp":
-            d, m = grid.scale.float(), grid.float_minimum()
-            zp = torch.where(d > 0, -m / torch.where(d > 0, d, 1.0), 0.0).numpy().reshape(-1)
-            _set_init(graph, inits, numpy_helper.from_array(zp.astype(np.float32), zp_name))
+            _set_init(graph, inits, numpy_helper.from_array(zp.reshape(-1), zp_name))
         else:
             z = zero_points(grid)
             _set_init(graph, inits, numpy_helper.from_array(_pack(z.numpy().astype(np.uint8)), zp_name))

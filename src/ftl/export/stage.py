@@ -19,7 +19,6 @@ from ftl.chat import PromptFormat, prompt_format_for
 from ftl.errors import ConfigError, DataError, ExportError
 from ftl.export.builder import BuildOptions, check_architecture, check_options, verify
 from ftl.export.config import ExportConfig
-from ftl.export.exact import GRID_RECORD
 from ftl.lineage import (adapter_dir_of, base_of_qscale, check_adapter_base, qscale_of, require_base,
                          training_record)
 from ftl.models import model_identity, resolve_model
@@ -231,6 +230,8 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
     olive.clean_cache(out)
     layout = verify(out, build_options(config), tied_expected=_ties_embeddings(p.model_dir),
                     exact_grid=config.exact_grid)
+    from ftl.export.exact import GRID_RECORD  # here, not at the top: ftl.export.exact imports torch
+
     grid = json.loads((out / GRID_RECORD).read_text()) if (out / GRID_RECORD).is_file() else None
     if config.exact_grid and grid is None:
         raise ExportError("the exact int4 grid was not written", str(out / "olive.log"), "read the log")

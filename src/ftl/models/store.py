@@ -205,12 +205,29 @@ def _gguf_parsed_once():
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
 
 
+@contextmanager
+def _no_conversion_bar():
+    """transformers draws its own tqdm bar over the GGUF tensors ("Converting and de-quantizing GGUF
+    tensors…"), which HF's progress-bar switches do not reach: in a log or CI it is hundreds of lines
+    against ftl's one line per step. The bar's module gets a disabled tqdm while the model loads."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
 def _convert(origin: Path | str, gguf_file: str | None, target: Path) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        with _gguf_parsed_once():
+        with _gguf_parsed_once(), _no_conversion_bar():
             tokenizer = AutoTokenizer.from_pretrained(origin, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(origin, dtype="float32", **kwargs)
     except OSError as exc:
