@@ -13,7 +13,7 @@ import urllib.request
 from contextlib import contextmanager
 
 import pytest
-from openai import APIStatusError, AuthenticationError, OpenAI
+from openai import APIStatusError, AuthenticationError, InternalServerError, NotFoundError, OpenAI
 
 from ftl.serve import build_server
 
@@ -207,9 +207,175 @@ def test_the_cli_warns_on_every_interface_without_a_key_and_refuses_a_bad_folder
     assert "warning: serving on 0.0.0.0 without an API key" in output
 
 
+def sse(url, body):
+    """The raw `data:` payloads of a streamed answer, parsed, up to [DONE]."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        lines = [line.decode().strip() for line in response]
+    payloads = [line[len("data: "):] for line in lines if line.startswith("data: ")]
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def test_streamed_chunks_carry_usage_null_until_the_last_with_include_usage(tiny_export):
+    """OpenAI's API: with stream_options.include_usage every chunk has "usage", null but in the last
+    (whose choices are empty); without it, no chunk has the field."""
+    with running(tiny_export) as (url, _):
+        for path, body in (("/v1/chat/completions", ask(max_tokens=5)),
+                           ("/v1/completions", {"model": "export", "prompt": "Once upon a time", "max_tokens": 5})):
+            chunks = sse(url + path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+            assert all("usage" in chunk for chunk in chunks), path
+            assert [chunk["usage"] for chunk in chunks[:-1]] == [None] * (len(chunks) - 1)
+            assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+            plain = sse(url + path, {**body, "stream": True})
+            assert not any("usage" in chunk for chunk in plain)
+
+
+def test_unknown_paths_wrong_methods_and_server_errors_are_in_openais_shape(tiny_export):
+    """Starlette's own 404 and 405 and an unhandled exception's 500 reach an OpenAI client as
+    {"error": {...}} like every other error, without the exception's text."""
+    with running(tiny_export) as (url, app):
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(NotFoundError) as missing:
+            client.get("/no-such-endpoint", cast_to=object)
+        assert set(missing.value.body) == {"message", "type", "param", "code"}
+        assert missing.value.type == "invalid_request_error" and "/v1/no-such-endpoint" in missing.value.message
+        with pytest.raises(APIStatusError) as method:
+            client.delete("/chat/completions", cast_to=object)
+        assert method.value.status_code == 405 and method.value.response.headers["allow"] == "POST"
+        assert set(method.value.body) == {"message", "type", "param", "code"}
+
+        engine = app.state.engine
+        def broken(name, messages):  # a bug in the prompt path, as a real one would surface
+            raise RuntimeError("internal detail /secret/path")
+        engine.chat_ids = broken
+        with pytest.raises(InternalServerError) as failed:
+            client.chat.completions.create(**ask(max_tokens=2))
+        assert failed.value.status_code == 500 and failed.value.type == "server_error"
+        assert set(failed.value.body) == {"message", "type", "param", "code"} and "secret" not in failed.value.message
+        del engine.chat_ids
+        assert client.chat.completions.create(**ask(max_tokens=2)).usage.completion_tokens == 2  # still up
+        page = http(url + "/metrics")[2]
+        assert 'endpoint="other",status="404"} 1.0' in page and 'status="500"} 1.0' in page
+
+
+def test_finished_rows_hold_their_slots_until_their_batch_ends(tiny_export):
+    """og cannot drop a row, so a finished row is computed until its batch ends: it keeps its slot, and
+    the rows computed never exceed --max-concurrency. A short and a long answer start together; a third
+    request sent after the short one ends waits for the long one's batch instead of computing a third row."""
+    with running(tiny_export, max_concurrency=2) as (url, app):
+        scheduler, order = app.state.scheduler, []
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        scheduler.pause_admission()
+        long = threading.Thread(target=lambda: (client.chat.completions.create(**ask("Hi", max_tokens=450)),
+                                                order.append("long done")))
+        long.start()
+        deadline = time.time() + 10
+        while scheduler.depth()[0] < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        short = threading.Thread(target=lambda: client.chat.completions.create(**ask(max_tokens=2)))
+        short.start()
+        while scheduler.depth()[0] < 2 and time.time() < deadline:
+            time.sleep(0.01)
+        scheduler.pause_admission(False)
+        short.join(timeout=30)
+        assert scheduler.depth() == (0, 1) and scheduler.computed() == 2  # the short row ended; the long goes on
+        order.append("third sent")
+        third = client.chat.completions.create(**ask("Name a colour.", max_tokens=3))
+        long.join(timeout=30)
+        assert order[0] == "third sent" and third.usage.completion_tokens == 3
+        assert scheduler.peak_rows == 2
+        # each step computes both rows of the first batch, the finished one too, then the third alone
+        assert scheduler.row_steps == 2 * 450 + 3
+        page = http(url + "/metrics")[2]
+        assert "ftl_row_steps_total 903.0" in page and "ftl_computed_rows " in page
+
+
+def test_a_model_og_cannot_batch_gets_one_generator_per_request_and_says_so(tiny_export, caplog):
+    """OnnxChatModel.can_batch False (Gemma 3 on og 0.18): requests that arrive together still run side
+    by side, each in its own generator, with the answers they get alone; the log says so once and
+    /health and /metrics show it."""
+    prompts = ["What is 2 + 3?", "Write one long sentence about the sea and the sky at night.", "Hi"]
+    with running(tiny_export, max_concurrency=4) as (url, app):
+        client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        alone = [client.chat.completions.create(**ask(p, max_tokens=5)).choices[0].message.content for p in prompts]
+        app.state.engine.chat.can_batch = False
+        scheduler = app.state.scheduler
+        for _ in range(2):
+            scheduler.pause_admission()
+            together = [None] * len(prompts)
+
+            def one(i):
+                together[i] = client.chat.completions.create(**ask(prompts[i], max_tokens=5)).choices[0].message.content
+
+            threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+            for thread in threads:
+                thread.start()
+            deadline = time.time() + 10
+            while scheduler.depth()[0] < len(prompts) and time.time() < deadline:
+                time.sleep(0.01)
+            scheduler.pause_admission(False)
+            for thread in threads:
+                thread.join(timeout=30)
+            assert together == alone
+        assert scheduler.peak_rows == len(prompts)  # side by side, one row each
+        assert [r.getMessage() for r in caplog.records].count(
+            "onnxruntime-genai cannot batch prompts of different lengths for this model: each request gets its own "
+            "generator (requests still run side by side)") == 1
+        assert http(url + "/health")[2]["batching"] is False
+        page = http(url + "/metrics")[2]
+        assert "ftl_batching 0.0" in page and 'ftl_batch_rows_bucket{le="1.0"} 9.0' in page
+        assert 'ftl_batch_rows_count 9.0' in page
+
+
+def test_a_long_prompt_is_tokenised_off_the_event_loop(tiny_export):
+    """A 1 MB prompt is rendered and tokenised while streams go on: the tokenising (held open by a hook
+    around the real call until a stream started meanwhile has three chunks) sees that stream's chunks
+    arrive. On the event loop, the stream could not even start. The prompt is over the context: 400,
+    with the token count og's own tokenizer gives."""
+    with running(tiny_export, max_body_bytes=2 << 20) as (url, app):
+        engine, events, chunks = app.state.engine, [], threading.Semaphore(0)
+        real = engine.chat_ids
+
+        def hooked(name, messages):
+            if len(messages[-1]["content"]) < 1000:  # the stream's own prompt
+                return real(name, messages)
+            events.append("tokenising")
+            try:
+                return real(name, messages)
+            finally:
+                got = sum(chunks.acquire(timeout=10) for _ in range(3))
+                events.append(f"tokenised after {got} chunks")
+
+        engine.chat_ids = hooked
+        huge = "word " * 200_000
+        answer = {}
+        big = threading.Thread(target=lambda: answer.update(result=http(url + "/v1/chat/completions",
+                                                                        ask(huge, max_tokens=4))))
+        big.start()
+        deadline = time.time() + 30
+        while not events and time.time() < deadline:
+            time.sleep(0.01)
+        request = urllib.request.Request(url + "/v1/chat/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps(ask(max_tokens=40, stream=True)).encode())
+        with urllib.request.urlopen(request, timeout=60) as response:
+            for line in response:
+                if line.startswith(b"data: {"):
+                    events.append("chunk")
+                    chunks.release()
+        big.join(timeout=60)
+        del engine.chat_ids
+        assert events[:4] == ["tokenising", "chunk", "chunk", "chunk"] and "tokenised after 3 chunks" in events
+        status, _, body = answer["result"]
+        expected = len(engine.chat.encode(engine.formats["export"].render_prompt([{"role": "user", "content": huge}])))
+        assert status == 400 and f"the prompt has {expected} " in body["error"]["message"]
+        assert engine.encoder.in_child == 1  # og's encode holds the GIL: a long prompt goes to the child process
+
+
 @pytest.fixture(scope="module")
 def two_adapters(tmp_path_factory, tiny_model, qa_file, session_cwd):
-    """Two LoRA fine-tunes of the tiny model, each exported with --keep-adapter-separate."""
+    """Two LoRA fine-tunes of the tiny model, each exported with --keep-adapter-separate, each with its own
+    prompt format: legal the chat template and a system prompt, hr a text template and another one."""
     from conftest import working_directory
     from ftl.export import ExportConfig, export_onnx
     from ftl.finetune import FinetuneConfig, finetune
@@ -217,17 +383,20 @@ def two_adapters(tmp_path_factory, tiny_model, qa_file, session_cwd):
     root = tmp_path_factory.mktemp("adapters")
     exports = {}
     with working_directory(session_cwd):
-        for name, seed, rate in (("legal", 1, 1e-2), ("hr", 2, 5e-2)):
+        for name, seed, rate, fmt in (("legal", 1, 1e-2, {"system_prompt": "You answer as a lawyer."}),
+                                      ("hr", 2, 5e-2, {"system_prompt": "You answer for HR.",
+                                                       "text_template": "Q: {Question}\nA: {Answer}"})):
             finetune(FinetuneConfig(model=str(tiny_model), data=qa_file, output=root / f"ft-{name}", max_steps=4,
-                                    batch_size=2, save_steps=4, learning_rate=rate, seed=seed))
+                                    batch_size=2, save_steps=4, learning_rate=rate, seed=seed, **fmt))
             exports[name] = export_onnx(ExportConfig(adapter=root / f"ft-{name}", output=root / f"export-{name}",
                                                      keep_adapter_separate=True))
     return exports
 
 
-def test_multi_lora_the_model_field_picks_the_adapter(two_adapters):
-    """Two separately exported adapters on one base: each request's model field routes it, and each
-    answer is the one ftl generate gives on that adapter's own export."""
+def test_multi_lora_the_model_field_picks_the_adapter_and_its_prompt_format(two_adapters):
+    """Two separately exported adapters on one base: each request's model field routes it, each is
+    prompted in its own export's format (system prompt, chat or text template, stop strings), and
+    each answer is the one ftl generate gives on that adapter's own export."""
     from ftl.generate import OnnxChatModel
 
     base = two_adapters["legal"].output
@@ -236,12 +405,25 @@ def test_multi_lora_the_model_field_picks_the_adapter(two_adapters):
     expected = {name: OnnxChatModel(result.output, threads=2).ask(prompt, max_new_tokens=8).text
                 for name, result in two_adapters.items()}
     assert expected["legal"] != expected["hr"]  # two different fine-tunes, or routing proves nothing
-    with running(base, adapters=adapters) as (url, _):
+    with running(base, adapters=adapters) as (url, app):
+        engine, scheduler = app.state.engine, app.state.scheduler
+        for name, result in two_adapters.items():
+            own = OnnxChatModel(result.output, threads=2)
+            assert engine.formats[name] == own.format
+            assert engine.chat_ids(name, [{"role": "user", "content": prompt}]) == own.prompt_ids(
+                own.format.conversation(prompt))
+        assert engine.formats["hr"].kind == "text" and engine.formats["legal"].kind == "chat"
+        submitted = []
+        real_submit = scheduler.submit
+        scheduler.submit = lambda job: (submitted.append(job), real_submit(job))[1]
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         assert [m.id for m in client.models.list().data] == ["export-legal", "legal", "hr"]
         for name in ("legal", "hr", "legal"):
-            answer = client.chat.completions.create(model=name, max_tokens=8,
+            answer = client.chat.completions.create(model=name, max_tokens=8, stop=["zzz"],
                                                     messages=[{"role": "user", "content": prompt}])
             assert answer.choices[0].message.content == expected[name], name
+        # each request stops at its own format's next turn too, beside the client's stop strings
+        assert [job.stop for job in submitted] == [["zzz", *engine.formats[name].stop_strings]
+                                                   for name in ("legal", "hr", "legal")]
     with pytest.raises(Exception, match="adapter file not found"):
         build_server(base, adapters={"x": base / "missing.onnx_adapter"})

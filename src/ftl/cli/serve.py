@@ -68,6 +68,9 @@ def serve(export: Path, adapters: dict[str, Path], host: str, port: int, api_key
     console.print(f"[green]✓[/] serving {', '.join(engine.names)} from {export} on http://{host}:{port}/v1 "
                   f"({engine.chat.threads} threads, {max_concurrency} at once, queue {max_queue}"
                   f"{', key required' if api_key else ''}); Ctrl-C stops it", highlight=False, soft_wrap=True)
+    if not scheduler.batching:
+        console.print("[yellow]note:[/] onnxruntime-genai cannot batch prompts of different lengths for this model: "
+                      "each request gets its own generator", highlight=False, soft_wrap=True)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning" if not os.environ.get("FTL_DEBUG") else "info",
                     access_log=False, timeout_graceful_shutdown=5)

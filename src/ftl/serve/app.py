@@ -2,8 +2,10 @@
 
 Endpoints: ``POST /v1/chat/completions`` (streamed as server-sent events, or not), ``POST
 /v1/completions``, ``GET /v1/models``, ``GET /health`` and ``GET /metrics`` (Prometheus text).
-Every client error is a 4xx in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``,
-and the server stays up.
+Every error is in OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}`` (Starlette's own
+404 and 405 and an unhandled exception's 500 included, so an OpenAI client reads them all), and the
+server stays up. Rendering and tokenising a prompt run off the event loop, so a long prompt never
+stalls the streams already open.
 """
 
 from __future__ import annotations
@@ -11,20 +13,24 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Literal
 
+from anyio import to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from jinja2 import TemplateError
 
-from ftl.chat import with_system
 from ftl.serve.engine import SHUTDOWN, Engine, Job, QueueFull, Scheduler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -97,8 +103,8 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
 
 
 class Guard:
-    """The API key and the body-size limit, checked before anything is read (a plain ASGI middleware:
-    Starlette's BaseHTTPMiddleware would sit in every streamed chunk's path)."""
+    """The API key and the body-size limit, checked before anything is read, and a bug's 500 (a plain
+    ASGI middleware: Starlette's BaseHTTPMiddleware would sit in every streamed chunk's path)."""
 
     def __init__(self, app, limits: Limits, metrics):
         self.app, self.limits, self.metrics = app, limits, metrics
@@ -121,9 +127,29 @@ class Guard:
             refusal = _error(413, f"the body is {int(length)} bytes, over the limit of {self.limits.max_body_bytes}",
                              code="request_too_large")
         if refusal is None:
-            return await self.app(scope, receive, send)
+            return await self._run(scope, receive, send)
         self.metrics.requests.labels(_route(path), str(refusal.status_code)).inc()
         await refusal(scope, receive, send)
+
+    async def _run(self, scope, receive, send):
+        """An exception nothing else handled becomes a 500 in OpenAI's shape, without its text (the log has
+        the traceback). Caught here rather than re-raised to uvicorn, which would close the connection."""
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception:
+            if started:  # a stream already under way: nothing more can be said to this client
+                raise
+            log.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            self.metrics.requests.labels(_route(scope["path"]), "500").inc()
+            await _error(500, "the server had an error while processing this request", "server_error")(
+                scope, receive, send)
 
 
 ROUTES = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
@@ -147,6 +173,15 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
         metrics.requests.labels(_route(request.url.path), str(exc.status)).inc()
         return _error(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        """Starlette's own: a path that is not served (404) or a method it does not take (405)."""
+        metrics.requests.labels(_route(request.url.path), str(exc.status_code)).inc()
+        message = (f"{request.method} {request.url.path} is not served here" if exc.status_code == 404 else
+                   f"{request.url.path} does not take {request.method}" if exc.status_code == 405 else exc.detail)
+        return _error(exc.status_code, message, code="not_found" if exc.status_code == 404 else None,
+                      headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         metrics.requests.labels(_route(request.url.path), "400").inc()
@@ -160,13 +195,11 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
     async def health():
         waiting, active = scheduler.depth()
         return {"status": "ok", "model": engine.name, "models": list(engine.names), "waiting": waiting,
-                "active": active}
+                "active": active, "computed_rows": scheduler.computed(), "batching": scheduler.batching}
 
     @app.get("/metrics")
     async def prometheus():
-        waiting, active = scheduler.depth()
-        metrics.queue.set(waiting)
-        metrics.active.set(active)
+        metrics.scrape(scheduler)
         return Response(metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -177,28 +210,33 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
-        # the fine-tune's system prompt when the client sends none, as ftl generate, chat and score.py do
-        messages = with_system([{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                                for m in body.messages], engine.chat.format.system_prompt)
+        _served(body.model)
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in body.messages]
         if messages[-1]["role"] == "assistant":
             raise ApiError(400, "the last message is the assistant's: end with a user message", param="messages")
-        try:
-            ids = engine.chat.prompt_ids(messages)
+        try:  # in a worker thread: Jinja over a long conversation would stall every open stream
+            ids = await to_thread.run_sync(engine.chat_ids, body.model, messages)
         except TemplateError as exc:  # e.g. a template that wants user and assistant turns to alternate
             raise ApiError(400, f"the model's chat template refused these messages: {exc}", param="messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        return await _complete(request, body, ids, max_tokens, "/v1/chat/completions", chat=True)
+        # a text template's next turn ends the answer too, in the format of the model or adapter asked for
+        return await _complete(request, body, ids, max_tokens, "/v1/chat/completions", chat=True,
+                               implicit_stops=engine.formats[body.model].stop_strings)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        return await _complete(request, body, engine.chat.encode(body.prompt), body.max_tokens, "/v1/completions",
-                               chat=False)
+        _served(body.model)
+        ids = await to_thread.run_sync(engine.encoder.encode, body.prompt)
+        return await _complete(request, body, ids, body.max_tokens, "/v1/completions", chat=False)
+
+    def _served(model: str) -> None:
+        if model not in engine.names:
+            raise ApiError(404, f"model {model!r} is not served here; models: {', '.join(engine.names)}",
+                           param="model", code="model_not_found")
 
     async def _complete(request: Request, body: _Sampling, ids: list[int], max_tokens: int | None, path: str,
-                        chat: bool):
-        if body.model not in engine.names:
-            raise ApiError(404, f"model {body.model!r} is not served here; models: {', '.join(engine.names)}",
-                           param="model", code="model_not_found")
+                        chat: bool, implicit_stops: list[str] = ()):
         max_tokens = limits.default_max_tokens if max_tokens is None else max_tokens
         if max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, not {max_tokens}", param="max_tokens")
@@ -214,6 +252,7 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
         if len(stops) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in stops):
             raise ApiError(400, f"stop takes at most {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters",
                            param="stop")
+        stops += [stop for stop in implicit_stops if stop not in stops]
         search: dict = {}  # max_length is the batch's (ftl.serve.engine)
         temperature = body.temperature if body.temperature is not None else 0.0
         if temperature > 0:
@@ -287,13 +326,15 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
     async def _stream(request, job, events, ident, created, body, chat, usage, path):
         kind_name = "chat.completion.chunk" if chat else "text_completion"
 
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
         def chunk(delta: dict | None, finish: str | None = None, with_usage: bool = False) -> str:
             choices = [] if delta is None else [
                 {"index": 0, "delta": delta, "finish_reason": finish} if chat else
                 {"index": 0, "text": delta.get("content", ""), "finish_reason": finish, "logprobs": None}]
             payload = {"id": ident, "object": kind_name, "created": created, "model": body.model, "choices": choices}
-            if with_usage:
-                payload["usage"] = usage()
+            if include_usage:  # OpenAI's API: every chunk has the field, null but in the last one
+                payload["usage"] = usage() if with_usage else None
             return f"data: {json.dumps(payload)}\n\n"
 
         finished, watcher = False, _watch(request, job, events)
@@ -319,7 +360,7 @@ def create_app(engine: Engine, scheduler: Scheduler, limits: Limits, metrics) ->
                     return
                 elif kind == "done":
                     yield chunk({}, finish=value)
-                    if body.stream_options and body.stream_options.include_usage:
+                    if include_usage:
                         yield chunk(None, with_usage=True)
                     yield "data: [DONE]\n\n"
                     finished = True

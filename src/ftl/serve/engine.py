@@ -12,11 +12,14 @@ one scheduler thread:
   masks the padding: every row's greedy answer is the one it gets alone, tested);
 - steps every running batch round-robin, a token per row per turn, so a batch that starts later
   still streams at once;
-- frees a row's slot when its answer ends, so a waiting request starts at once in a new batch.
-  (Holding the slots until the whole batch ends made bigger batches but longer waits: 1.02× one
-  client at 4 clients and 1.06× at 16, TTFT p50 1.09 s at 4, against 1.06×, 1.00× and 0.70 s this
-  way; bench/serve.py, README *Measured*.) The finished rows of a batch are still computed until
-  it ends: og cannot drop a row.
+- starts a new batch when slots free up. A slot is freed when its *batch* ends, not when its answer
+  does: og cannot drop a row, so a finished row goes on being computed, and holding its KV cache,
+  until its batch ends; counting it keeps the rows actually computed within ``max_active`` (freeing
+  it at once let up to ``max_active``² rows compute, each holding a KV cache). ``row_steps`` and
+  ``peak_rows`` count what was computed. (og 0.18 also has a continuous-batching ``og.Engine``,
+  which drops a finished request, but it has no adapter API: multi-LoRA needs the Generator.)
+- runs one request per generator for a model og cannot batch (``OnnxChatModel.can_batch``: prompts
+  of different lengths break og's attention for Gemma 3), and says so once in the log.
 
 Waiting requests sit in a bounded queue; a full queue is refused at once (HTTP 429) rather than
 letting latency grow without bound.
@@ -25,21 +28,32 @@ letting latency grow without bound.
 ``onnxruntime_genai.Adapters`` and each batch activates its requests' adapter, so several LoRA
 fine-tunes share one base in memory.
 
+**Prompts.** Each name served renders prompts in its own export's format (an adapter's from the
+manifest of the export folder its ``.onnx_adapter`` sits in), and tokenising a long prompt runs
+in a child process: og's ``encode`` holds the GIL, so in a thread it would still stall every
+stream (a 1 MB prompt: about 0.3 s in which neither the event loop nor this scheduler runs).
+
 Every request carries a deadline and a cancel flag (set when its client disconnects): the
 scheduler drops its row at the next token.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ftl import manifest
+from ftl.chat import Message, PromptFormat, with_system
 from ftl.errors import ConfigError, ModelNotFoundError
 from ftl.generate.engine import OnnxChatModel
+
+log = logging.getLogger(__name__)
 
 
 SHUTDOWN = "the server is shutting down"
@@ -92,7 +106,8 @@ class _Group:
 
 
 class Engine:
-    """The model and its adapters. ``names`` maps a request's ``model`` field to an adapter (None = base)."""
+    """The model and its adapters. ``names`` maps a request's ``model`` field to an adapter (None = base),
+    ``formats`` to the prompt format that name was fine-tuned with."""
 
     def __init__(self, export: Path, adapters: dict[str, Path] | None = None, threads: int | None = None,
                  name: str | None = None):
@@ -102,8 +117,10 @@ class Engine:
         self.chat = OnnxChatModel(Path(export), threads=threads)
         self.name = name or Path(export).resolve().name
         self.names: dict[str, str | None] = {self.name: "default" if self.chat.adapters is not None else None}
+        self.formats: dict[str, PromptFormat] = {self.name: self.chat.format}
         self.adapters = self.chat.adapters
         self.pad_id = self.chat.pad_id  # what a shorter prompt is padded with in a batch
+        self.encoder = Encoder(self.chat)
         for adapter_name, path in (adapters or {}).items():
             path = Path(path)
             if adapter_name in self.names:
@@ -121,11 +138,86 @@ class Engine:
                                   f"{str(exc).strip().splitlines()[0][:200]}", str(path),
                                   "serve it on the export it was trained for") from None
             self.names[adapter_name] = adapter_name
+            self.formats[adapter_name] = adapter_format(path, self.chat.format)
 
     @property
     def context_length(self) -> int:
         return self.chat.context_length
 
+    def chat_ids(self, name: str, messages: list[Message]) -> list[int]:
+        """A conversation's prompt ids for the model or adapter ``name``, in the format it was fine-tuned
+        with (its system prompt when the client sends none, as ftl generate, chat and score.py do). Slow
+        for a long prompt: call it off the event loop."""
+        fmt = self.formats[name]
+        return self.encoder.encode(fmt.render_prompt(with_system(messages, fmt.system_prompt)))
+
+    def close(self) -> None:
+        self.encoder.close()
+
+
+def adapter_format(path: Path, base: PromptFormat) -> PromptFormat:
+    """The prompt format an ``.onnx_adapter`` was fine-tuned with: its export folder's manifest records it.
+    A file without one (copied out of its folder, or not written by ftl) is prompted as the base."""
+    record = manifest.read(Path(path).parent)
+    recorded = record.get("prompt_format") if manifest.is_ftl(record) else None
+    return PromptFormat(**recorded) if recorded else base
+
+
+# -- tokenising -------------------------------------------------------------------------------------------------
+
+LONG_PROMPT_CHARS = 32_768  # below this og's encode takes about 10 ms: not worth a round trip to the child
+_child_tokenizer = None
+
+
+def _load_tokenizer(folder: str) -> None:
+    import onnxruntime_genai as og
+
+    global _child_tokenizer
+    _child_tokenizer = og.Tokenizer(folder)  # the folder's tokenizer files only: no weights in the child
+
+
+def _encode_in_child(text: str) -> list[int]:
+    return _child_tokenizer.encode(text).tolist()
+
+
+class Encoder:
+    """Prompt text to ids with the model's own og tokenizer. og's ``encode`` holds the GIL for the whole
+    call, so a thread would not keep the streams going: a long prompt goes to one child process
+    (started at the first one) with its own ``og.Tokenizer`` on the same folder."""
+
+    def __init__(self, chat: OnnxChatModel):
+        self.chat, self._pool, self._lock = chat, None, threading.Lock()
+        self.in_child = 0  # prompts tokenised in the child (for /metrics and the tests)
+
+    def encode(self, text: str) -> list[int]:
+        if len(text) < LONG_PROMPT_CHARS:
+            return self.chat.encode(text)
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._child()
+        self.in_child += 1
+        try:
+            return pool.submit(_encode_in_child, text).result()
+        except BrokenProcessPool:  # the child died (e.g. killed for memory): the next long prompt starts another
+            with self._lock:
+                self._pool = None
+            raise
+
+    def _child(self) -> ProcessPoolExecutor:
+        import multiprocessing
+
+        with self._lock:
+            if self._pool is None:
+                # spawn, not fork: this process runs the scheduler's and og's threads
+                self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_load_tokenizer, initargs=(str(self.chat.folder),))
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Scheduler:
@@ -139,6 +231,9 @@ class Scheduler:
         self._admitting = threading.Event()
         self._admitting.set()
         self._stop = False
+        self.row_steps = 0  # rows computed, summed over every step (a finished row still counts)
+        self.peak_rows = 0  # the most rows computed at once
+        self._said_unbatched = False
         self._thread = threading.Thread(target=self._loop, name="ftl-serve-scheduler", daemon=True)
         self._thread.start()
 
@@ -158,6 +253,16 @@ class Scheduler:
         with self._lock:
             return len(self._waiting), sum(row.live for group in self._groups for row in group.rows)
 
+    def computed(self) -> int:
+        """Rows in the running generators, finished ones included: what each step computes."""
+        with self._lock:
+            return self._rows()
+
+    @property
+    def batching(self) -> bool:
+        """Whether requests that arrive together share a generator (False: og cannot batch this model)."""
+        return bool(getattr(self.engine.chat, "can_batch", True))
+
     def pause_admission(self, paused: bool = True) -> None:
         """Hold new requests in the queue (the ones running go on); for draining and for tests."""
         (self._admitting.clear if paused else self._admitting.set)()
@@ -169,11 +274,13 @@ class Scheduler:
             self._stop = True
             self._lock.notify()
         self._thread.join(timeout=10)
+        self.engine.close()
 
     # -- the scheduler thread -----------------------------------------------------------------------------------
 
     def _rows(self) -> int:
-        return sum(row.live for group in self._groups for row in group.rows)
+        """Slots taken: every row of a running batch, finished or not, as og computes them all until it ends."""
+        return sum(len(group.rows) for group in self._groups)
 
     def _loop(self) -> None:
         while True:
@@ -209,8 +316,9 @@ class Scheduler:
             for row in rows:
                 if row.live and row.job.finish_reason is None:
                     self._finish(row, "error", message)
-            if group is not None and group in self._groups:
-                self._groups.remove(group)
+            with self._lock:
+                if group is not None and group in self._groups:
+                    self._groups.remove(group)
 
     def _sweep(self) -> None:
         """Waiting requests whose client left go; those past their deadline get their timeout now."""
@@ -230,6 +338,12 @@ class Scheduler:
         free = self.max_active - self._rows()
         if free <= 0 or not self._waiting:
             return []
+        if not self.batching:
+            free = 1
+            if not self._said_unbatched:
+                self._said_unbatched = True
+                log.warning("onnxruntime-genai cannot batch prompts of different lengths for this model: "
+                            "each request gets its own generator (requests still run side by side)")
         first, context = self._waiting[0], self.engine.context_length
         batch = [first]
         longest, most = len(first.ids), first.max_tokens
@@ -280,7 +394,9 @@ class Scheduler:
                 job.emit("error", f"generation failed: {str(exc).strip().splitlines()[0][:300]}")
                 self._end(job, "error")
             return
-        self._groups.append(_Group(generator, [_Row(job, engine.chat.tokenizer.create_stream()) for job in live]))
+        with self._lock:  # computed() reads the groups from the HTTP side
+            self._groups.append(_Group(generator, [_Row(job, engine.chat.tokenizer.create_stream()) for job in live]))
+            self.peak_rows = max(self.peak_rows, self._rows())
         if self.on_batch:
             try:
                 self.on_batch(len(live))
@@ -297,6 +413,7 @@ class Scheduler:
         if any(row.live for row in group.rows) and not group.generator.is_done():
             try:
                 group.generator.generate_next_token()
+                self.row_steps += len(group.rows)
                 tokens = group.generator.get_next_tokens()
             except Exception as exc:  # noqa: BLE001
                 for row in group.rows:
@@ -312,7 +429,8 @@ class Scheduler:
                 if row.live:
                     self._flush(row, len(row.job.text))
                     self._finish(row, "done", "length")
-            self._groups.remove(group)
+            with self._lock:
+                self._groups.remove(group)
             del group.generator
 
     def _advance(self, row: _Row, token: int, done: bool) -> None:

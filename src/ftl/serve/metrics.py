@@ -24,6 +24,14 @@ class Metrics:
                               buckets=_SECONDS, registry=registry)
         self.latency = Histogram("ftl_request_latency_seconds", "From arrival to the last token",
                                  buckets=_SECONDS, registry=registry)
+        self.computed = Gauge("ftl_computed_rows", "Rows the running generators compute at each step, finished "
+                              "ones included (onnxruntime-genai cannot drop a row from a batch)", registry=registry)
+        self.row_steps = Counter("ftl_row_steps", "Rows computed, summed over every generator step",
+                                 registry=registry)
+        self._row_steps_seen = 0
+        self.batching = Gauge("ftl_batching", "1 when requests that arrive together share a generator; 0 when "
+                              "onnxruntime-genai cannot batch this model, one request per generator",
+                              registry=registry)
         self.batch = Histogram("ftl_batch_rows", "Requests per generator batch", buckets=(1, 2, 4, 8, 16, 32, 64),
                                registry=registry)
 
@@ -34,6 +42,17 @@ class Metrics:
         if job.first_token:
             self.ttft.observe(job.first_token - job.submitted)
         self.latency.observe(time.perf_counter() - job.submitted)
+
+    def scrape(self, scheduler) -> None:
+        """The scheduler's state, read when /metrics is asked for."""
+        waiting, active = scheduler.depth()
+        self.queue.set(waiting)
+        self.active.set(active)
+        self.computed.set(scheduler.computed())
+        steps = scheduler.row_steps  # the scheduler's own count, brought up to date at each scrape
+        self.row_steps.inc(steps - self._row_steps_seen)
+        self._row_steps_seen = steps
+        self.batching.set(1 if scheduler.batching else 0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
