@@ -12,7 +12,13 @@ before the quota work (commit 3ebb818, run from a git worktree: its 60-second bu
 or none, and (if installed) aiolimiter's leaky bucket sized to one window. For each: the 429
 share, and the achieved rate and wall time against the quota's ideal.
 
-    python bench/distill.py                                  # both scenarios
+Load-independent faults (``--scenario faults``): the teacher a proxy or a busy self-hosted server
+(vLLM, TGI, LiteLLM) makes, with no rate-limit headers: 10% 429 with ``Retry-After: 1`` at random,
+then that plus 5% 500, 2% malformed JSON and 2% dropped connections, ``--fault-seeds`` questions
+through ``ftl distill`` at ``--concurrency``, each beside the fault-free rate of the same run. A run
+still going after ``--fault-deadline`` seconds is stopped and its answers so far counted.
+
+    python bench/distill.py                                  # every scenario
     python bench/distill.py --scenario quota --quota-seeds 300 --quota-rpm 600
 """
 
@@ -87,6 +93,68 @@ def bare_client_rps(count: int, delay: float, concurrency: int) -> float:
     finally:
         server.terminate()
         server.wait()
+
+
+FAULTS = {  # flags of `python -m ftl.testing`: random faults, whatever the pace
+    "fault-free": [],
+    "10% 429 (Retry-After 1 s)": ["--rate-429", "0.1"],
+    "10% 429 + 5% 500 + 2% malformed + 2% dropped": ["--rate-429", "0.1", "--rate-500", "0.05",
+                                                     "--rate-garbage", "0.02", "--rate-reset", "0.02"],
+}
+
+
+def fault_run(seeds: Path, out: Path, args, faults: list[str]) -> dict:
+    """One `ftl distill` process (its default retries and back-off, as a user runs it) against a server
+    process with these random faults and no rate-limit headers; stopped at --fault-deadline."""
+    server = subprocess.Popen([sys.executable, "-m", "ftl.testing", "--delay", str(args.fault_delay), "--headers",
+                               "none", "--retry-after", "1", *faults], stdout=subprocess.PIPE, text=True)
+    stopped = False
+    try:
+        url = server.stdout.readline().strip()
+        started = time.perf_counter()
+        try:
+            subprocess.run([sys.executable, "-m", "ftl", "distill", "--seeds", str(seeds), "--output", str(out),
+                            "--teacher", "openai", "--base-url", url, "--model", "bench", "--concurrency",
+                            str(args.concurrency), "--no-track"], check=True, capture_output=True,
+                           timeout=args.fault_deadline)
+        except subprocess.TimeoutExpired:
+            stopped = True
+        wall = time.perf_counter() - started
+    finally:
+        server.terminate()
+        server.wait()
+    keys = [json.loads(line)["key"] for line in out.read_text().splitlines()] if out.exists() else []
+    record = {"answered": len(set(keys)), "duplicates": len(keys) - len(set(keys)), "stopped": stopped,
+              "seconds": wall, "limited": None, "settled": {}}
+    if not stopped:  # the manifest's time runs from the first request to the last answer: no start-up
+        metrics = json.loads(out.with_name(out.stem + ".manifest.json").read_text())
+        m = metrics["metrics"]
+        record |= {"seconds": metrics["timings"]["asking_seconds"], "limited": (m["rate_limited"], m["requests"]),
+                   "pending": sum(m["pending"].values()),
+                   "settled": next(iter(m["deployments"].values()))["settled"]}
+    return record
+
+
+def faults_scenario(tmp: Path, args) -> None:
+    seeds = tmp / "fault-seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"question": f"Fault question number {i}: explain topic {i * 7919}"})
+                             + "\n" for i in range(args.fault_seeds)))
+    runs = {name: fault_run(seeds, tmp / f"faults-{i}.jsonl", args, flags)
+            for i, (name, flags) in enumerate(FAULTS.items())}
+    clean = runs["fault-free"]["answered"] / runs["fault-free"]["seconds"]
+    table = Table("teacher", "answered", "duplicates", "429s / requests", "seconds", "seeds/s", "× fault-free",
+                  "settled at", title=f"load-independent faults, no rate-limit headers: {args.fault_seeds} questions, "
+                  f"concurrency {args.concurrency}, teacher {args.fault_delay * 1000:.0f} ms "
+                  f"(ideal {args.concurrency / args.fault_delay:.0f}/s)")
+    for name, run_ in runs.items():
+        limited = f"{run_['limited'][0]} / {run_['limited'][1]}" if run_["limited"] else "-"
+        settled = run_["settled"]
+        pace = f"{settled['rpm']} RPM, {settled['concurrency']} in flight" if settled.get("rpm") else \
+            (f"unpaced, {settled['concurrency']} in flight" if settled else "-")
+        rate = run_["answered"] / run_["seconds"]
+        table.add_row(name, f"{run_['answered']}{' (stopped)' if run_['stopped'] else ''}", str(run_["duplicates"]),
+                      limited, f"{run_['seconds']:.1f}", f"{rate:.1f}", f"{rate / clean:.2f}", pace)
+    console.print(table)
 
 
 BEFORE = "3ebb818"  # the last commit before the quota work: a 60-second sliding budget, no headers, no AIMD
@@ -197,19 +265,25 @@ def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "--aiolimiter-run":
         return aiolimiter_run(float(sys.argv[2]), sys.argv[3:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scenario", choices=["throughput", "quota", "all"], default="all")
+    parser.add_argument("--scenario", choices=["throughput", "quota", "faults", "all"], default="all")
     parser.add_argument("--seeds", type=int, default=200)
     parser.add_argument("--delay", type=float, default=0.1)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--quota-seeds", type=int, default=300)
     parser.add_argument("--quota-rpm", type=int, default=600)
     parser.add_argument("--quota-delay", type=float, default=0.2, help="the quota scenario's teacher seconds per answer")
+    parser.add_argument("--fault-seeds", type=int, default=600)
+    parser.add_argument("--fault-delay", type=float, default=0.2, help="the faults teacher's seconds per answer")
+    parser.add_argument("--fault-deadline", type=float, default=180.0, help="stop a faults run after these seconds")
     args = parser.parse_args()
     console.print(f"[bold]hardware:[/] {manifest.hardware()}")
     if args.scenario in ("quota", "all"):
         with tempfile.TemporaryDirectory() as tmp:
             quota_scenario(Path(tmp), args)
-    if args.scenario == "quota":
+    if args.scenario in ("faults", "all"):
+        with tempfile.TemporaryDirectory() as tmp:
+            faults_scenario(Path(tmp), args)
+    if args.scenario in ("quota", "faults"):
         return
     import openai  # noqa: F401  (imported once here, so its import time is not charged to the first run)
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,9 @@ Put a marker in a question to script a fault for it:
   withheld by the output filter (``finish_reason: content_filter``): every attempt, or the first
   N with ``[longx1]``.
 
-``rate_429`` / ``rate_500`` add random faults.
+``rate_429`` / ``rate_500`` / ``rate_garbage`` / ``rate_reset`` add random faults (independent of
+load, as a proxy's or a busy self-hosted server's are); a random 429 sends ``Retry-After: retry_after``
+and, like any fault not from a quota, no rate-limit headers.
 
 ``rpm`` / ``tpm`` enforce a quota the way Azure OpenAI does: over a sliding ``window`` of seconds
 (10 by default), each window allows ``rpm * window / 60`` requests and ``tpm * window / 60``
@@ -76,12 +78,14 @@ class TeacherServer:
     """
 
     def __init__(self, answer: Callable[[list[dict]], str] | None = None, *, delay: float = 0.0,
-                 api_key: str | None = None, rate_429: float = 0.0, rate_500: float = 0.0, hang_s: float = 3.0,
-                 seed: int = 0, models: set[str] | None = None, rpm: int | None = None, tpm: int | None = None,
+                 api_key: str | None = None, rate_429: float = 0.0, rate_500: float = 0.0, rate_garbage: float = 0.0,
+                 rate_reset: float = 0.0, retry_after: float = 0.2, hang_s: float = 3.0, seed: int = 0,
+                 models: set[str] | None = None, rpm: int | None = None, tpm: int | None = None,
                  window: float = 10.0, headers: str | None = "openai"):
         self.answer = answer or (lambda messages: "Answer: " + messages[-1]["content"][::-1])
         self.delay, self.api_key, self.hang_s = delay, api_key, hang_s
-        self.rate_429, self.rate_500, self.models = rate_429, rate_500, models
+        self.models, self.retry_after = models, retry_after
+        self.random_faults = [("429", rate_429), ("500", rate_500), ("garbage", rate_garbage), ("reset", rate_reset)]
         self.random = random.Random(seed)
         self.attempts: Counter = Counter()
         self.paths: list[str] = []
@@ -120,10 +124,10 @@ class TeacherServer:
             if (kind in _PERMANENT and mark.group(2) is None) or attempt < times:
                 return kind
             return None
-        if roll < self.rate_429:
-            return "429"
-        if roll < self.rate_429 + self.rate_500:
-            return "500"
+        for kind, rate in self.random_faults:
+            if roll < rate:
+                return kind
+            roll -= rate
         return None
 
     def _handler(self):
@@ -177,7 +181,8 @@ class TeacherServer:
                 if server.delay:
                     time.sleep(server.delay)
                 if fault == "429":
-                    return self._send(429, b'{"error": {"message": "rate limited"}}', {"Retry-After": "0.2"})
+                    return self._send(429, b'{"error": {"message": "rate limited"}}',
+                                      {"Retry-After": f"{server.retry_after:g}"})
                 if fault == "500":
                     return self._send(500, b'{"error": {"message": "internal error"}}')
                 if fault in _CLIENT_ERRORS:
@@ -287,6 +292,9 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds per request")
     parser.add_argument("--rate-429", type=float, default=0.0, help="fraction of requests answered 429")
     parser.add_argument("--rate-500", type=float, default=0.0, help="fraction of requests answered 500")
+    parser.add_argument("--rate-garbage", type=float, default=0.0, help="fraction answered with truncated JSON")
+    parser.add_argument("--rate-reset", type=float, default=0.0, help="fraction whose connection is dropped")
+    parser.add_argument("--retry-after", type=float, default=0.2, help="Retry-After seconds of the random 429s")
     parser.add_argument("--rpm", type=int, help="enforce this requests-per-minute quota over --window")
     parser.add_argument("--tpm", type=int, help="enforce this tokens-per-minute quota over --window")
     parser.add_argument("--window", type=float, default=10.0, help="seconds over which the quota is enforced")
@@ -294,7 +302,8 @@ def main() -> None:
                         help="rate-limit headers to send: OpenAI's, Azure's (remaining only), or none")
     args = parser.parse_args()
     server = TeacherServer(onnx_answerer(args.model) if args.model else None, delay=args.delay,
-                           rate_429=args.rate_429, rate_500=args.rate_500, seed=1, rpm=args.rpm, tpm=args.tpm,
+                           rate_429=args.rate_429, rate_500=args.rate_500, rate_garbage=args.rate_garbage,
+                           rate_reset=args.rate_reset, retry_after=args.retry_after, seed=1, rpm=args.rpm, tpm=args.tpm,
                            window=args.window, headers=None if args.headers == "none" else args.headers)
     with server:
         print(server.url, flush=True)

@@ -10,13 +10,29 @@ tokens per 10 seconds), not per minute. A budget that lets a minute's worth thro
   (pacing alone can overshoot by the last request's tokens);
 - **corrected**: a request's tokens are estimated before sending (prompt + ``max_tokens * n``) and
   replaced by the prompt tokens the usage reports, as providers charge ``max_tokens`` up front;
-- **adaptive**: a 429 holds every request until its ``Retry-After`` and halves the requests in
-  flight, which then grow back by one per round (AIMD). Without ``--rpm``/``--tpm``, the rate comes
-  from the rate-limit headers: OpenAI's ``x-ratelimit-limit-*`` give it; Azure sends only
-  ``x-ratelimit-remaining-*``, from which the first window's responses give the window's allowance.
-  A remaining count that the requests in flight will use up holds new ones until the reset. With no
-  headers at all, a 429 after the first window sets the pace to the requests the endpoint took in
-  the window before. A lowered pace grows back by about a tenth per window without a 429.
+- **adaptive**: without ``--rpm``/``--tpm``, the rate comes from the rate-limit headers: OpenAI's
+  ``x-ratelimit-limit-*`` give it; Azure sends only ``x-ratelimit-remaining-*``, from which the first
+  window's responses give the window's allowance. A remaining count that the requests in flight will
+  use up holds new ones until the reset. A lowered pace grows back by about a tenth per window up
+  to what the endpoint has sustained, and a fiftieth above it, where each probe of a quota costs a 429.
+
+Which 429s slow the deployment. A 429 delays the retry of its own request by its ``Retry-After``
+(the caller does that). A 429 for a request sent at the pace in force (not before it was last
+lowered) lowers the pace, from the second window on: with no headers, to what the endpoint accepted
+in the window before, and never below what it has sustained, the most requests it accepted in one
+window. The first 429 after a window without one, or ``BURST`` in a row, also hold every request until
+their ``Retry-After`` and halve the requests in flight, which grow back by one per round (AIMD).
+Why: a quota's 429s follow the pace. Below a windowed quota none come; once the pace crosses it, they
+start after a quiet window, or come in runs when a window's allowance is used up, and they stop at the
+lower pace. A proxy's or a busy self-hosted server's 429s (vLLM, TGI, LiteLLM send them with no
+headers when their queue is full) can come at random, whatever the pace. The rule before held the
+whole deployment for every 429's Retry-After, halved the requests in flight and paced at what the
+window before accepted, which random 429s keep below what was sent; both ratcheted down on every 429,
+and 10% random 429s with ``Retry-After: 1`` ran at 0.03× the fault-free rate
+(``bench/distill.py --scenario faults``). Random 429s at any useful rate come every few responses,
+so they do not find a quiet window, ``BURST`` in a row by chance is 1 in 10⁵ responses at 10%, and the floor stops the
+ratchet: they pin the pace at most their share below the best window. A windowed quota accepts no
+more than its allowance in any window, so the floor never holds the pace above it.
 
 Why not a library: aiolimiter is a leaky bucket whose capacity is its burst, so a window's
 allowance as capacity sends up to twice the window's quota in the first window (``bench/distill.py``
@@ -36,6 +52,7 @@ from dataclasses import dataclass
 
 _FROM_REMAINING = "x-ratelimit-remaining-* in the first window"
 _FROM_429 = "429s (the requests accepted in the window before)"
+BURST = 5  # 429s in a row, for requests sent at the pace in force, that say the endpoint refuses all for now
 HEADROOM = 1.02  # pace 2% under the quota: a request that leaves a few ms late must not share a window
 CHARS_PER_TOKEN = 4.0  # OpenAI's rule of thumb for English; off by ±25% on other text, until usage corrects it
 
@@ -138,8 +155,13 @@ class Budget:
         self.sent = 0
         self.tokens_sent = 0
         self.first_sent: float | None = None
-        self.last_decrease = 0.0
+        self.last_decrease = -math.inf  # when the deployment last slowed down
+        self.refused_in_row = 0  # 429s in a row, for requests sent since then
+        self.refused_until = 0.0  # the latest Retry-After of those
+        self.last_refused = -math.inf  # when the last 429 came
+        self.holds = 0  # times 429s held the deployment
         self.rate_limited = 0
+        self.sustained = 0.0  # RPM: the most requests the endpoint accepted in one window; the pace's floor
         self.accepted: deque[float] = deque()  # when the requests that were not refused were sent
         self.lowest_flight = concurrency
         self.open: dict[int, float] = {}  # requests in flight: seq → sent
@@ -232,36 +254,58 @@ class Budget:
             self.accepted.popleft()
         if rate_limited:
             self.rate_limited += 1
-            self.hold_until = max(self.hold_until, now + (retry_after if retry_after is not None else 1.0))
-            if now - self.last_decrease > (retry_after or 1.0):  # one decrease per burst of 429s
-                self.last_decrease = now
-                self._slow_down(ticket)
-                self.flight_limit = max(1.0, self.flight_limit / 2)
-                self.lowest_flight = min(self.lowest_flight, int(self.flight_limit))
+            self._refused(ticket, now, retry_after)
         else:
+            self.refused_in_row, self.refused_until = 0, 0.0
             self.accepted.append(ticket.sent)
+            # less the one at the window's edge: sent a few ms before it arrived, it may have arrived outside
+            took = sum(1 for sent in self.accepted if sent > ticket.sent - self.window) - 1
+            self.sustained = max(self.sustained, took * 60 / self.window)
             self.flight_limit = min(self.max_flight, self.flight_limit + 1 / self.flight_limit)
-            # Additive increase: about a tenth more per window's worth of answers, up to the known limit,
-            # so a pace lowered by a passing 429 comes back.
-            grow = 1 + 0.1 / max(1.0, sum(1 for sent in self.accepted if sent > now - self.window))
+            # Additive increase, per window's worth of answers, up to the known limit (see the docstring).
+            answers = max(1.0, sum(1 for sent in self.accepted if sent > now - self.window))
             for which in ("rpm", "tpm"):
                 rate = getattr(self, which)
                 if rate:
+                    grow = 1 + (0.02 if which == "rpm" and rate >= self.sustained else 0.1) / answers
                     setattr(self, which, min(self.caps.get(which) or math.inf, rate * grow))
 
+    def _refused(self, ticket: Ticket, now: float, retry_after: float | None) -> None:
+        """A 429 for a request sent at the pace in force lowers the pace (from the second window on:
+        before, too little was accepted to pace by). The first after a window without one, or ``BURST``
+        in a row, also hold the deployment until their Retry-After and halve the requests in flight.
+        See the module docstring for why."""
+        quiet = now - self.last_refused >= self.window
+        self.last_refused = now
+        if ticket.sent <= self.last_decrease:  # sent before the pace was lowered: says nothing of the pace now
+            return
+        self.refused_in_row += 1
+        self.refused_until = max(self.refused_until, now + (retry_after if retry_after is not None else 1.0))
+        hold = quiet or self.refused_in_row >= BURST
+        if hold:
+            self.holds += 1
+            self.hold_until = max(self.hold_until, self.refused_until)
+            self.refused_in_row, self.refused_until = 0, 0.0
+            self.flight_limit = max(1.0, self.flight_limit / 2)
+            self.lowest_flight = min(self.lowest_flight, int(self.flight_limit))
+        if ticket.sent - (self.first_sent or ticket.sent) >= self.window:
+            self._slow_down(ticket)
+        elif not hold:
+            return
+        self.last_decrease = now
+
     def _slow_down(self, ticket: Ticket) -> None:
-        """A 429 says the pace is above the quota. Without headers, once a window has passed, what the
-        endpoint accepted in the window before the refused request is its allowance (at least; the
-        pace grows back from there). Otherwise the pace drops by a tenth."""
-        if self.source in (None, _FROM_429) and ticket.sent - (self.first_sent or ticket.sent) >= self.window:
-            start = ticket.sent - self.window
-            # (requests still in flight are not counted: after a hold they are mostly refused too)
-            took = sum(1 for sent in self.accepted if start < sent < ticket.sent)
-            if took:
-                self.rpm = took * 60 / self.window
-                self.source = _FROM_429
-                return
-        self.rpm = self.rpm * 0.9 if self.rpm else self.rpm
+        """Without headers, what the endpoint accepted in the window before the refused request is its
+        allowance (at least; the pace grows back from there); otherwise the pace drops by a tenth.
+        Never below what the endpoint has sustained, so 429s that come whatever the pace cannot ratchet it."""
+        start = ticket.sent - self.window
+        # (requests still in flight are not counted: after a hold they are mostly refused too)
+        took = sum(1 for sent in self.accepted if start < sent < ticket.sent)
+        if self.source in (None, _FROM_429) and took:
+            self.rpm = max(took * 60 / self.window, self.sustained)
+            self.source = _FROM_429
+            return
+        self.rpm = max(self.rpm * 0.9, self.sustained) if self.rpm else self.rpm
         self.tpm = self.tpm * 0.9 if self.tpm else self.tpm
 
     def _learn(self, ticket: Ticket, limits: RateLimits, now: float) -> None:
@@ -296,4 +340,5 @@ class Budget:
     def settled(self) -> dict:
         """The pace it ended at: pass these as --rpm/--tpm next time to start there."""
         return {"rpm": round(self.rpm) if self.rpm else None, "tpm": round(self.tpm) if self.tpm else None,
-                "source": self.source, "concurrency": int(self.flight_limit), "lowest_concurrency": self.lowest_flight}
+                "source": self.source, "concurrency": int(self.flight_limit), "lowest_concurrency": self.lowest_flight,
+                "holds": self.holds, "sustained_rpm": round(self.sustained)}

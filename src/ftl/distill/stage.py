@@ -334,8 +334,9 @@ async def _run_all(deployments: list[_Deployment], pending, config, result, on_p
                 job.attempts += 1
                 if job.attempts > config.max_retries:
                     settle(job, outcome, dep)
-                else:  # with another deployment to take it, a 429 need not wait: this budget holds itself
-                    again(job, outcome, 0.0 if outcome.kind == "rate_limit" and others else
+                else:  # a 429 waits its Retry-After, unless another deployment can take it while this one is held
+                    held = dep.budget.hold_until > time.monotonic()
+                    again(job, outcome, 0.0 if outcome.kind == "rate_limit" and others and held else
                           _delay(outcome, job.attempts - 1, config.backoff))
                 return False
             dep.failures = 0
