@@ -281,6 +281,40 @@ class FakeAzureML:
             return 200, self.compute_json(m.group(1)), h
         return (*arm_error("NotFound", f"fake: no route {method} {rel}", 404), h)
 
+    # ------------------------------------------------------------------ a sweep job's trials, as Azure ML runs them
+    def trials(self, job_name, mlflow_uri):
+        """Each trial of a submitted sweep job as Azure ML starts it: its own MLflow run (a child of the
+        sweep's run, in the job's experiment; the trial's $MLFLOW_RUN_ID) and its command with every
+        ${{search_space.<name>}} filled in as Azure ML writes a value: a string as it is, anything else
+        as Python's str() (so True, and ['q_proj'] for a list)."""
+        import itertools
+
+        from mlflow.tracking import MlflowClient
+
+        props = self.jobs[job_name]["obj"]["properties"]
+        names = list(props["searchSpace"])
+        client = MlflowClient(mlflow_uri)
+        found = client.get_experiment_by_name(props["experimentName"])
+        experiment = found.experiment_id if found else client.create_experiment(props["experimentName"])
+        sweep_run = client.create_run(experiment, run_name=job_name).info.run_id
+        trials = []
+        grid = [props["searchSpace"][name][1][0] for name in names]  # ["choice", [[v1, v2]]]
+        for index, combo in enumerate(itertools.product(*grid)):
+            command = props["trial"]["command"]
+            for name, value in zip(names, combo):
+                command = command.replace("${{search_space.%s}}" % name, value if isinstance(value, str) else str(value))
+            run = client.create_run(experiment, run_name=f"{job_name}_{index}", tags={"mlflow.parentRunId": sweep_run})
+            trials.append({"run_id": run.info.run_id, "values": dict(zip(names, combo)), "command": command})
+        return trials
+
+    def primary_metric(self, job_name, run_id, mlflow_uri):
+        """What the sweep reads to compare a trial (Bandit policy, best trial): the objective's primary
+        metric, per step, from the trial's own run (not from any run nested under it)."""
+        from mlflow.tracking import MlflowClient
+
+        metric = self.jobs[job_name]["obj"]["properties"]["objective"]["primaryMetric"]
+        return sorted((m.step, m.value) for m in MlflowClient(mlflow_uri).get_metric_history(run_id, metric))
+
     # ------------------------------------------------------------------ blob emulation (enough for uploads)
     def blob(self, method, path, q, raw, headers):
         now = formatdate(usegmt=True)

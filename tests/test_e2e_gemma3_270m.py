@@ -10,6 +10,8 @@ import json
 import pytest
 
 from ftl import manifest, metrics
+from ftl.chat import find_stop
+from ftl.eval import EvalConfig, evaluate
 from ftl.export import ExportConfig, export_onnx
 from ftl.finetune import FinetuneConfig, finetune
 from ftl.generate import OnnxChatModel
@@ -43,6 +45,22 @@ def test_gemma3_270m_imports_finetunes_exports_and_answers(tmp_path, capsys):
     assert rendered.startswith("<bos>Question: What is the capital of France?\nAnswer:")  # the text template
     answer = model.ask("What is the capital of France?", max_new_tokens=32)
     assert answer.new_tokens > 0 and answer.text.strip()
+    # The template's next turn ends an answer (issue 25 §6): the answer stops before "Question:"/"Answer:"
+    assert model.format.stop_strings == ["Question:", "Answer:"]
+    run_on = model.ask("What is the capital of France?", max_new_tokens=32, stop=[])
+    assert run_on.text.startswith(answer.text) and find_stop(answer.text, model.format.stop_strings) is None
+
+    # ftl eval on the held-out rows, prompts of different lengths (issue 25 §5: 12 of 16 rows failed in og's
+    # batch). og cannot batch Gemma 3's sliding-window cache: eval answers one at a time, each the
+    # question's own answer, and records that it did.
+    spec = f"onnx:{exported.output}"
+    evaluated = evaluate(EvalConfig(models=[spec], data=str(write_jsonl(tmp_path / "held_out.jsonl", held_out)),
+                                    output=tmp_path / "eval", max_new_tokens=32, latency_samples=1, memory=False))
+    answers = [d["models"][spec]["answer"] for d in
+               json.loads((tmp_path / "eval" / "detailed_results.json").read_text())["samples"]]
+    assert answers == [model.ask(r["Question"], max_new_tokens=32).text for r in held_out]
+    assert not model.can_batch and evaluated.summary["models"][spec]["batched_answers"] is False
+    assert not [a for a in answers if find_stop(a, model.format.stop_strings) is not None]
 
     # The graph is right: an fp32 build of the same fine-tune scores what PyTorch does. What int4 loses
     # is quantisation (Q4_K_M's super-blocks and Q6_K tensors do not sit on a 32-block int4 grid).
@@ -57,4 +75,5 @@ def test_gemma3_270m_imports_finetunes_exports_and_answers(tmp_path, capsys):
     with capsys.disabled():
         print(f"\ngemma3-270m: decode {1000 / answer.decode_tokens_per_s:.1f} ms/token "
               f"({answer.new_tokens} tokens), held-out perplexity PyTorch {torch:.3f}, fp32 ONNX {fp32:.3f} "
-              f"(×{fp32 / torch:.5f}), int4 {int4:.3f} (×{int4 / torch:.3f}), int4 folder {exported.size_mb:.0f} MB")
+              f"(×{fp32 / torch:.5f}), int4 {int4:.3f} (×{int4 / torch:.3f}), int4 folder {exported.size_mb:.0f} MB"
+              f"\nanswer {answer.text!r}; without the stop strings {run_on.text!r}")

@@ -124,7 +124,8 @@ def test_deploy_local_serves_score_py_under_the_real_inference_server(tuned_expo
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "ftl.cli", "deploy", str(exported.output), "--target", "local",
-                               "--port", str(port), "--threads", "2"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               "--port", str(port), "--threads", "2", "--max-new-tokens", "16"], cwd=tmp_path,
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "COLUMNS": "250"})
     try:
         deadline = time.time() + 300  # the server's environment is built on first use (about 20 s here)
@@ -142,7 +143,10 @@ def test_deploy_local_serves_score_py_under_the_real_inference_server(tuned_expo
         assert body["text"].strip() and 0 < body["completion_tokens"] <= sample["max_new_tokens"]
         assert body["prompt_tokens"] > 0 and body["finish_reason"] in ("stop", "length")
         assert _post(url + "/score", b"{not json")[0] == 400
-        status, error = _post(url + "/score", json.dumps({"question": "x", "max_new_tokens": 10 ** 7}).encode())
+        # The deployment's cap (--max-new-tokens) holds a long ask to 16 tokens; a prompt past the context is a 400.
+        status, capped = _post(url + "/score", json.dumps({"question": "x", "max_new_tokens": 4000}).encode())
+        assert status == 200 and capped["max_new_tokens"] == 16 and capped["completion_tokens"] <= 16
+        status, error = _post(url + "/score", json.dumps({"question": "x " * 9000}).encode())
         assert status == 400 and "exceeds the model's context" in error["error"]
     finally:
         server.send_signal(signal.SIGTERM)

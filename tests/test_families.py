@@ -9,10 +9,12 @@ import pytest
 
 from ftl import manifest, metrics
 from ftl.errors import ConfigError
+from ftl.eval import EvalConfig, evaluate
 from ftl.export import ExportConfig, export_onnx
 from ftl.finetune import FinetuneConfig, finetune
 from ftl.generate import OnnxChatModel
 from ftl.models import import_model
+from conftest import QA
 from tiny import build_tiny
 
 # The modules LoRA targets by default for each family: Olive's mapping (phi3), else peft's.
@@ -31,8 +33,29 @@ def test_family_imports_finetunes_exports_and_answers(tmp_path, qa_file, family)
     assert set(json.loads((adapter / "adapter_config.json").read_text())["target_modules"]) == TARGETS[family]
 
     exported = export_onnx(ExportConfig(adapter=tmp_path / "ft", output=tmp_path / "onnx", validation_limit=2))
-    answer = OnnxChatModel(exported.output).ask("What is 2 + 2?", max_new_tokens=4)
+    model = OnnxChatModel(exported.output)
+    answer = model.ask("What is 2 + 2?", max_new_tokens=4)
     assert answer.new_tokens >= 1
+
+    # ftl eval answers all but the first (timed) question in one og batch, prompts of different lengths:
+    # each is the answer the question gets alone. og cannot batch a sliding-window KV cache (Gemma 3),
+    # so that model answers one at a time and the report says so (issue 25 §5).
+    spec = f"onnx:{exported.output}"
+    evaluated = evaluate(EvalConfig(models=[spec], data=str(qa_file), output=tmp_path / "eval", max_new_tokens=12,
+                                    latency_samples=1, memory=False))
+    assert len({len(model.prompt_ids(model.format.conversation(row["Question"]))) for row in QA}) > 3
+    details = json.loads((tmp_path / "eval" / "detailed_results.json").read_text())["samples"]
+    alone = [model.ask(row["Question"], max_new_tokens=12).text for row in QA]
+    assert [d["models"][spec]["answer"] for d in details] == alone
+    assert model.can_batch is (family != "gemma3")
+    assert evaluated.summary["models"][spec]["batched_answers"] is model.can_batch
+    assert manifest.read(tmp_path / "eval")["metrics"][spec]["batched_answers"] is model.can_batch
+    assert ("answers are computed one at a time" in (tmp_path / "eval" / "report.md").read_text()) is (
+        not model.can_batch)
+    if not model.can_batch:  # still so in the installed og? If this fails, og batches it now: drop the fallback
+        model.can_batch = True
+        with pytest.raises(RuntimeError, match="seqlens_k"):
+            model.generate_batch([model.format.conversation(row["Question"]) for row in QA], max_new_tokens=4)
 
     # fp32: the same export (builder and ftl's config shims) computes the merged PyTorch model's function
     fp32 = export_onnx(ExportConfig(adapter=tmp_path / "ft", output=tmp_path / "fp32", precision="fp32")).output

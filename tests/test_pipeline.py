@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -149,3 +150,21 @@ def test_quickstart_pipeline_is_valid(monkeypatch):
     reports = check(plan)
     assert [r.stage for r in reports] == ["import", "distill", "finetune", "export", "generate", "eval"]
     assert all(r.status == "planned" for r in reports)
+
+
+def test_library_modules_never_import_the_cli():
+    """Arrows point down: only ftl.cli (and ``python -m ftl``) may import ftl.cli. A job gets a stage's
+    settings as the typed config itself (finetune.json), never as flags rebuilt from click options."""
+    import ast
+
+    package = REPO / "src" / "ftl"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package)
+        if relative.parts[0] == "cli" or relative == Path("__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            offenders += [f"{relative}:{node.lineno} {n}" for n in names if n == "ftl.cli" or n.startswith("ftl.cli.")]
+    assert not offenders

@@ -69,7 +69,9 @@ def test_a_lone_stage_logs_live_loss_params_tags_and_artefacts(tracked_finetune)
     loss = sorted((m.step, round(m.value, 4)) for m in client.get_metric_history(run.info.run_id, "loss"))
     assert loss == [(p["step"], p["loss"]) for p in record["metrics"]["loss_curve"]]
     assert [s for s, _ in loss] == list(range(1, 7))
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [3, 6]
+    # eval_loss as the Trainer logged it, and the manifest's curve: the same values, unrounded.
+    evals = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval_loss"))
+    assert evals == [(p["step"], p["eval_loss"]) for p in record["metrics"]["eval_curve"]] and [s for s, _ in evals] == [3, 6]
     params = run.data.params
     assert params["r"] == "16" and params["max_steps"] == "6" and params["val_rows"] == "6"
     tags = run.data.tags
@@ -155,6 +157,9 @@ def test_early_stopping_stops_on_a_validation_set_built_to_get_worse(tiny_model,
     curve = metrics["eval_curve"]
     best = min(curve, key=lambda p: p["eval_loss"])
     assert metrics["stop_reason"] == "early_stopping" and metrics["steps_run"] < 60
+    # The curve is the Trainer's own values at full precision: its minimum is the best the Trainer kept,
+    # not a tie of two rounded values (steps 6 and 8 at 6.1942 once made min() pick the wrong one).
+    assert metrics["best_eval_loss"] == best["eval_loss"]
     assert metrics["best_step"] == best["step"] and [p["step"] for p in curve][-3] == best["step"]
     assert metrics["val_rows"] == 6 and result.steps == 60
     # The adapter written is the best checkpoint's, not the last step's.
@@ -256,9 +261,9 @@ def test_qscale_validates_stops_early_and_logs_live_from_its_olive_pass(tiny_mod
     metrics = manifest.read(tmp_path / "ft")["metrics"]
     best = min(metrics["eval_curve"], key=lambda p: p["eval_loss"])
     assert metrics["stop_reason"] == "early_stopping" and metrics["steps_run"] < 60
-    assert metrics["best_step"] == best["step"]
+    assert metrics["best_step"] == best["step"] and metrics["best_eval_loss"] == best["eval_loss"]
     client = MlflowClient(tracker.uri)
-    logged = sorted((m.step, round(m.value, 4)) for m in client.get_metric_history(run.run_id, "eval_loss"))
+    logged = sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, "eval_loss"))
     assert logged == [(p["step"], p["eval_loss"]) for p in metrics["eval_curve"]]
     assert len(client.get_metric_history(run.run_id, "loss")) == metrics["steps_run"]
 
@@ -305,3 +310,144 @@ def test_reading_an_unknown_experiment_lists_the_ones_there(tracked_finetune):
     result = ftl("runs", "list", "--tracking-uri", uri, "--experiment", "nope")
     assert result.returncode == 1 and "no experiment 'nope'" in result.stderr and "lone" in result.stderr
     assert MlflowClient(uri).get_experiment_by_name("nope") is None
+
+
+def _previous_result(folder, stage, metrics):
+    """A finished result of an earlier run with other inputs, as a stage leaves it in its folder."""
+    record = manifest.new(stage, inputs={}, params={}, fingerprint="an earlier run's")
+    record.update(status="complete", metrics=metrics)
+    manifest.write(folder, record)
+
+
+def test_a_failed_pipeline_run_carries_no_metrics_of_the_previous_result(tmp_path, tiny_model, qa_file):
+    """The finetune folder holds an earlier result with other inputs: without --force the stage stops
+    before writing anything, and the pipeline's run must not report that result (nor the export's)
+    as this run's."""
+    from ftl.errors import OutputExistsError
+    from ftl.pipeline import run
+
+    path = tmp_path / "again.yaml"
+    path.write_text(yaml.safe_dump({"name": "again", "workdir": str(tmp_path / "runs" / "again"),
+                                    "models_dir": str(tmp_path / "models"), "stages": {
+                                        "import": {"source": str(tiny_model), "name": "tiny"},
+                                        "finetune": {"data": str(qa_file), "max_steps": 2, "batch_size": 2}}}))
+    work = tmp_path / "runs" / "again"
+    _previous_result(work / "finetune", "finetune", {"final_loss": 1.5, "steps": 2})
+    _previous_result(work / "export", "export", {"size_mb": 3.0})
+    uri = store(tmp_path)
+    with pytest.raises(OutputExistsError):
+        run(load_pipeline(path), tracker=Tracker.open(uri, "again"))
+    _, runs = runs_of(uri, "again")
+    (pipeline_run,) = [r for r in runs if r.data.tags[TAG_STAGE] == "pipeline"]
+    assert pipeline_run.info.status == "FAILED"
+    assert not [k for k in pipeline_run.data.metrics if k.startswith(("finetune.", "export."))]
+    assert manifest.read(work / "finetune")["metrics"]["final_loss"] == 1.5  # the earlier result is kept
+
+
+def test_a_sweep_keeps_its_own_error_and_ends_its_run_when_mlflow_drops_a_call_at_the_end(
+        tmp_path, tiny_model, qa_file):
+    """Both variants fail (their model folders are someone else's). At the end, MLflow drops one call,
+    as a reset connection would. The sweep raises its own error, not MLflow's, and its run ends FAILED
+    instead of staying RUNNING."""
+    from ftl.errors import FtlError
+    from mlflow.exceptions import MlflowException
+
+    for name in ("taken", "also-taken"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "notes.txt").write_text("not ftl's")
+    path = _sweep_spec(tmp_path, tiny_model, qa_file, matrix={"import.name": ["taken", "also-taken"]})
+    tracker = Tracker.open(store(tmp_path), "tiny-sweep")
+
+    class DropsOneRead:
+        """The real client, except that its first get_run fails the way a dropped connection does."""
+
+        def __init__(self, client):
+            self.client, self.dropped = client, False
+
+        def __getattr__(self, name):
+            if name != "get_run" or self.dropped:
+                return getattr(self.client, name)
+            self.dropped = True
+
+            def dropped(*args, **kwargs):
+                raise MlflowException("API request to http://mlflow/api/2.0/mlflow/runs/get failed with exception "
+                                      "ConnectionResetError(104, 'Connection reset by peer')")
+            return dropped
+
+    tracker.client = DropsOneRead(tracker.client)
+    with pytest.raises(FtlError, match="2 of 2 variants failed: output folder exists and was not written by ftl"):
+        sweep(path, tracker=tracker)
+    client, runs = runs_of(tracker.uri, "tiny-sweep")
+    (sweep_run,) = [r for r in runs if r.data.tags[TAG_STAGE] == "sweep"]
+    assert tracker.client.dropped and sweep_run.info.status == "FAILED"
+    summary = json.loads((tmp_path / "runs" / "tiny-sweep" / "sweep" / "sweep_summary.json").read_text())
+    assert [v["status"] for v in summary["variants"]] == ["failed", "failed"]
+    assert (tmp_path / "runs" / "tiny-sweep" / "sweep" / "comparison.html").is_file()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server (SQLite behind it) on a free port; ``stop()`` takes it away."""
+    import signal
+    import time
+    import urllib.request
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                               f"sqlite:///{tmp_path / 'server.db'}", "--default-artifact-root",
+                               str(tmp_path / "server-artefacts"), "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)  # its own group: the uvicorn worker goes with it
+
+    def stop():
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(60)
+
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                stop()
+                pytest.fail("mlflow server did not start")
+            time.sleep(0.5)
+    yield f"http://127.0.0.1:{port}", stop
+    stop()
+
+
+def test_a_refused_call_costs_that_call_and_an_unreachable_server_turns_tracking_off(tmp_path, mlflow_server,
+                                                                                      capsys):
+    """One parameter the server refuses (a name MLflow does not allow): the rest of that stage and every
+    later stage are still logged, with one warning naming it. The server gone: one warning, tracking
+    off, and the stages still finish."""
+    uri, stop = mlflow_server
+    tracker = Tracker.open(uri, "refusals")
+
+    def stage(name, params, metrics):
+        with tracker.stage(name, tmp_path / name / "manifest.json") as run:
+            record = manifest.new(name, inputs={}, params=params, fingerprint=name)
+            record.update(status="complete", metrics=metrics)
+            manifest.write(tmp_path / name, record)
+        return run.run_id
+
+    first = stage("finetune", {"r": 8, "headers": {"X-Trace?": "1"}}, {"final_loss": 1.5})
+    second = stage("export", {"block_size": 32}, {"size_mb": 3.0})
+    client = MlflowClient(uri)
+    logged = client.get_run(first)
+    assert tracker.on and logged.info.status == "FINISHED" and logged.data.metrics["final_loss"] == 1.5
+    assert logged.data.params["r"] == "8" and "headers.X-Trace?" not in logged.data.params
+    assert client.get_run(second).data.metrics["size_mb"] == 3.0
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "refused" in warned[0] and "X-Trace?" in warned[0]
+    stop()
+    assert stage("eval", {"limit": 2}, {"rougeL": 0.5}) is None and not tracker.on
+    assert stage("generate", {}, {"answers": 2}) is None
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "ftl runs sync" in warned[0]
+    assert manifest.read(tmp_path / "generate")["status"] == "complete"

@@ -51,6 +51,21 @@ class PromptFormat(BaseModel):
     def eos_token(self) -> str:
         return self.special_tokens.get("eos_token", "")
 
+    @property
+    def stop_strings(self) -> list[str]:
+        """Text that ends an answer beyond the model's end tokens: a text template's next turn, i.e. the
+        literal words of its head (``### Question:`` and ``### Answer:`` for the default template).
+
+        A briefly trained model often skips the end token and runs on into a turn of its own (Gemma 3
+        270M, 4 steps: ``…Paris.### Question:What is…``, or ``…Paris.\n\n### Answer:`` here), so
+        either word starts one. Whitespace around them is dropped: the answer ends where they begin. A
+        chat template needs none: its end of turn is a special token, which stops as an end token."""
+        if self.kind != "text":
+            return []
+        head = self.text_template.split("{" + self.answer_field + "}", 1)[0]
+        words = [literal.strip() for literal, _, _, _ in string.Formatter().parse(head)]
+        return list(dict.fromkeys(word for word in words if word))
+
     def conversation(self, question: str, answer: str | None = None) -> list[Message]:
         """A one-turn conversation, with the system prompt the model was trained with."""
         messages = [{"role": "user", "content": question}]
@@ -237,3 +252,21 @@ def answer_start(full: list[int], prompt: list[int]) -> int:
     while start > 1 and full[:start] != prompt[:start]:
         start -= 1
     return max(1, min(start, len(full) - 1))
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the first stop string in ``text`` begins (None: none has appeared)."""
+    found = [text.find(stop) for stop in stops if stop and stop in text]
+    return min(found) if found else None
+
+
+def partial_stop(text: str, stops: list[str]) -> int:
+    """How many trailing characters of ``text`` could be the start of a stop string: a stream holds
+    them back until the next tokens tell whether the stop string forms."""
+    held = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:n]):
+                held = n
+                break
+    return held

@@ -11,7 +11,11 @@ logs it later, and running that twice creates no duplicate (runs are found by th
 Where runs go: ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI`` (an Azure ML job sets it), else
 a SQLite file: ``<workdir>/mlflow.db`` for a pipeline, ``runs/mlflow.db`` for a lone stage.
 MLflow's file store is deprecated and refused. Inside an Azure ML job (``$MLFLOW_RUN_ID`` set by
-the job) ftl's runs nest under the job's run.
+the job) ftl's runs nest under the job's run, and the loss and eval_loss go to the job's run as
+well: an Azure ML sweep reads its ``primary_metric`` from the trial's own run.
+
+A store that cannot be reached turns tracking off for the rest of the command (one warning); a
+call the store refuses (one bad parameter) loses that call only, with a warning.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -50,10 +54,20 @@ TAG_MIRRORED = "ftl.mirrored"
 TAG_FOLDER = "ftl.folder"
 TAG_PARENT = "mlflow.parentRunId"
 OFF = "FTL_MLFLOW_OFF"
+# Inside an Azure ML job: the job's own run (its $MLFLOW_RUN_ID), for the child process that trains.
+JOB_RUN = "FTL_MLFLOW_JOB_RUN_ID"
+# What an Azure ML sweep can name as its primary_metric. It reads that from the trial's own run, not
+# from ftl's run nested under it, so these go to the job's run as well.
+OBJECTIVE = ("loss", "eval_loss")
 _SET_BY_FTL: set[str] = set()
 _METRIC_NAME = re.compile(r"[^0-9A-Za-z_\-. /]")
 # user:password@ in any URL an error message quotes (MLflow's own errors repeat the request URL)
 _CREDENTIALS = re.compile(r"(://)[^/@\s]+@")
+
+
+def scrub(text: str) -> str:
+    """Any user:password@ in the URLs a message quotes removed (MLflow's errors repeat the request URL)."""
+    return _CREDENTIALS.sub(r"\1", text)
 
 
 def redact(uri: str) -> str:
@@ -88,6 +102,15 @@ def check_uri(uri: str, where: str) -> str:
     return uri
 
 
+def refused(exc: BaseException) -> bool:
+    """The store answered and refused this one call (MLflow's 400 and 404 answers: an invalid or
+    changed parameter, a run that is gone), as against a store that cannot be reached or fails for
+    every call (connection errors, 5xx after MLflow's retries, 401/403)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, MlflowException) and exc.get_http_status_code() in (400, 404)
+
+
 def _warn(what: str) -> None:
     console.print(f"[yellow]warning:[/] {what}", highlight=False, soft_wrap=True, markup=True)
 
@@ -102,6 +125,7 @@ class Tracker:
     experiment_id: str | None = None
     parent_env: str | None = None  # the Azure ML job's run, which ftl's runs nest under
     problem: str | None = None
+    _warned: set = field(default_factory=set)
 
     @classmethod
     def open(cls, uri: str | None, experiment: str | None = None, *, enabled: bool = True,
@@ -116,7 +140,7 @@ class Tracker:
         except ConfigError:
             raise
         except Exception as exc:  # noqa: BLE001 — any failure to reach the store is a warning, never fatal
-            tracker._fail(exc, "nothing was logged")
+            tracker._fail(exc, "nothing was logged", disable=True)
         return tracker
 
     @property
@@ -149,14 +173,23 @@ class Tracker:
             self.experiment_id = found.experiment_id
         self.client = client
 
-    def _fail(self, exc: BaseException, what: str, *, disable: bool = True) -> None:
-        """One warning; with ``disable`` (the store itself failed) nothing more is tried this command."""
+    def _fail(self, exc: BaseException, what: str, *, disable: bool | None = None) -> None:
+        """One warning. A store that cannot be reached (or fails for every call) is turned off for the
+        rest of the command; a call the store refused (a bad parameter, a run that is gone) is only
+        that call: the warning says so, once, and tracking carries on. ``disable`` overrides the choice."""
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reason = _CREDENTIALS.sub(r"\1", reason.replace(self.uri, redact(self.uri)))[:200]
-        self.problem = f"MLflow at {redact(self.uri)} failed: {reason}"
+        reason = scrub(reason.replace(self.uri, redact(self.uri)))[:200]
+        if disable is None:
+            disable = not refused(exc)
         if disable:
+            self.problem = f"MLflow at {redact(self.uri)} failed: {reason}"
             self.client = None
-        _warn(f"{self.problem}; {what} — the results are in the manifests; `ftl runs sync FOLDER` logs them later")
+            _warn(f"{self.problem}; {what} — the results are in the manifests; `ftl runs sync FOLDER` logs them later")
+            return
+        message = f"MLflow at {redact(self.uri)} refused a call: {reason}; {what} — tracking carries on"
+        if message not in self._warned:
+            self._warned.add(message)
+            _warn(message)
 
     # -- runs -----------------------------------------------------------------------------------
 
@@ -187,16 +220,34 @@ class Tracker:
             return
         from mlflow.entities import Metric, Param, RunTag
 
-        try:
-            now = _now_ms()
-            param_list = [Param(k, _param_value(v)) for k, v in (params or {}).items()]
-            metric_list = [Metric(_metric_name(k), float(v), now, step) for k, v in (metrics or {}).items()]
-            tag_list = [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]
-            for i in range(0, max(len(param_list), len(metric_list), len(tag_list), 1), 100):
-                self.client.log_batch(run_id, metrics=metric_list[i:i + 100], params=param_list[i:i + 100],
-                                      tags=tag_list[i:i + 100])
-        except Exception as exc:  # noqa: BLE001
-            self._fail(exc, "some parameters or metrics were not logged")
+        now = _now_ms()
+        items = {"params": [Param(k, _param_value(v)) for k, v in (params or {}).items()],
+                 "metrics": [Metric(_metric_name(k), float(v), now, step) for k, v in (metrics or {}).items()],
+                 "tags": [RunTag(k, str(v)[:5000]) for k, v in (tags or {}).items()]}
+        batches = [{kind: found[i:i + 100] for kind, found in items.items()}
+                   for i in range(0, max(len(found) for found in items.values()) or 1, 100)]
+        for index, batch in enumerate(batches):
+            try:
+                self.client.log_batch(run_id, **batch)
+            except Exception as exc:  # noqa: BLE001
+                if not refused(exc):
+                    self._fail(exc, "some parameters or metrics were not logged")
+                    return
+                # One refused item fails its whole batch: the rest go one by one, and the warning names it.
+                self._one_by_one(run_id, batches[index:], exc)
+                return
+
+    def _one_by_one(self, run_id: str, batches: list[dict], first: BaseException) -> None:
+        names = []
+        for kind, item in ((kind, item) for batch in batches for kind, found in batch.items() for item in found):
+            try:
+                self.client.log_batch(run_id, **{kind: [item]})
+            except Exception as exc:  # noqa: BLE001
+                if not refused(exc):
+                    self._fail(exc, "some parameters or metrics were not logged")
+                    return
+                names.append(f"{kind[:-1]} {item.key!r}")
+        self._fail(first, f"{', '.join(names) or 'one batch'} not logged", disable=False)
 
     def log_history(self, run_id: str | None, name: str, points: list[tuple[int, float]]) -> None:
         if not run_id or not self.on or not points:
@@ -273,12 +324,13 @@ class Tracker:
         self.log(run_id, params=flat_params(record.get("params") or {}), metrics=metrics,
                  tags={k: v for k, v in tags.items() if v is not None})
         for name, points in histories.items():
-            # The HF Trainer logged these per step while training; a resumed run only from its checkpoint.
-            try:
-                logged = {m.step for m in self.client.get_metric_history(run_id, _metric_name(name))}
-            except Exception:  # noqa: BLE001
-                logged = set()
-            self.log_history(run_id, name, [(s, v) for s, v in points if s not in logged])
+            for target in [run_id, *([self.parent_env] if self.parent_env and name in OBJECTIVE else [])]:
+                # Logged per step while training (a resumed run only from its checkpoint): the rest now.
+                try:
+                    logged = {m.step for m in self.client.get_metric_history(target, _metric_name(name))}
+                except Exception:  # noqa: BLE001
+                    logged = set()
+                self.log_history(target, name, [(s, v) for s, v in points if s not in logged])
         folder = manifest_path.parent
         files = [manifest_path] + [folder / n for n in ARTEFACTS if n != manifest.MANIFEST]
         if record.get("stage") == "eval":
@@ -346,9 +398,9 @@ def child_env() -> dict[str, str | None]:
     """Environment for a child process (Olive) that logs into the active stage's run, made now
     (None: unset the variable there). The HF Trainer reads it with ``report_to: mlflow``."""
     if _ACTIVE is None or not _ACTIVE.tracker.on or not _ACTIVE.ensure():
-        return {OFF: "1"}  # an inherited MLFLOW_RUN_ID (an Azure ML job's) must not get the metrics either
+        return {OFF: "1", JOB_RUN: None}  # an inherited MLFLOW_RUN_ID (an Azure ML job's) must not get the metrics either
     tracker = _ACTIVE.tracker
-    env = {"MLFLOW_TRACKING_URI": tracker.uri, "MLFLOW_RUN_ID": _ACTIVE.run_id,
+    env = {"MLFLOW_TRACKING_URI": tracker.uri, "MLFLOW_RUN_ID": _ACTIVE.run_id, JOB_RUN: tracker.parent_env,
            # the run's own experiment: the Trainer calls set_experiment() first, and a different one fails
            "MLFLOW_EXPERIMENT_NAME": tracker.experiment, "MLFLOW_EXPERIMENT_ID": str(tracker.experiment_id),
            # The Trainer's own parameter dump (~150 TrainingArguments and model-config keys) is off: ftl
@@ -363,12 +415,16 @@ def tracks(env: dict[str, str]) -> bool:
     return bool(env.get("MLFLOW_RUN_ID"))
 
 
-def live_logger():
+def live_logger(*, own_run: bool = True):
     """In a child process: a function logging metrics at a step into the run :func:`child_env`
-    named; a no-op when there is none. A failure to log never stops training (the manifest
-    keeps the curve, and ``ftl runs sync`` can log it later)."""
-    uri, run_id = os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_RUN_ID")
-    if not uri or not run_id or os.environ.get(OFF):
+    named, and the :data:`OBJECTIVE` into the Azure ML job's run too; ``own_run=False`` for the
+    job's run alone (the HF Trainer's MLflowCallback logs the stage's run itself). A no-op when
+    there is none. A failure to log never stops training (the manifest keeps the curve, and the
+    stage's mirror logs what is missing when it ends)."""
+    uri, run_id, job_run = (os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", JOB_RUN))
+    targets = [(run_id, None)] if own_run and run_id else []
+    targets += [(job_run, OBJECTIVE)] if job_run else []
+    if not uri or not targets or os.environ.get(OFF):
         return lambda metrics, step: None
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
@@ -379,8 +435,11 @@ def live_logger():
         if not state["ok"]:
             return
         try:
-            client.log_batch(run_id, metrics=[Metric(_metric_name(k), float(v), _now_ms(), int(step))
-                                              for k, v in metrics.items() if _number(v)])
+            for target, names in targets:
+                batch = [Metric(_metric_name(k), float(v), _now_ms(), int(step)) for k, v in metrics.items()
+                         if _number(v) and (names is None or k in names)]
+                if batch:
+                    client.log_batch(target, metrics=batch)
         except Exception:  # noqa: BLE001
             state["ok"] = False
 

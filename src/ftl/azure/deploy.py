@@ -11,6 +11,7 @@ the model loads in seconds but the image pulls for minutes), ``score/score.py``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -22,13 +23,19 @@ from pathlib import Path
 import yaml
 
 from ftl import manifest
-from ftl.azure.jobs import _call
+from ftl.azure.jobs import _call, listed_image
 from ftl.azure.workspace import WorkspaceRef
 from ftl.errors import ConfigError, ModelNotFoundError
 
-# Azure ML's CPU inference base image (it runs azureml-inference-server-http).
-DEFAULT_IMAGE = "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py311-cpu-inference:latest"
+# Azure ML's CPU inference base image (it runs azureml-inference-server-http), pinned in images.json.
+DEFAULT_IMAGE = listed_image("deploy")
 DEFAULT_INSTANCE = "Standard_DS3_v2"
+# One request at a time per instance, for at most 90 s: score.py stops generating REQUEST_MARGIN_S
+# before that (FTL_DEADLINE_S) and at FTL_MAX_NEW_TOKENS, so one request cannot hold the only slot
+# after its client has given up.
+REQUEST_TIMEOUT_MS = 90_000
+REQUEST_MARGIN_S = 10
+DEFAULT_MAX_NEW_TOKENS = 512
 # The scoring server the image runs score.py under; 1.5.1 is the version ftl's score.py is written for.
 SERVER = "azureml-inference-server-http==1.5.1"
 # ftl's inference engine as score.py imports it (score/ftl/): the code ftl generate and ftl serve run,
@@ -54,7 +61,7 @@ def model_name(export: Path) -> str:
 
 def prepare(export: Path, endpoint: str, *, deployment: str = "blue", instance_type: str = DEFAULT_INSTANCE,
             instance_count: int = 1, image: str = DEFAULT_IMAGE, workspace: WorkspaceRef | None = None,
-            threads: int | None = None) -> DeployPrepared:
+            threads: int | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> DeployPrepared:
     export = Path(export)
     if not (export / "genai_config.json").is_file():
         raise ModelNotFoundError("not an ftl export (no genai_config.json)", str(export),
@@ -62,6 +69,9 @@ def prepare(export: Path, endpoint: str, *, deployment: str = "blue", instance_t
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]{1,30}[A-Za-z0-9]", endpoint):
         raise ConfigError(f"endpoint name {endpoint!r} is not valid for Azure ML", "--endpoint",
                           "3-32 letters, digits and dashes, starting with a letter")
+    if max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1 (got {max_new_tokens})", "--max-new-tokens",
+                          f"pass a positive number (default {DEFAULT_MAX_NEW_TOKENS})")
     folder = export.with_name(export.name + ".deploy")
     if folder.exists():
         shutil.rmtree(folder)
@@ -77,13 +87,14 @@ def prepare(export: Path, endpoint: str, *, deployment: str = "blue", instance_t
         "$schema": "https://azuremlschemas.azureedge.net/latest/model.schema.json",
         "name": name, "version": "1", "type": "custom_model", "path": str(export.resolve()),
         "description": "an ftl int4 onnxruntime-genai export (written by ftl)"}, sort_keys=False))
-    (folder / "environment" / "conda.yml").write_text(yaml.safe_dump({
+    conda = yaml.safe_dump({
         "name": "ftl-serve", "channels": ["conda-forge"],
         # pydantic and jinja2 as floors: the server pins pydantic~=2.12 itself, and Flask brings jinja2.
         "dependencies": ["python=3.11", "pip", {"pip": [f"onnxruntime-genai=={metadata.version('onnxruntime-genai')}",
                                                         f"onnxruntime=={metadata.version('onnxruntime')}", SERVER,
                                                         "pydantic>=2.6", "jinja2>=3.1"]}]},
-        sort_keys=False))
+        sort_keys=False)
+    (folder / "environment" / "conda.yml").write_text(conda)
     (folder / "endpoint.yml").write_text(yaml.safe_dump({
         "$schema": "https://azuremlschemas.azureedge.net/latest/managedOnlineEndpoint.schema.json",
         "name": endpoint, "auth_mode": "key", "description": "ftl int4 model on CPU"}, sort_keys=False))
@@ -92,10 +103,12 @@ def prepare(export: Path, endpoint: str, *, deployment: str = "blue", instance_t
         "$schema": "https://azuremlschemas.azureedge.net/latest/managedOnlineDeployment.schema.json",
         "name": deployment, "endpoint_name": endpoint, "model": f"azureml:{name}:1",
         "code_configuration": {"code": "./score", "scoring_script": "score.py"},
-        "environment": {"image": image, "conda_file": "./environment/conda.yml"},
+        "environment": {"name": environment_name(image, conda), "version": "1", "image": image,
+                        "conda_file": "./environment/conda.yml"},
         "instance_type": instance_type, "instance_count": instance_count,
-        "environment_variables": {"FTL_THREADS": str(threads or 0)},
-        "request_settings": {"request_timeout_ms": 90000, "max_concurrent_requests_per_instance": 1},
+        "environment_variables": {"FTL_THREADS": str(threads or 0), "FTL_MAX_NEW_TOKENS": str(max_new_tokens),
+                                  "FTL_DEADLINE_S": str(REQUEST_TIMEOUT_MS // 1000 - REQUEST_MARGIN_S)},
+        "request_settings": {"request_timeout_ms": REQUEST_TIMEOUT_MS, "max_concurrent_requests_per_instance": 1},
         "liveness_probe": probe, "readiness_probe": probe}, sort_keys=False))
     (folder / "sample-request.json").write_text(json.dumps(SAMPLE, indent=2) + "\n")
     ws = (f" --subscription {workspace.subscription_id} --resource-group {workspace.resource_group} "
@@ -110,6 +123,12 @@ def prepare(export: Path, endpoint: str, *, deployment: str = "blue", instance_t
     (folder / "az.sh").chmod(0o755)
     check(folder)
     return DeployPrepared(folder, name, endpoint, deployment)
+
+
+def environment_name(image: str, conda: str) -> str:
+    """Named by the image and the requirements: a changed image (or pin) builds a new environment,
+    never a new build under a name the workspace already holds."""
+    return "ftl-serve-env-" + hashlib.sha256((image + "\n" + conda).encode()).hexdigest()[:12]
 
 
 def check(folder: Path) -> None:

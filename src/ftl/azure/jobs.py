@@ -4,11 +4,12 @@
 (``<output>.azureml/``), in the forms ``az ml`` takes, and checks the YAML with the SDK's own
 loaders (``load_job``, ``load_environment``):
 
-- ``job.yml``: a CLI v2 command job that installs ftl from its wheel and runs ``ftl finetune``
-  with the same flags; ``az ml job create -f job.yml`` runs it;
+- ``job.yml``: a CLI v2 command job that installs ftl from its wheel and runs ``ftl finetune
+  --config finetune.json``; ``az ml job create -f job.yml`` runs it;
 - ``environment/``: ``environment.yml`` (an ACPT PyTorch GPU image plus ftl's pinned
   requirements, named by their content hash) and ``conda.yml``;
-- ``code/``: ftl's wheel; ``code_manifest.json``: its files and hashes;
+- ``code/``: ftl's wheel and ``finetune.json`` (the validated settings, typed, as the job reads them;
+  the working folder of the job); ``code_manifest.json``: its files and hashes;
 - ``az.sh``: the ``az ml`` commands, data assets first.
 
 The training data (and a local base model) become data assets named by content hash
@@ -41,9 +42,20 @@ from ftl import manifest
 from ftl.azure.workspace import AzureError, WorkspaceRef, service_error
 from ftl.errors import ConfigError, ModelNotFoundError
 
+IMAGES = Path(__file__).with_name("images.json")
+
+
+def listed_image(use: str) -> str:
+    """The base image ftl names for ``use`` ("job", "deploy"): pinned to a tag Azure published, from
+    images.json, which records where each tag comes from (a name that does not exist fails only on
+    the workspace, after the uploads)."""
+    entry = next(e for e in json.loads(IMAGES.read_text())["images"] if e["use"] == use)
+    return f"{entry['name']}:{entry['tag']}"
+
+
 # A curated Azure ML image with PyTorch, CUDA and the Azure ML runtime bits (ACPT); ftl's pinned
 # requirements go on top (torch==2.13.0 from PyPI is the CUDA build on Linux).
-DEFAULT_IMAGE = "mcr.microsoft.com/azureml/curated/acpt-pytorch-2.2-cuda12.1:latest"
+DEFAULT_IMAGE = listed_image("job")
 OUTPUT = "finetune"
 QUEUED = {"NotStarted", "Queued", "Preparing", "Starting", "Provisioning"}
 RUNNING = {"Running", "Finalizing", "CancelRequested"}
@@ -71,12 +83,13 @@ class Prepared:
     assets: list[Asset]
     job_name: str
     command: str
+    hub_model: str | None = None  # a Hub id the job downloads itself (checked before submitting)
 
 
 @dataclass
 class SweepSpec:
     """An Azure ML sweep job over ftl finetune: a grid of choices (``${{search_space.<name>}}`` in the
-    trial's flags), the MLflow metric the trainer logs as the objective, and a Bandit policy that
+    trial's KEY=VALUE arguments), the MLflow metric the trainer logs as the objective, and a Bandit policy that
     stops trials falling behind."""
 
     search_space: dict[str, list]
@@ -125,17 +138,20 @@ def staging_folder(output: Path) -> Path:
     return output.with_name(output.name + ".azureml")
 
 
-def prepare(config, forwarded: list[str], *, compute: str, instance_count: int = 1, gpus_per_node: int = 1,
-            image: str = DEFAULT_IMAGE, experiment: str = "ftl", workspace: WorkspaceRef | None = None,
-            wheel: Path | None = None, sweep: "SweepSpec | None" = None) -> Prepared:
-    """Write the job's folder and check it with the SDK's loaders. ``forwarded`` are the ``ftl finetune``
-    flags the job repeats (everything but the model, data and output, which become job inputs). With
-    ``sweep``, the job is an Azure ML sweep job whose trial is that command (see :class:`SweepSpec`)."""
+def prepare(config, overrides: list[str] | tuple[str, ...] = (), *, compute: str, instance_count: int = 1,
+            gpus_per_node: int = 1, image: str = DEFAULT_IMAGE, experiment: str = "ftl",
+            workspace: WorkspaceRef | None = None, wheel: Path | None = None,
+            sweep: "SweepSpec | None" = None) -> Prepared:
+    """Write the job's folder and check it with the SDK's loaders. The job ships the validated
+    settings as ``code/finetune.json`` and runs ``ftl finetune --config finetune.json`` with the model,
+    data and output as job inputs; ``overrides`` are ``KEY=VALUE`` arguments after it (a sweep's
+    ``r=${{search_space.r}}``). With ``sweep``, the job is an Azure ML sweep job whose trial is that
+    command (see :class:`SweepSpec`)."""
+    from ftl.finetune.config import CONFIG_FILE, settings
     from ftl.models import resolve_model
 
     folder = staging_folder(config.output)
-    if folder.exists():
-        shutil.rmtree(folder)
+    _clear_keeping_record(folder)
     (folder / "environment").mkdir(parents=True)
     (folder / "code").mkdir()
     assets = [_asset(f"data_{i}", path, "uri_file", "data") for i, path in enumerate(config.data_files)]
@@ -157,6 +173,7 @@ def prepare(config, forwarded: list[str], *, compute: str, instance_count: int =
     wheel = wheel or build_wheel(folder / "code")
     if wheel.parent != folder / "code":
         shutil.copy2(wheel, folder / "code" / wheel.name)
+    (folder / "code" / CONFIG_FILE).write_text(json.dumps(settings(config), indent=2) + "\n")
     env_name = _write_environment(folder / "environment", image)
     job_name = f"ftl-{'sweep' if sweep else 'finetune'}-{re.sub(r'[^a-z0-9-]', '-', Path(config.output).name.lower())[:40]}-" \
                f"{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%d%H%M%S')}"
@@ -165,9 +182,9 @@ def prepare(config, forwarded: list[str], *, compute: str, instance_count: int =
     distributed = sweep is None and instance_count * gpus_per_node > 1
     command = " ".join(part for part in (
         f"pip install --no-deps {wheel.name} &&", launcher(instance_count, gpus_per_node) if distributed else "",
-        "ftl finetune", f"--model {shlex.quote(model_arg) if model_dir is None else model_arg}",
-        data, val, f"--output ${{{{outputs.{OUTPUT}}}}}", " ".join(f if f.startswith("${{") else shlex.quote(f) for f in forwarded),
-        f"--experiment {shlex.quote(experiment)}") if part)
+        f"ftl finetune --config {CONFIG_FILE}", f"--model {shlex.quote(model_arg) if model_dir is None else model_arg}",
+        data, val, f"--output ${{{{outputs.{OUTPUT}}}}}", f"--experiment {shlex.quote(experiment)}",
+        " ".join(map(shlex.quote, overrides))) if part)
     job = {
         "$schema": "https://azuremlschemas.azureedge.net/latest/commandJob.schema.json",
         "type": "command",
@@ -197,9 +214,19 @@ def prepare(config, forwarded: list[str], *, compute: str, instance_count: int =
          if p.is_file()}, indent=2) + "\n")
     _write_az_sh(folder / "az.sh", assets, env_name, workspace)
     prepared = Prepared(folder, job_yml, folder / "environment" / "environment.yml", env_name, assets, job_name,
-                        command)
+                        command, hub_model=config.model if model_dir is None else None)
     check(prepared)
     return prepared
+
+
+def _clear_keeping_record(folder: Path) -> None:
+    """Empty the staging folder but for the record of the job submitted from it (:data:`JOB_RECORD`):
+    a re-run after an interrupted wait must find that job, not submit a second one."""
+    if not folder.is_dir():
+        return
+    for item in folder.iterdir():
+        if item.name != JOB_RECORD:
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
 
 
 def launcher(nodes: int, per_node: int) -> str:
@@ -319,14 +346,44 @@ def submit(ml, prepared: Prepared, *, wait: bool = True, limits: WaitLimits | No
            fingerprint: str | None = None, say: Callable[[str], None] = print) -> Submitted:
     """Create the data assets and environment if missing, submit the job, and (with ``wait``) poll
     it with a heartbeat line until it ends, then download its output into ``download_to``, with the
-    job record (:func:`write_job_record`: which job, and ``fingerprint``, the fine-tune as planned here)."""
+    job record (:func:`write_job_record`: which job, and ``fingerprint``, the fine-tune as planned here).
+
+    The job's name is recorded in the staging folder as soon as the service has it: a wait that is
+    interrupted (Ctrl-C, a polling error, the queue limit) leaves the job running and billing, and the
+    next submit of the same plan follows that job instead of submitting a second one."""
+    limits, transfer = limits or WaitLimits(), transfer or Transfer()
+    if prepared.hub_model:
+        check_hub_model(prepared.hub_model, say)
+    if compute:
+        _check_compute(ml, compute)
+    plan = plan_key(prepared, fingerprint)
+    result = _earlier_job(ml, prepared.folder, plan, say) or _create(ml, prepared, plan, fingerprint)
+    if not wait:
+        return result
+    try:
+        result.status = _wait(ml, result, limits, say)
+    except KeyboardInterrupt:
+        say(f"job {result.name} goes on in Azure ML: the same command follows it again; "
+            f"`ftl jobs cancel {result.name}` stops it")
+        raise
+    if result.status != "Completed":
+        tail = transfer.log_tail(ml, result.name)
+        last = " | ".join(line.strip() for line in tail[-5:] if line.strip()) or "no log lines"
+        raise AzureError(f"job {result.name} ended {result.status}; last log lines: {last}", result.studio_url,
+                         "open the studio link for the full logs")
+    if download_to is not None:
+        result.downloaded = download_output(ml, result.name, Path(download_to), transfer)
+        write_job_record(result.downloaded, result, fingerprint)
+        (prepared.folder / JOB_RECORD).unlink(missing_ok=True)  # its output is here: nothing left to follow
+    return result
+
+
+def _create(ml, prepared: Prepared, plan: str, fingerprint: str | None) -> Submitted:
+    """Upload what is missing and submit the job; record it at once (see :func:`submit`)."""
     from azure.ai.ml import load_environment, load_job
     from azure.ai.ml.entities import Data
     from azure.core.exceptions import ResourceNotFoundError
 
-    limits, transfer = limits or WaitLimits(), transfer or Transfer()
-    if compute:
-        _check_compute(ml, compute)
     for asset in prepared.assets:
         try:
             ml.data.get(asset.name, version="1")
@@ -344,11 +401,19 @@ def submit(ml, prepared: Prepared, *, wait: bool = True, limits: WaitLimits | No
         raise service_error(exc, "looking up the environment") from None
     job = _call(lambda: ml.jobs.create_or_update(load_job(source=str(prepared.job_yml))), "submitting the job")
     result = Submitted(job.name, _status(job), _studio(job))
-    if not wait:
-        return result
+    write_job_record(prepared.folder, result, fingerprint, plan)
+    return result
+
+
+def _wait(ml, result: Submitted, limits: WaitLimits, say: Callable[[str], None]) -> str:
+    """Poll with a heartbeat line until the job ends; its final status."""
     started, phase_started, phase = time.monotonic(), time.monotonic(), "queued"
     while True:
-        job = _call(lambda: ml.jobs.get(result.name), "polling the job")
+        try:
+            job = _call(lambda: ml.jobs.get(result.name), f"polling job {result.name}")
+        except AzureError as error:  # the job itself goes on: say how to get back to it
+            raise AzureError(error.what, result.studio_url, f"{error.fix}; the job goes on in Azure ML: run the same "
+                             f"command again to follow it, or `ftl jobs cancel {result.name}` to stop it") from None
         result.polls += 1
         status = _status(job)
         now = time.monotonic()
@@ -356,34 +421,106 @@ def submit(ml, prepared: Prepared, *, wait: bool = True, limits: WaitLimits | No
             phase, phase_started = "running", now
         say(f"job {result.name}: {status} ({_clock(now - started)})")
         if status in TERMINAL:
-            result.status = status
-            break
+            return status
         limit = limits.queue_s if phase == "queued" else limits.run_s
         if now - phase_started > limit:
             raise AzureError(f"job {result.name} still {status} after {_clock(limit)} ({phase} limit)",
-                             result.studio_url, "it keeps going in Azure ML: follow it in the studio, or raise "
-                             "--queue-timeout / --run-timeout")
+                             result.studio_url, "it goes on in Azure ML: run the same command again to follow it, "
+                             f"`ftl jobs cancel {result.name}` to stop it, or raise --queue-timeout / --run-timeout")
         time.sleep(limits.poll_s)
-    if result.status != "Completed":
-        tail = transfer.log_tail(ml, result.name)
-        last = " | ".join(line.strip() for line in tail[-5:] if line.strip()) or "no log lines"
-        raise AzureError(f"job {result.name} ended {result.status}; last log lines: {last}", result.studio_url,
-                         "open the studio link for the full logs")
-    if download_to is not None:
-        result.downloaded = download_output(ml, result.name, Path(download_to), transfer)
-        write_job_record(result.downloaded, result, fingerprint)
-    return result
+
+
+# Ended without an output to collect: a re-run submits a new job rather than follow one of these.
+DEAD = {"Failed", "Canceled", "NotResponding"}
+
+
+def plan_key(prepared: Prepared, fingerprint: str | None) -> str:
+    """What the job will do, as written: the fine-tune's fingerprint, the job less its name (which
+    carries the time of day) and the code it ships (less ftl's wheel, whose zip is not byte-stable)."""
+    job = yaml.safe_load(prepared.job_yml.read_text())
+    for key in ("name", "display_name"):
+        job.pop(key, None)
+    code = json.loads((prepared.folder / "code_manifest.json").read_text())
+    code = {name: digest for name, digest in code.items() if not name.endswith(".whl")}
+    return hashlib.sha256(json.dumps({"fingerprint": fingerprint, "job": job, "code": code},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def _earlier_job(ml, folder: Path, plan: str, say: Callable[[str], None]) -> Submitted | None:
+    """The job submitted earlier from this staging folder, when it is for this plan and not dead:
+    submit follows it instead of paying for a second one. One for another plan that still runs is
+    said in a line (it bills until it ends)."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    record = job_record(folder)
+    name = record.get("job")
+    if not name:
+        return None
+    try:
+        job = ml.jobs.get(name)
+    except ResourceNotFoundError:
+        return None  # another workspace, or deleted
+    except Exception as exc:  # noqa: BLE001 — never submit a second job on a guess
+        raise service_error(exc, f"looking up job {name}, submitted earlier from {folder}") from None
+    status = _status(job)
+    if status in DEAD:
+        return None
+    if record.get("plan") != plan:
+        if status not in TERMINAL:
+            say(f"note: job {name}, submitted earlier for another plan, is still {status} and billing: "
+                f"`ftl jobs cancel {name}` stops it")
+        return None
+    say(f"job {name} was submitted earlier for this plan and is {status}: following it, not submitting another "
+        f"(`ftl jobs cancel {name}` stops it)")
+    return Submitted(name, status, _studio(job))
+
+
+def check_hub_model(model_id: str, say: Callable[[str], None] = print) -> None:
+    """A Hub id is downloaded by the job itself, without a token, so a gated or private model is
+    refused here, before anything queues. Why no token: azure-ai-ml and ``az ml`` (v2) have no way to
+    hand a job a secret (Microsoft's advice, "Use authentication credential secrets in Azure Machine
+    Learning jobs", is a Key Vault read inside the job), and a job's environment variables show in its
+    definition to everyone who can read the workspace. What works: ``ftl models import`` the model here,
+    and it goes to the job as a data asset named by its content hash, which no token is needed for."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.is_offline_mode():
+        say(f"note: {model_id} is a Hub id and the Hub is offline here (HF_HUB_OFFLINE): whether the job can "
+            "download it is not checked")
+        return
+    api = HfApi()
+    try:
+        api.auth_check(model_id, token=False)  # as the job will ask: anonymously
+        return
+    except RepositoryNotFoundError as exc:  # GatedRepoError is one too
+        kind = "gated" if isinstance(exc, GatedRepoError) else "private or missing"
+    except Exception as exc:  # noqa: BLE001 — the Hub unreachable: the job may still reach it
+        say(f"note: could not check {model_id} on the Hub ({type(exc).__name__}); submitting anyway")
+        return
+    try:
+        api.auth_check(model_id)  # with HF_TOKEN or the saved login
+    except Exception:  # noqa: BLE001
+        raise ModelNotFoundError(f"{model_id} cannot be read from the Hub ({kind})", "--model",
+                                 "check the id; for a gated model accept its licence on huggingface.co and set "
+                                 "HF_TOKEN, then `ftl models import` it") from None
+    raise ConfigError(f"{model_id} is {kind} on the Hub: you can read it, the job could not (an Azure ML job "
+                      "gets no HF_TOKEN)", "--model", f"run `ftl models import {model_id}` here and pass the "
+                      "imported model: it goes to the job as a data asset")
 
 
 JOB_RECORD = "azureml_job.json"
 
 
-def write_job_record(out: Path, submitted: Submitted, fingerprint: str | None = None) -> None:
-    """Beside a downloaded job output: which job made it, and the fingerprint of the fine-tune as it was
-    planned here (the job's own manifest has the paths it had inside the job)."""
-    (Path(out) / JOB_RECORD).write_text(json.dumps({"job": submitted.name, "status": submitted.status,
-                                                   "studio_url": submitted.studio_url,
-                                                   "fingerprint": fingerprint}, indent=2) + "\n")
+def write_job_record(out: Path, submitted: Submitted, fingerprint: str | None = None, plan: str | None = None) -> None:
+    """Which job, and the fingerprint of the fine-tune as it was planned here: beside a downloaded job
+    output (the job's own manifest has the paths it had inside the job), and in the staging folder
+    from submission until then, with the ``plan`` (:func:`plan_key`) a re-run is matched against."""
+    record = {"job": submitted.name, "status": submitted.status, "studio_url": submitted.studio_url,
+              "fingerprint": fingerprint}
+    if plan is not None:
+        record["plan"] = plan
+    (Path(out) / JOB_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def job_record(out: Path) -> dict:

@@ -43,6 +43,12 @@ def server_requirements(deploy_folder: Path) -> list[str]:
     return next(item["pip"] for item in conda["dependencies"] if isinstance(item, dict) and "pip" in item)
 
 
+def deployment_environment(deploy_folder: Path) -> dict[str, str]:
+    """The environment variables the deployment sets for score.py (written by :func:`ftl.azure.deploy.prepare`)."""
+    deployment = yaml.safe_load((Path(deploy_folder) / "deployment.yml").read_text())
+    return {key: str(value) for key, value in (deployment.get("environment_variables") or {}).items()}
+
+
 def env_folder(requirements: list[str]) -> Path:
     if os.environ.get("FTL_SERVER_ENV"):
         return Path(os.environ["FTL_SERVER_ENV"])

@@ -11,8 +11,15 @@ Request (JSON)::
 
 Response (JSON)::
 
-    {"text": "...", "prompt_tokens": 31, "completion_tokens": 57, "finish_reason": "stop" | "length",
+    {"text": "...", "prompt_tokens": 31, "completion_tokens": 57,
+     "finish_reason": "stop" | "length" | "deadline", "max_new_tokens": 256,
      "latency_ms": 812.4, "decode_tokens_per_s": 74.1}
+
+The deployment serves one request at a time per instance, so one request must not hold it: the
+deployment's ``FTL_MAX_NEW_TOKENS`` caps ``max_new_tokens`` (a larger ask gets that many, and says
+so in ``max_new_tokens``), and generation stops ``FTL_DEADLINE_S`` after the request arrived
+(``finish_reason: "deadline"``, with what was generated), before the endpoint's own timeout.
+``ftl deploy`` writes both (:mod:`ftl.azure.deploy`); unset, only the context limits a request.
 
 Bad JSON, a missing question, unknown options or a prompt longer than the context answer 400 with
 ``{"error": "..."}``, never 500. The prompt is rendered as ``ftl generate`` renders it: the format
@@ -60,6 +67,8 @@ def init() -> None:
 
     threads = int(os.environ.get("FTL_THREADS", "0")) or None  # None: the cores this process may use
     _STATE["model"] = OnnxChatModel(model_folder(), threads=threads)
+    _STATE["cap"] = int(os.environ.get("FTL_MAX_NEW_TOKENS") or 0) or None
+    _STATE["deadline_s"] = float(os.environ.get("FTL_DEADLINE_S") or 0) or None
 
 
 def messages_of(request: dict) -> list[dict]:
@@ -79,13 +88,15 @@ def messages_of(request: dict) -> list[dict]:
 
 
 def generate(request: dict) -> dict:
-    model = _STATE["model"]
+    started = time.perf_counter()
+    model, cap = _STATE["model"], _STATE.get("cap")
     unknown = set(request) - OPTIONS - {"messages", "question"}
     if unknown:
         raise BadRequest(f"unknown field(s) {sorted(unknown)}; options are {sorted(OPTIONS)}")
     new = request.get("max_new_tokens", 256)
     if not isinstance(new, int) or isinstance(new, bool) or new < 1:
         raise BadRequest('"max_new_tokens" must be a positive integer')
+    new = min(new, cap or new)
     temperature = float(request.get("temperature", 0) or 0)
     search = {"top_k": int(request["top_k"])} if "top_k" in request and temperature > 0 else {}
     messages = messages_of(request)
@@ -96,14 +107,24 @@ def generate(request: dict) -> dict:
     if prompt_tokens + new > model.context_length:
         raise BadRequest(f"prompt ({prompt_tokens} tokens) + max_new_tokens ({new}) exceeds the model's context "
                          f"({model.context_length}); shorten the prompt or lower max_new_tokens")
-    started = time.perf_counter()
-    answer = model.generate(messages, max_new_tokens=new, temperature=temperature,
-                            top_p=float(request.get("top_p", 1.0)), search=search,
-                            repetition_penalty=request.get("repetition_penalty"),
-                            no_repeat_ngram_size=request.get("no_repeat_ngram_size"))
-    rate = answer.decode_tokens_per_s
-    return {"text": answer.text, "prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.new_tokens,
-            "finish_reason": "length" if answer.new_tokens >= new else "stop",
+    deadline = started + _STATE["deadline_s"] if _STATE.get("deadline_s") else None
+    pieces, stats = [], {}
+    for piece in model.stream(messages, max_new_tokens=new, temperature=temperature,
+                              top_p=float(request.get("top_p", 1.0)), search=search, stats=stats,
+                              repetition_penalty=request.get("repetition_penalty"),
+                              no_repeat_ngram_size=request.get("no_repeat_ngram_size")):
+        pieces.append(piece)  # one piece per answer token while it generates (ftl.generate.engine)
+        if deadline is not None and time.perf_counter() >= deadline and len(pieces) < new:
+            break  # the client's timeout is near: answer with what there is, and free the only slot
+    from ftl.system import decode_rate
+
+    if stats:  # it ended by itself: the engine's own counts (a stop string is not part of the answer)
+        tokens, finish = stats["new_tokens"], "length" if stats["new_tokens"] >= new else "stop"
+        rate = decode_rate(tokens, stats["ttft_s"], stats["total_s"])
+    else:
+        tokens, finish, rate = len(pieces), "deadline", None
+    return {"text": "".join(pieces), "prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+            "finish_reason": finish, "max_new_tokens": new,
             "latency_ms": round((time.perf_counter() - started) * 1000, 1),
             "decode_tokens_per_s": round(rate, 1) if rate else None}
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ftl.azure.deploy import DEFAULT_INSTANCE
+from ftl.azure.deploy import DEFAULT_INSTANCE, DEFAULT_MAX_NEW_TOKENS
 from ftl.cli.base import workspace_options
 from ftl.progress import console
 
@@ -50,14 +50,17 @@ def register_command(export: Path, subscription, resource_group, workspace) -> N
 @click.option("--instance-type", default=DEFAULT_INSTANCE, show_default=True, help="A CPU VM size.")
 @click.option("--instance-count", type=int, default=1, show_default=True)
 @click.option("--threads", type=int, help="onnxruntime-genai threads per instance (default: the VM's cores).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=DEFAULT_MAX_NEW_TOKENS, show_default=True,
+              help="The most tokens one request may generate (a larger ask gets this many): an instance serves "
+                   "one request at a time.")
 @click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True,
               help="local: the port on 127.0.0.1 (the server's own default).")
 @click.option("--dry-run", is_flag=True, help="Write endpoint.yml, deployment.yml, model.yml, score/, "
                                               "sample-request.json and az.sh into <export>.deploy/; create nothing.")
 @workspace_options
 def deploy_command(export: Path, target: str, endpoint: str | None, deployment: str, instance_type: str,
-                   instance_count: int, threads: int | None, port: int, dry_run: bool, subscription, resource_group,
-                   workspace) -> None:
+                   instance_count: int, threads: int | None, max_new_tokens: int, port: int, dry_run: bool,
+                   subscription, resource_group, workspace) -> None:
     """Serve an ftl int4 export from an Azure ML managed online endpoint on CPU (key auth), or
     (--target local) from the same score.py on this machine."""
     from ftl.azure import deploy
@@ -65,14 +68,15 @@ def deploy_command(export: Path, target: str, endpoint: str | None, deployment: 
     from ftl.errors import ConfigError
 
     if target == "local":
-        _serve_locally(export, endpoint or "ftl-local", deployment, threads, port)
+        _serve_locally(export, endpoint or "ftl-local", deployment, threads, max_new_tokens, port)
         return
     if not endpoint:
         raise ConfigError("--target azureml needs an endpoint name", "--endpoint",
                           "pass --endpoint NAME (3-32 letters, digits, dashes)")
     ref = resolve_workspace(subscription, resource_group, workspace, required=not dry_run)
     prepared = deploy.prepare(export, endpoint, deployment=deployment, instance_type=instance_type,
-                              instance_count=instance_count, threads=threads, workspace=ref)
+                              instance_count=instance_count, threads=threads, max_new_tokens=max_new_tokens,
+                              workspace=ref)
     if dry_run:
         console.print(f"[green]✓[/] written, nothing created: {prepared.folder} (run it with bash "
                       f"{prepared.folder / 'az.sh'})", highlight=False)
@@ -83,7 +87,8 @@ def deploy_command(export: Path, target: str, endpoint: str | None, deployment: 
                   highlight=False)
 
 
-def _serve_locally(export: Path, endpoint: str, deployment: str, threads: int | None, port: int) -> None:
+def _serve_locally(export: Path, endpoint: str, deployment: str, threads: int | None, max_new_tokens: int,
+                   port: int) -> None:
     """The deployment's score.py under azureml-inference-server-http in its own environment (see
     ftl.azure.local), in the foreground until Ctrl-C or SIGTERM."""
     import os
@@ -99,11 +104,12 @@ def _serve_locally(export: Path, endpoint: str, deployment: str, threads: int | 
             probe.bind(("127.0.0.1", port))
         except OSError:
             raise ConfigError(f"port {port} on 127.0.0.1 is in use", "--port", "pass another --port") from None
-    prepared = deploy.prepare(export, endpoint, deployment=deployment, threads=threads)
+    prepared = deploy.prepare(export, endpoint, deployment=deployment, threads=threads, max_new_tokens=max_new_tokens)
     python = local.ensure_env(local.server_requirements(prepared.folder),
                               say=lambda line: console.print(line, highlight=False))
     models = local.model_dir(export, prepared.folder, prepared.model_name)
-    env = {**os.environ, "FTL_THREADS": str(threads or os.cpu_count() or 1)}
+    # The deployment's own settings (the token cap, the deadline), as Azure ML would set them.
+    env = {**os.environ, **local.deployment_environment(prepared.folder), "FTL_THREADS": str(threads or os.cpu_count() or 1)}
     url = f"http://127.0.0.1:{port}"
     console.print(f"[green]✓[/] score.py of {prepared.folder} under azureml-inference-server-http: POST {url}/score, "
                   f"liveness GET {url}/ (Ctrl-C stops it)\n  try: curl -s {url}/score -H 'Content-Type: "

@@ -47,13 +47,15 @@ def eval_command(no_memory: bool, as_json: bool, **options) -> None:
 
 
 def show_eval(result) -> None:
-    from ftl.eval.report import table_rows
+    from ftl.eval.report import table_rows, unbatched_note
 
     header, rows = table_rows(result.summary)
     table = Table(*[header[i] for i in _TERMINAL_COLUMNS], title=f"eval — {result.summary['samples']} samples")
     for row in rows:
         table.add_row(*[row[i] for i in _TERMINAL_COLUMNS])
     console.print(table)
+    if note := unbatched_note(result.summary):
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
     for change in result.comparison:
         console.print(f"  {change['model']} {change['metric']}: {change['before']:.4f} → {change['now']:.4f} "
                       f"({change['change']:+.4f})")

@@ -16,10 +16,14 @@ from ftl.progress import console, run_with_progress
 
 
 @click.command()
-@option(C, "model", "--model")
-@option(C, "data", "--data", multiple=True, type=click.Path(path_type=Path),
+@click.argument("overrides", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Settings from a JSON or YAML file (an Azure ML job runs with the finetune.json it ships); "
+                   "flags given and KEY=VALUE arguments (values JSON or YAML, e.g. packing=false) override it.")
+@option(C, "model", "--model", required=False)
+@option(C, "data", "--data", multiple=True, type=click.Path(path_type=Path), required=False,
         help="Q/A JSONL or chat messages JSONL; repeat to train on several files.")
-@option(C, "output", "--output", type=click.Path(path_type=Path))
+@option(C, "output", "--output", type=click.Path(path_type=Path), required=False)
 @option(C, "question_field", "--question-field")
 @option(C, "answer_field", "--answer-field")
 @option(C, "messages_field", "--messages-field")
@@ -67,20 +71,20 @@ from ftl.progress import console, run_with_progress
 @workspace_options
 @tracking_options
 @json_option
-def finetune(save_config: Path | None, as_json: bool, **options) -> None:
+def finetune(overrides: tuple[str, ...], config_file: Path | None, save_config: Path | None, as_json: bool,
+             **options) -> None:
     """Fine-tuning through Olive: a LoRA adapter, or (--method qscale) the int4 grid's own scales.
-    Every row is used; the loss goes to the manifest. --target azureml runs it as an Azure ML job."""
+    Every row is used; the loss goes to the manifest. --target azureml runs it as an Azure ML job.
+
+    Settings come from --config FILE, then the flags given, then KEY=VALUE arguments (the config's
+    own keys, e.g. r=8 target_modules=[q_proj,v_proj]), each overriding the one before."""
     from ftl.finetune import finetune as run_finetune
 
     azure = {key: options.pop(key) for key in _AZURE}
-    forwarded = forwarded_flags(click.get_current_context(), options)
     tracking = pop_tracking(options)
-    options["data"] = list(options["data"])
-    options["val_data"] = list(options["val_data"]) or None
-    options["target_modules"] = comma_list(options["target_modules"])
-    config = build(C, **options)
+    config = _config(config_file, options, overrides)
     if azure["target"] == "azureml":
-        emit(_on_azure(config, forwarded, tracking, azure), as_json, _show_azure)
+        emit(_on_azure(config, tracking, azure), as_json, _show_azure)
         return
     if save_config:
         result = run_finetune(config, save_config=save_config)
@@ -121,31 +125,34 @@ def show_finetune(result) -> None:
 
 _AZURE = ("target", "compute", "instance_count", "gpus_per_node", "image", "dry_run", "wait", "queue_timeout",
           "run_timeout", "subscription", "resource_group", "workspace")
-# Become job inputs and outputs, or make no sense inside the job.
-_NOT_FORWARDED = {"model", "data", "val_data", "output", "force", "save_config", "as_json", "tracking_uri",
-                  "no_track", "log_model", "experiment"}
 
 
-def forwarded_flags(ctx: click.Context, options: dict) -> list[str]:
-    """The flags the user set (not defaults), as the Azure ML job repeats them to `ftl finetune`."""
-    flags: list[str] = []
-    for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name in _NOT_FORWARDED or param.name in _AZURE:
-            continue
-        if ctx.get_parameter_source(param.name) != click.core.ParameterSource.COMMANDLINE:
-            continue
-        value, flag = options.get(param.name), max(param.opts, key=len)
-        if param.is_flag:
-            flags += [flag] if value else param.secondary_opts[:1]
-        elif param.multiple:
-            for item in value:
-                flags += [flag, str(item)]
-        elif value is not None:
-            flags += [flag, str(value)]
-    return flags
+def _config(config_file: Path | None, options: dict, overrides: tuple[str, ...]) -> C:
+    """The file's settings, then the flags given on the command line (a flag left at its default
+    does not override the file), then KEY=VALUE; a bad value names its flag, or its key."""
+    from pydantic import ValidationError
+
+    from ftl.config import settings_error
+    from ftl.finetune.config import parse_overrides, read_settings
+
+    ctx = click.get_current_context()
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is click.core.ParameterSource.COMMANDLINE}
+    for key, convert in (("data", list), ("val_data", lambda v: list(v) or None), ("target_modules", comma_list)):
+        if key in given:
+            given[key] = convert(given[key])
+    values = {**(read_settings(config_file) if config_file else {}), **given, **parse_overrides(overrides)}
+    if not config_file and not overrides:
+        return build(C, **values)  # flags alone: every error names its flag
+    try:
+        return C(**values)
+    except ValidationError as exc:
+        flags = {p.name: max(p.opts, key=len) for p in ctx.command.params if isinstance(p, click.Option)}
+        raise settings_error(exc, source=str(config_file or "ftl finetune"), model=C, key_name=lambda loc: " ".join(
+            [flags[str(loc[0])] if str(loc[0]) in given else str(loc[0]), *map(str, loc[1:])]) if loc else "",
+            fix="fix those settings and run again") from None
 
 
-def _on_azure(config, forwarded: list[str], tracking: dict, azure: dict):
+def _on_azure(config, tracking: dict, azure: dict):
     """Submit the fine-tune as an Azure ML command job (or, with --dry-run, write it)."""
     from ftl import manifest
     from ftl.azure import jobs, workspace
@@ -165,7 +172,7 @@ def _on_azure(config, forwarded: list[str], tracking: dict, azure: dict):
     manifest.check_output(config.output, force=config.force, stage="finetune")
     ref = workspace.resolve_workspace(azure["subscription"], azure["resource_group"], azure["workspace"],
                                       required=not azure["dry_run"])
-    prepared = jobs.prepare(config, forwarded, compute=azure["compute"], instance_count=azure["instance_count"],
+    prepared = jobs.prepare(config, compute=azure["compute"], instance_count=azure["instance_count"],
                             gpus_per_node=azure["gpus_per_node"], image=azure["image"],
                             experiment=tracking.get("experiment") or "ftl", workspace=ref)
     if azure["dry_run"]:
@@ -190,11 +197,4 @@ def _show_azure(result: dict) -> None:
     else:
         console.print(f"[green]✓[/] submitted job {result['job']} ({result['status']})"
                       + (f": {result['studio_url']}" if result["studio_url"] else ""), highlight=False)
-
-
-def finetune_flags() -> dict[str, str]:
-    """Each ``ftl finetune`` setting's CLI flag (``r`` → ``--lora-r``; ``packing`` → ``--packing/--no-packing``): how a pipeline block or a sweep's
-    grid becomes the command an Azure ML job runs."""
-    return {p.name: "/".join([max(p.opts, key=len), *p.secondary_opts[:1]])
-            for p in finetune.params if isinstance(p, click.Option)}
 

@@ -51,7 +51,6 @@ def sweep_command(pipeline: Path, overrides: tuple[str, ...], sets: tuple[str, .
 
 def _on_azure(pipeline, sets, overrides, compute, max_concurrent, dry_run, subscription, resource_group, workspace):
     from ftl.azure.workspace import ml_client, resolve_workspace
-    from ftl.cli.finetune import finetune_flags
     from ftl.errors import ConfigError
     from ftl.pipeline.sweep import azure_sweep
     from ftl.progress import console
@@ -59,8 +58,7 @@ def _on_azure(pipeline, sets, overrides, compute, max_concurrent, dry_run, subsc
     if not compute:
         raise ConfigError("--target azureml needs a compute cluster", "--compute", "pass --compute NAME")
     ref = resolve_workspace(subscription, resource_group, workspace, required=not dry_run)
-    flags = finetune_flags()
-    prepared, submitted = azure_sweep(pipeline, sets, overrides=overrides, flags=flags, compute=compute,
+    prepared, submitted = azure_sweep(pipeline, sets, overrides=overrides, compute=compute,
                                       dry_run=dry_run, max_concurrent=max_concurrent, workspace=ref,
                                       ml=None if dry_run else ml_client(ref))
     if submitted is None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from ftl import manifest
-from ftl.chat import PromptFormat, prompt_format_for
-from ftl.errors import ConfigError, ModelNotFoundError
+from ftl.chat import PromptFormat, find_stop, prompt_format_for
+from ftl.errors import ConfigError
 from ftl.lineage import (adapter_dir_of, base_of_adapter, base_of_qscale, export_source, prompt_format_record,
                          qscale_of, require_base)
 from ftl.system import default_threads, folder_size_mb
@@ -35,6 +35,7 @@ class EvalModel:
     tokenizer_dir: Path
     lineage: dict  # base sha256 + adapter sha256: which PyTorch model an ONNX export came from
     threads: int
+    can_batch = True  # False: generate_batch answers one at a time (ftl.generate.engine.UNBATCHED)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         raise NotImplementedError
@@ -61,11 +62,10 @@ class OnnxEvalModel(EvalModel):
     def __init__(self, path: Path):
         from ftl.generate import OnnxChatModel
 
-        if not (path / "genai_config.json").is_file():
-            raise ModelNotFoundError("not an onnxruntime-genai folder", str(path), "give an ftl export-onnx output")
         self.path, self.label = path, f"onnx:{path}"
         self.chat = OnnxChatModel(path)
         self.format, self.tokenizer_dir, self.threads = self.chat.format, path, self.chat.threads
+        self.can_batch = self.chat.can_batch
         self.lineage = export_source(manifest.read(path) or {})
         self.files = [path]
 
@@ -80,7 +80,6 @@ class OnnxEvalModel(EvalModel):
 
     def generate_batch(self, conversations, max_new_tokens):
         return [g.text for g in self.chat.generate_batch(conversations, max_new_tokens=max_new_tokens)]
-
 
 
 class TorchEvalModel(EvalModel):
@@ -148,14 +147,20 @@ class TorchEvalModel(EvalModel):
         # Plain argmax, as generate() above: not the model's own generation_config (some carry a
         # repetition penalty that HF applies even to greedy decoding).
         greedy = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(stops) or None,
-                                  pad_token_id=pad, repetition_penalty=1.0, no_repeat_ngram_size=0)
+                                  pad_token_id=pad, repetition_penalty=1.0, no_repeat_ngram_size=0,
+                                  stop_strings=self.format.stop_strings or None)
         with torch.inference_mode():
-            out = self.model.generate(**encoded, generation_config=greedy)
+            out = self.model.generate(**encoded, generation_config=greedy, tokenizer=self.tokenizer)
         texts = []
         for row in out[:, encoded["input_ids"].shape[1]:].tolist():
             cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-            texts.append(self.tokenizer.decode(row[:cut], skip_special_tokens=True))
+            texts.append(self._before_stop(self.tokenizer.decode(row[:cut], skip_special_tokens=True)))
         return texts
+
+    def _before_stop(self, text: str) -> str:
+        """The answer ends where a stop string (a text template's next turn) begins, as in ONNX generation."""
+        cut = find_stop(text, self.format.stop_strings)
+        return text if cut is None else text[:cut]
 
     def generate(self, messages, max_new_tokens):
         import torch
@@ -173,11 +178,18 @@ class TorchEvalModel(EvalModel):
             while token not in stops and len(out_ids) < max_new_tokens:
                 out_ids.append(token)
                 last = time.perf_counter() - started
-                if len(out_ids) == max_new_tokens:
+                if len(out_ids) == max_new_tokens or self._stopped(out_ids):
                     break
                 out = self.model(torch.tensor([[token]]), past_key_values=past, use_cache=True)
                 past, token = out.past_key_values, int(out.logits[0, -1].argmax())
-        return Timed(self.tokenizer.decode(out_ids, skip_special_tokens=True), len(out_ids), ttft, last)
+        return Timed(self._before_stop(self.tokenizer.decode(out_ids, skip_special_tokens=True)), len(out_ids), ttft,
+                     last)
+
+    def _stopped(self, ids: list[int]) -> bool:
+        """Whether a stop string has formed in the last tokens (the longest needs at most its length in tokens)."""
+        longest = max((len(s) for s in self.format.stop_strings), default=0)
+        return bool(longest) and find_stop(self.tokenizer.decode(ids[-longest:], skip_special_tokens=True),
+                                           self.format.stop_strings) is not None
 
 
 def _left_pad(tokenizer, prompts: list[str], pad: int) -> dict:
@@ -223,8 +235,10 @@ def check_spec(spec: str) -> tuple[str, Path]:
         from ftl.models import resolve_model
 
         target = resolve_model(path)
-    if kind == "onnx" and not (target / "genai_config.json").is_file():
-        raise ModelNotFoundError("not an onnxruntime-genai folder", str(target), "give an ftl export-onnx output")
+    if kind == "onnx":
+        from ftl.generate.engine import check_folder
+
+        check_folder(target)
     if kind == "torch":
         torch_parts(target)
     return kind, target

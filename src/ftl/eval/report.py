@@ -37,6 +37,14 @@ def table_rows(summary: dict) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def unbatched_note(summary: dict) -> str | None:
+    """Which models answered one at a time, and why (None: every model batched its answers)."""
+    from ftl.generate.engine import UNBATCHED
+
+    labels = [label for label, metrics in summary["models"].items() if metrics.get("batched_answers") is False]
+    return f"{', '.join(labels)}: {UNBATCHED}." if labels else None
+
+
 def write_report(out: Path, summary: dict, comparison: list[dict]) -> None:
     plots = _plots(out, summary)
     header, rows = table_rows(summary)
@@ -48,6 +56,7 @@ def write_report(out: Path, summary: dict, comparison: list[dict]) -> None:
     if not summary["tokenizers_agree"]:
         md += ["", "The models use different tokenizers: token perplexities are not comparable, so NLL per "
                    "byte of the reference answer is the number to compare."]
+    md += ["", note] if (note := unbatched_note(summary)) else []
     if comparison:
         md += ["", "## Change from the earlier run", "", "| model | metric | before | now | change |", "|---|---|---|---|---|"]
         md += [f"| {c['model']} | {c['metric']} | {c['before']:.4f} | {c['now']:.4f} | {c['change']:+.4f} |"

@@ -298,6 +298,8 @@ def _summarise(models, details, sources, same_tokens, numeric, config, memory: d
         answer_tokens = sum(r["answer_tokens"] for r in rows)
         stats = {
             "kind": model.kind, "threads": model.threads, "size_mb": model.size_mb(),
+            # False: the untimed answers were computed one at a time, as og cannot batch this model
+            "batched_answers": model.can_batch,
             "perplexity_answer": math.exp(sum(r["nll_answer"] for r in rows) / answer_tokens) if same_tokens else None,
             "perplexity_full": math.exp(sum(r["nll_full"] for r in rows) / sum(r["full_tokens"] for r in rows))
             if same_tokens else None,

@@ -1,13 +1,26 @@
-"""Typed settings for ``ftl finetune``; validated before any weights load."""
+"""Typed settings for ``ftl finetune``; validated before any weights load.
+
+The settings travel as the config itself, never as command-line flags rebuilt from it: an Azure
+ML job ships them as ``finetune.json`` and runs ``ftl finetune --config finetune.json``, with the
+paths (the job's inputs and output) as flags and a sweep's values as ``KEY=VALUE`` arguments,
+each written so that it reads back as the same JSON value (:func:`override`).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import Field, field_validator, model_validator
 
 from ftl.config import StrictModel
+from ftl.errors import ConfigError
+
+CONFIG_FILE = "finetune.json"
+# Where a fine-tune reads and writes, not how it trains: a job gives these as its inputs and output.
+PATHS = ("model", "data", "val_data", "output", "force")
 
 
 class FinetuneConfig(StrictModel):
@@ -92,3 +105,58 @@ class FinetuneConfig(StrictModel):
         if self.early_stopping_patience and not self.validates:
             raise ValueError("early_stopping_patience needs validation rows: set val_split or val_data")
         return self
+
+
+def settings(config: FinetuneConfig) -> dict:
+    """The settings as JSON values, without the paths: what a job ships as ``finetune.json``."""
+    return config.model_dump(mode="json", exclude=set(PATHS))
+
+
+def read_settings(path: Path) -> dict:
+    """A ``--config`` file (JSON, or YAML) as a mapping; its keys are checked when the config is built."""
+    try:
+        found = yaml.safe_load(Path(path).read_text())  # JSON is YAML too
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file: {exc.strerror}", str(path), "check the path") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the config file does not parse: {getattr(exc, 'problem', exc)}", str(path),
+                          "write it as JSON or YAML (ftl writes finetune.json for a job)") from None
+    if not isinstance(found or {}, dict):
+        raise ConfigError("a config file must be a mapping of settings", str(path), 'e.g. {"r": 8, "packing": false}')
+    return found or {}
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
+    """``KEY=VALUE`` arguments as settings; each value is JSON, else YAML: ``packing=false``,
+    ``target_modules=[q_proj,v_proj]``, ``learning_rate=1e-05`` (JSON first: YAML 1.1 reads that as a string)."""
+    found = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item!r} is not KEY=VALUE", "ftl finetune", "e.g. ftl finetune --config "
+                              "finetune.json r=8 packing=false")
+        try:
+            found[key.strip()] = json.loads(text)
+            continue
+        except ValueError:
+            pass
+        try:
+            found[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: the value does not parse: {getattr(exc, 'problem', exc)}", item,
+                              "values are YAML or JSON, e.g. target_modules='[\"q_proj\", \"v_proj\"]'") from None
+    return found
+
+
+def override(value) -> str:
+    """The VALUE text that :func:`parse_overrides` reads back as exactly ``value``: its JSON, with no
+    single quote in it (``'`` as ``\\u0027``), so that it passes a shell inside single quotes. An Azure
+    ML sweep puts it into the trial's command as it is; given a bool or a list it would write Python's
+    ``True`` or ``['q_proj']`` instead."""
+    return json.dumps(value, ensure_ascii=False).replace("'", "\\u0027")
+
+
+def sweep_choice(value):
+    """A swept value as an Azure ML search-space choice: a number as itself, anything else as its
+    :func:`override` text (see there)."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else override(value)

@@ -27,6 +27,7 @@ from olive.passes.olive_pass import PassConfigParam
 from olive.passes.pytorch.lora import LoRA, QLoRA
 
 from ftl.finetune import distributed, packing
+from ftl.tracking import live_logger
 
 
 class _FtlTraining:
@@ -57,6 +58,7 @@ class _FtlTraining:
                     kwargs["data_collator"] = packing.pack
                 super().__init__(*args, **kwargs)
                 self.ftl_tokens = 0  # real tokens trained on, for the summary's tokens/s
+                self.add_callback(_ToJobRun(live_logger(own_run=False)))
                 if patience:
                     self.add_callback(transformers.EarlyStoppingCallback(early_stopping_patience=patience))
 
@@ -89,6 +91,18 @@ class _FtlTraining:
             return super()._run_for_config(model, config, output_model_path)
         finally:
             transformers.Trainer = original
+
+
+class _ToJobRun(transformers.TrainerCallback):
+    """loss and eval_loss into an Azure ML job's own run as they are logged: a sweep's Bandit policy
+    and its choice of the best trial read them there (ftl.tracking.live_logger; a no-op elsewhere)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and state.is_world_process_zero:
+            self.log(logs, state.global_step)
 
 
 class FtlLoRA(_FtlTraining, LoRA):

@@ -517,10 +517,11 @@ def _training_summary(checkpoints: Path) -> dict:
 
 
 def history_curves(history: list[dict]) -> tuple[list[dict], list[dict]]:
-    """(loss curve, eval_loss curve) from an HF Trainer's log_history."""
+    """(loss curve, eval_loss curve) from an HF Trainer's log_history. eval_loss keeps full precision:
+    the best step is chosen on it, and two evaluations 1e-5 apart must not tie in the manifest."""
     return ([{"step": h["step"], "loss": round(float(h["loss"]), 4), "epoch": round(float(h.get("epoch", 0)), 3)}
              for h in history if "loss" in h],
-            [{"step": h["step"], "eval_loss": round(float(h["eval_loss"]), 4)} for h in history if "eval_loss" in h])
+            [{"step": h["step"], "eval_loss": float(h["eval_loss"])} for h in history if "eval_loss" in h])
 
 
 def _loss_curve(checkpoints: Path) -> list[dict]:

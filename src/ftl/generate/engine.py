@@ -8,15 +8,22 @@ the model was fine-tuned on.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 from ftl import manifest
-from ftl.chat import Message, PromptFormat, prompt_format_for
+from ftl.chat import Message, PromptFormat, find_stop, partial_stop, prompt_format_for
 from ftl.errors import ConfigError, ModelNotFoundError
 from ftl.system import decode_rate, default_threads
+
+log = logging.getLogger(__name__)
+
+# Why a model answers a batch one conversation at a time (OnnxChatModel.can_batch is False).
+UNBATCHED = ("onnxruntime-genai cannot batch prompts of different lengths for a model with a sliding-window KV "
+             "cache (Gemma 3): its answers are computed one at a time")
 
 
 @dataclass
@@ -35,6 +42,22 @@ class Generation:
 
 def _genai_config(folder: Path) -> dict:
     return json.loads((Path(folder) / "genai_config.json").read_text())
+
+
+def check_folder(folder: Path) -> dict:
+    """An onnxruntime-genai folder's genai_config.json, once the model file it names is there too:
+    og itself reports a missing one only as a RuntimeError from deep in its loader. (A copy of an
+    export's small files, such as MLflow keeps, has the config without the model.)"""
+    folder = Path(folder)
+    if not (folder / "genai_config.json").is_file():
+        raise ModelNotFoundError("not an onnxruntime-genai folder (no genai_config.json)", str(folder),
+                                 "give the output folder of `ftl export-onnx`")
+    config = _genai_config(folder)
+    name = config.get("model", {}).get("decoder", {}).get("filename") or "model.onnx"
+    if not (folder / name).is_file():
+        raise ModelNotFoundError(f"the model file {name} named by genai_config.json is missing", str(folder / name),
+                                 "give the whole export folder, or run `ftl export-onnx` again")
+    return config
 
 
 def kv_window(folder: Path) -> int:
@@ -71,9 +94,7 @@ class OnnxChatModel:
         import onnxruntime_genai as og
 
         folder = Path(folder)
-        if not (folder / "genai_config.json").is_file():
-            raise ModelNotFoundError("not an onnxruntime-genai folder (no genai_config.json)", str(folder),
-                                     "give the output folder of `ftl export-onnx`")
+        model_config = check_folder(folder).get("model", {})  # read once: stop ids, context, window
         record = manifest.read(folder)
         record = record if manifest.is_ftl(record) else {}
         check_runtime(folder, record)
@@ -84,7 +105,6 @@ class OnnxChatModel:
             self.format = self.format.model_copy(update={"system_prompt": system_prompt})
         self._og = og
         self.model, self.threads = load_og_model(folder, threads)
-        model_config = _genai_config(folder).get("model", {})  # read once: stop ids, context, window
         eos = model_config.get("eos_token_id", [])
         self.stop_ids = set(eos if isinstance(eos, list) else [eos])
         self.context_length = int(model_config.get("context_length") or 2048)
@@ -92,6 +112,14 @@ class OnnxChatModel:
         # than the window (Gemma 3: 512), so a short prompt still asks for at least the window.
         self.min_length = _window(model_config)
         self.tokenizer = og.Tokenizer(self.model)
+        # Whether og can batch prompts of different lengths: not with a sliding-window KV cache. og 0.18's
+        # builder gives those layers a window-sized ring cache (GroupQueryAttention sliding_window_cache),
+        # which a padded batch breaks: padded on the right, the prompt step fails ("seqlens_k[0] = 13 is too
+        # small for sequence_length 20", Gemma 3 270M); on the left, it runs, but answers leave what each
+        # prompt gets alone once the batch outgrows the window; og's Engine pads the same way. The config
+        # says which layers have the cache, so no probe is needed (tests/test_families.py checks both ways).
+        self.can_batch = not self.min_length
+        self._said_unbatched = False
         self.adapters = None
         adapter = adapter or _bundled_adapter(folder, record)
         if adapter:
@@ -128,10 +156,13 @@ class OnnxChatModel:
 
     def stream(self, messages: list[Message], *, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, stats: dict | None = None, search: dict | None = None,
-               repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None) -> Iterator[str]:
-        """Yield text pieces as tokens arrive. ``stats`` (if given) receives timing and counts.
+               repetition_penalty: float | None = None, no_repeat_ngram_size: int | None = None,
+               stop: list[str] | None = None) -> Iterator[str]:
+        """Yield text pieces as tokens arrive: one per answer token (empty while it may begin a stop
+        string), then whatever was held back. ``stats`` (if given) receives timing and counts.
         ``search``: og search options over the folder's own defaults (genai_config.json "search",
-        where the export writes the repetition settings it measured best)."""
+        where the export writes the repetition settings it measured best). ``stop``: strings that end
+        the answer and are not part of it (default: the prompt format's, a text template's next turn)."""
         og = self._og
         ids = self.prompt_ids(messages)
         self.check_fits(ids, max_new_tokens)
@@ -152,21 +183,22 @@ class OnnxChatModel:
         if self.adapters is not None:
             generator.set_active_adapter(self.adapters, "default")
         generator.append_tokens(ids)
-        decoder = self.tokenizer.create_stream()
-        new_tokens, first, last, token_ids = 0, None, None, []
-        while not generator.is_done() and new_tokens < max_new_tokens:  # max_length may exceed it (window)
+        answer = Answer(self.tokenizer.create_stream(), self._stops(stop))
+        first = None
+        while not generator.is_done() and not answer.ended(max_new_tokens):  # max_length may exceed it (window)
             generator.generate_next_token()
-            token = generator.get_next_tokens()[0]
+            token = int(generator.get_next_tokens()[0])
             now = time.perf_counter() - started
             first = now if first is None else first
             if generator.is_done() and token in self.stop_ids:
                 break  # the end-of-sequence step is not an answer token (see ftl.system.decode_rate)
-            new_tokens, last = new_tokens + 1, now
-            token_ids.append(int(token))
-            yield decoder.decode(token)
+            yield answer.add(token, now)
+        rest = answer.flush()
+        if rest:
+            yield rest
         if stats is not None:
-            stats.update(prompt_tokens=len(ids), new_tokens=new_tokens, ttft_s=first or 0.0, token_ids=token_ids,
-                         total_s=last if last is not None else (first or 0.0))
+            stats.update(prompt_tokens=len(ids), new_tokens=len(answer.ids), ttft_s=first or 0.0,
+                         token_ids=answer.ids, total_s=answer.last_s if answer.ids else (first or 0.0))
 
     def generate(self, messages: list[Message], **kwargs) -> Generation:
         stats: dict = {}
@@ -174,15 +206,20 @@ class OnnxChatModel:
         return Generation(text=text, **stats)
 
     def generate_batch(self, conversations: list[list[Message]], *, max_new_tokens: int = 256,
-                       search: dict | None = None) -> list[Generation]:
+                       search: dict | None = None, stop: list[str] | None = None) -> list[Generation]:
         """Greedy answers to several conversations as one og batch (prompts padded on the right, which
-        og 0.18 masks: each row's answer is the one it gets alone, tests/test_generate.py). The times are
-        the batch's. About 2x the tokens/s of one by one at 4 rows on 2 cores (bench/serve.py)."""
+        og 0.18 masks: each row's answer is the one it gets alone, tests/test_families.py). The times are
+        the batch's. About 2x the tokens/s of one by one at 4 rows on 2 cores (bench/serve.py). A model
+        og cannot batch (:attr:`can_batch`) answers one at a time, and says so once."""
         import numpy as np
 
         og = self._og
-        if len(conversations) == 1:
-            return [self.generate(conversations[0], max_new_tokens=max_new_tokens, search=search)]
+        if len(conversations) == 1 or not self.can_batch:
+            if len(conversations) > 1 and not self._said_unbatched:
+                log.warning("%s (%s)", UNBATCHED, self.folder)
+                self._said_unbatched = True
+            return [self.generate(messages, max_new_tokens=max_new_tokens, search=search, stop=stop)
+                    for messages in conversations]
         prompts = [self.prompt_ids(messages) for messages in conversations]
         for ids in prompts:
             self.check_fits(ids, max_new_tokens)
@@ -197,8 +234,9 @@ class OnnxChatModel:
             generator.set_active_adapter(self.adapters, "default")
         generator.append_tokens(np.array([ids + [self.pad_id] * (longest - len(ids)) for ids in prompts],
                                          dtype=np.int32))
-        answers: list[list[int]] = [[] for _ in prompts]
-        live, first, last = [True] * len(prompts), None, [0.0] * len(prompts)
+        stops = self._stops(stop)
+        answers = [Answer(self.tokenizer.create_stream(), stops) for _ in prompts]
+        live, first = [True] * len(prompts), None
         while any(live) and not generator.is_done():
             generator.generate_next_token()
             now = time.perf_counter() - started
@@ -209,12 +247,14 @@ class OnnxChatModel:
                 if int(token) in self.stop_ids:
                     live[row] = False
                     continue
-                answers[row].append(int(token))
-                last[row] = now
-                live[row] = len(answers[row]) < max_new_tokens
-        return [Generation(self.tokenizer.decode(np.array(ids, dtype=np.int32)) if ids else "", len(prompt), len(ids),
-                           first or 0.0, last[row] or (first or 0.0), ids)
-                for row, (ids, prompt) in enumerate(zip(answers, prompts))]
+                answers[row].add(int(token), now)
+                live[row] = not answers[row].ended(max_new_tokens)
+        return [Generation(answer.text, len(prompt), len(answer.ids), first or 0.0,
+                           answer.last_s if answer.ids else (first or 0.0), answer.ids)
+                for answer, prompt in zip(answers, prompts)]
+
+    def _stops(self, stop: list[str] | None) -> list[str]:
+        return self.format.stop_strings if stop is None else [s for s in stop if s]
 
     @property
     def pad_id(self) -> int:
@@ -253,3 +293,49 @@ def _bundled_adapter(folder: Path, record: dict) -> Path | None:
     if not path.is_file():
         raise ConfigError("the export's adapter file is missing", str(path), "re-run ftl export-onnx")
     return path
+
+
+class Answer:
+    """One answer as its tokens arrive: the text up to the first stop string, the ids of the tokens
+    that made it, and how much of it may be shown (the tail that could begin a stop string waits)."""
+
+    def __init__(self, decoder, stops: list[str]):
+        self.decoder, self.stops = decoder, stops
+        self.longest = max((len(stop) for stop in stops), default=0)
+        self.text, self.sent, self.stopped = "", 0, False
+        self.ids: list[int] = []
+        self.starts: list[int] = []  # where each token's text begins
+        self.times: list[float] = []  # when each token arrived
+
+    def add(self, token: int, now: float) -> str:
+        """Take one token; return the text it makes safe to show."""
+        before = len(self.text)
+        self.ids.append(token)
+        self.starts.append(before)
+        self.times.append(now)
+        self.text += self.decoder.decode(token)
+        tail = max(0, before - self.longest + 1)  # a stop string ending before this token was found before
+        cut = find_stop(self.text[tail:], self.stops)
+        if cut is None:
+            return self._show(len(self.text) - partial_stop(self.text, self.stops))
+        self.stopped, self.text = True, self.text[:tail + cut]
+        # The answer's tokens are those whose text begins before the stop string.
+        self.ids = [t for t, start in zip(self.ids, self.starts) if start < len(self.text)]
+        return self._show(len(self.text))
+
+    @property
+    def last_s(self) -> float:
+        """When the last answer token arrived (0 before any)."""
+        return self.times[len(self.ids) - 1] if self.ids else 0.0
+
+    def ended(self, max_new_tokens: int) -> bool:
+        return self.stopped or len(self.ids) >= max_new_tokens
+
+    def flush(self) -> str:
+        """What was held back for a stop string that never came."""
+        return self._show(len(self.text))
+
+    def _show(self, upto: int) -> str:
+        piece = self.text[self.sent:upto] if upto > self.sent else ""
+        self.sent = max(self.sent, upto)
+        return piece

@@ -86,8 +86,6 @@ FinetuneStage = _stage_model(FinetuneConfig, ("model", "output", "force"),
                                  "local: train here; azureml: an Azure ML job (the azureml: block), whose output "
                                  "is downloaded into the stage's folder"))),
                              azureml=(AzureTarget | None, Field(None, description="With target: azureml")))
-# Stage keys that are the pipeline's, not the fine-tune's own settings.
-_FINETUNE_PLACEMENT = ("target", "azureml")
 ExportStage = _stage_model(ExportConfig, ("adapter", "model", "output", "force"))
 EvalStage = _stage_model(EvalConfig, ("output", "force"), models=(list[str], Field(
     default_factory=lambda: list(EVAL_MODELS), description="export, finetune, base (the stages' models), or "
@@ -236,24 +234,6 @@ def _build(spec: PipelineSpec, source: str, stage_dirs: dict[str, Path]) -> Pipe
                         azure if target == "azureml" else None)
 
 
-def setting_flags(block, config, flags: dict[str, str], skip=()) -> list[str]:
-    """The ``ftl finetune`` flags for what a finetune block set (not its paths, nor where it runs),
-    as an Azure ML job repeats them. ``flags`` maps a setting to its CLI flag."""
-    out: list[str] = []
-    for name in sorted(block.model_fields_set - set(skip) - {"data", "val_data", "model", "output", "force",
-                                                           *_FINETUNE_PLACEMENT}):
-        value, flag = getattr(config, name), flags[name]
-        if isinstance(value, bool):  # "--packing/--no-packing": the second is how False is said
-            on, _, off = flag.partition("/")
-            out += [on] if value else ([off] if off else [])
-        elif isinstance(value, list):
-            out += [flag, ",".join(map(str, value))] if flag == "--target-modules" else \
-                [part for item in value for part in (flag, str(item))]
-        elif value is not None:
-            out += [flag, str(value)]
-    return out
-
-
 def _set(block) -> dict:
     """Only the keys the YAML set: the stage config's own defaults apply to the rest."""
     return block.model_dump(exclude_unset=True, by_alias=False)
@@ -353,16 +333,10 @@ def _azure_dry_run(plan: PipelinePlan) -> str:
     if not (plan.model_dir / "config.json").is_file() or not all(Path(f).is_file() for f in plan.finetune.data_files):
         return "its Azure ML job is written once the model is imported and the data is there"
     target = plan.azure
-    prepared = jobs.prepare(plan.finetune, _job_flags(plan), **_job_placement(plan),
+    prepared = jobs.prepare(plan.finetune, **_job_placement(plan),
                             workspace=resolve_workspace(target.subscription, target.resource_group, target.workspace,
                                                         required=False))
     return f"Azure ML job → {prepared.job_yml}"
-
-
-def _job_flags(plan: PipelinePlan) -> list[str]:
-    from ftl.cli.finetune import finetune_flags
-
-    return setting_flags(plan.spec.stages.finetune, plan.finetune, finetune_flags())
 
 
 def _job_placement(plan: PipelinePlan) -> dict:
@@ -397,11 +371,14 @@ def stage_manifests(plan: PipelinePlan) -> dict[str, Path]:
 def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False, tracker: Tracker | None = None,
         parent: str | None = None, run_name: str | None = None, log_model: bool = False, kind: str = "pipeline",
         extra_tags: dict | None = None, extra_params: dict | None = None,
-        run_ids: dict | None = None, azure: "AzureSession | None" = None) -> list[StageReport]:
+        run_ids: dict | None = None, azure: "AzureSession | None" = None,
+        finished: list[StageReport] | None = None) -> list[StageReport]:
     """Check every stage, then run each top to bottom, then a summary table. Returns the reports.
 
     With a tracker, the pipeline is an MLflow run (a child of ``parent``, for a sweep's variants)
-    and each stage that runs is a run nested under it."""
+    and each stage that runs is a run nested under it. ``finished`` (when given) gets the report of
+    each stage as it finishes, so a caller knows which results are this run's even when a later
+    stage fails."""
     planned = check(plan)
     console.rule(f"[bold]pipeline {plan.spec.name}[/] → {plan.work}")
     if dry_run:
@@ -417,8 +394,9 @@ def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False, track
                                                                          exclude={"workdir", "models_dir"})),
                                       **(extra_params or {})})
     status = "FAILED"
+    finished = [] if finished is None else finished
     try:
-        reports = _run_stages(plan, force, tracker, pipeline_run, log_model, azure)
+        reports = _run_stages(plan, force, tracker, pipeline_run, log_model, azure, finished)
         status = "FINISHED"
         return reports
     except KeyboardInterrupt:
@@ -426,8 +404,11 @@ def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False, track
         raise
     finally:
         manifests = stage_manifests(plan)
+        # Only the stages that finished in this run: a stage that failed, or never started, may have
+        # the previous result's manifest in its folder, and its metrics are not this run's.
+        done = {r.stage for r in finished}
         # The same id `ftl runs sync` gives this work folder, so syncing it later adds nothing.
-        tracker.log(pipeline_run, metrics=summary_metrics(manifests),
+        tracker.log(pipeline_run, metrics=summary_metrics({s: p for s, p in manifests.items() if s in done}),
                     tags={TAG_UID: pipeline_uid([p for p in manifests.values() if p.is_file()])})
         tracker.log_files(pipeline_run, [p for p in [plan.work / "pipeline_summary.json"] if p.is_file()])
         tracker.end(pipeline_run, status)
@@ -437,7 +418,8 @@ def run(plan: PipelinePlan, *, force: bool = False, dry_run: bool = False, track
 
 
 def _run_stages(plan: PipelinePlan, force: bool, tracker: Tracker, parent: str | None,
-                log_model: bool, azure: "AzureSession | None" = None) -> list[StageReport]:
+                log_model: bool, azure: "AzureSession | None", reports: list[StageReport]) -> list[StageReport]:
+    """Each stage in turn; ``reports`` gets each stage's report as soon as it has finished."""
     from ftl.export import export_onnx
     from ftl.finetune import finetune
     from ftl.models import import_model
@@ -449,7 +431,6 @@ def _run_stages(plan: PipelinePlan, force: bool, tracker: Tracker, parent: str |
         return tracker.stage(stage, manifests[stage], parent=parent, log_model=log_model)
 
     work.mkdir(parents=True, exist_ok=True)
-    reports: list[StageReport] = []
     started = time.perf_counter()
     source = plan.spec.stages.import_.source
     with task_progress(f"import {source}"):
@@ -519,7 +500,7 @@ def _finetune_on_azure(plan: PipelinePlan, force: bool, azure: AzureSession):
         return _result_from_manifest(out, skipped=True)
     manifest.check_output(out, force=force, stage="finetune")
     ref = resolve_workspace(target.subscription, target.resource_group, target.workspace)
-    prepared = jobs.prepare(config, _job_flags(plan), **_job_placement(plan), workspace=ref)
+    prepared = jobs.prepare(config, **_job_placement(plan), workspace=ref)
     limits = jobs.WaitLimits(queue_s=target.queue_timeout * 60, run_s=target.run_timeout * 60)
     if azure.poll_s is not None:
         limits.poll_s = azure.poll_s

@@ -23,10 +23,9 @@ from pathlib import Path
 import yaml
 
 from ftl.errors import ConfigError, FtlError
-from ftl.pipeline.runner import (STAGES, Stages, _apply_override, load_pipeline, read_pipeline, run, setting_flags,
-                                 stage_manifests)
+from ftl.pipeline.runner import STAGES, Stages, _apply_override, load_pipeline, read_pipeline, run, stage_manifests
 from ftl.progress import console
-from ftl.tracking import TAG_STAGE, Tracker, summary_metrics
+from ftl.tracking import TAG_STAGE, Tracker, scrub, summary_metrics
 
 DEFAULT_RANK = ("eval.exported.perplexity_answer", "finetune.best_eval_loss", "finetune.final_loss")
 _HIGHER_IS_BETTER = ("rouge", "top1", "exact_match", "tokens_per_s", "accuracy")
@@ -159,37 +158,47 @@ def sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides: list
     tracker.log(sweep_run, params={"grid": json.dumps(grid), "shared_stages": ",".join(shared) or "none",
                                    "variants": len(variants)})
     console.print(f"sweep of {len(variants)} variants; shared stages (run once): {', '.join(shared) or 'none'}")
-    status = "FAILED"
+    status, ended = "FAILED", False
     try:
         for variant, plan in zip(variants, plans):
             console.rule(f"[bold]variant {variant.index + 1}/{len(variants)}: {variant.name}"
                          + (" (control)" if variant.control else ""))
             ids: dict = {}
+            finished: list = []
             try:
                 run(plan, force=force, tracker=tracker, parent=sweep_run, run_name=variant.name,
-                    log_model=log_model, kind="variant", run_ids=ids,
+                    log_model=log_model, kind="variant", run_ids=ids, finished=finished,
                     extra_tags={"ftl.control": "1" if variant.control else "0", "ftl.sweep": raw["name"]},
                     extra_params={f"sweep.{k}": v for k, v in variant.values.items()})
                 variant.status = "ran"
             except FtlError as exc:
                 variant.status, variant.error = "failed", exc.one_line()
                 console.print(f"[red]variant {variant.name} failed:[/] {exc.one_line()}", highlight=False)
-            variant.run_id = ids.get("pipeline")
-            variant.metrics = summary_metrics(stage_manifests(plan))
+            except BaseException as exc:  # Ctrl-C, or an error ftl did not foresee: the sweep stops here
+                variant.status, variant.error = "stopped", f"{type(exc).__name__}: {scrub(str(exc))[:300]}"
+                raise
+            finally:
+                variant.run_id = ids.get("pipeline")
+                done = {r.stage for r in finished}  # a failed variant's later folders may hold old results
+                variant.metrics = summary_metrics({s: p for s, p in stage_manifests(plan).items() if s in done})
         status = "FINISHED" if all(v.status == "ran" for v in variants) else "FAILED"
+        ended = True
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         ranked = rank(variants, rank_by)
         out = base / "sweep"
-        out.mkdir(parents=True, exist_ok=True)
-        _write_summary(out / "sweep_summary.json", ranked, grid, shared, rank_by)
-        report = _report(tracker, ranked, out / "comparison.html", raw["name"])
-        tracker.log_files(sweep_run, [p for p in (out / "sweep_summary.json", report) if p and p.is_file()])
-        if ranked and ranked[0][1] is not None:
-            tracker.log(sweep_run, metrics={"best." + ranked[0][2]: ranked[0][1]}, tags={"ftl.best": ranked[0][0].name})
-        tracker.end(sweep_run, status)
+        try:
+            _conclude(tracker, sweep_run, ranked, out, grid, shared, rank_by, raw["name"])
+        except Exception as exc:  # noqa: BLE001
+            if ended:
+                raise
+            # The error that stopped the sweep is the one to see; this one only costs the summary.
+            console.print(f"[yellow]warning:[/] the sweep's summary was not finished: {type(exc).__name__}: "
+                          f"{scrub(str(exc).strip())[:200]}", highlight=False)
+        finally:  # whatever the summary met, the sweep's run ends with the sweep's own status
+            tracker.end(sweep_run, status)
         show(ranked)
     failed = [v for v in variants if v.status == "failed"]
     if failed:
@@ -199,13 +208,27 @@ def sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides: list
     return [v for v, _, _ in ranked]
 
 
+def _conclude(tracker: Tracker, sweep_run: str | None, ranked, out: Path, grid: dict, shared: list[str],
+              rank_by: str | None, name: str) -> None:
+    """The comparison: sweep_summary.json, comparison.html, and both plus the best value in MLflow."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_summary(out / "sweep_summary.json", ranked, grid, shared, rank_by)
+    report = _report(tracker, ranked, out / "comparison.html", name)
+    tracker.log_files(sweep_run, [p for p in (out / "sweep_summary.json", report) if p and p.is_file()])
+    if ranked and ranked[0][1] is not None:
+        tracker.log(sweep_run, metrics={"best." + ranked[0][2]: ranked[0][1]}, tags={"ftl.best": ranked[0][0].name})
+
+
 def azure_sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides: list[str] | tuple[str, ...] = (),
-                flags: dict[str, str], compute: str, dry_run: bool = False, max_concurrent: int = 4,
-                workspace=None, ml=None, wheel: Path | None = None):
-    """The grid as one Azure ML sweep job: each trial is the pipeline's ftl finetune with the swept
-    flags as ``${{search_space.<key>}}``; the objective is eval_loss (with validation rows) or the
-    training loss, as the trainer logs them to MLflow. ``flags`` maps a finetune setting to its CLI flag."""
+                compute: str, dry_run: bool = False, max_concurrent: int = 4, workspace=None, ml=None,
+                wheel: Path | None = None):
+    """The grid as one Azure ML sweep job. Each trial runs the pipeline's fine-tune as the job ships
+    it (``ftl finetune --config finetune.json``) with each swept setting as a ``KEY=VALUE`` argument,
+    its value ``${{search_space.<key>}}``: the validated value, typed as JSON (a bool or a list as
+    its JSON text, see :func:`ftl.finetune.config.sweep_choice`). The objective is eval_loss (with
+    validation rows) or the training loss, which ftl logs to each trial's own run."""
     from ftl.azure import jobs
+    from ftl.finetune.config import settings, sweep_choice
 
     raw = read_pipeline(path)
     for item in overrides:
@@ -229,18 +252,29 @@ def azure_sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides
     if missing:
         raise ConfigError("the fine-tune's data is not here yet", str(missing[0]),
                           "run the pipeline's earlier stages first (ftl run … --dry-run shows them)")
-    swept = {key.split(".", 1)[1] for key in grid}
-    fixed = setting_flags(plan.spec.stages.finetune, config, flags, skip=swept)
-    for key in grid:
-        name = key.split(".", 1)[1]
-        fixed += [flags[name].partition("/")[0], "${{search_space.%s}}" % name]
-    spec = jobs.SweepSpec({key.split(".", 1)[1]: values for key, values in grid.items()},
-                          primary_metric="eval_loss" if config.validates else "loss", max_concurrent=max_concurrent)
-    prepared = jobs.prepare(config, fixed, compute=compute, experiment=raw["name"], workspace=workspace, wheel=wheel,
-                            sweep=spec)
+    trials = _trial_configs(path, raw, grid)
+    # Each choice is the setting as a validated trial has it (1e-4 a float, [q_proj] a list), in the grid's order.
+    space = {key.split(".", 1)[1]: [sweep_choice(settings(next(c for v, c in trials if v.values[key] is value))[
+        key.split(".", 1)[1]]) for value in values] for key, values in grid.items()}
+    spec = jobs.SweepSpec(space, primary_metric="eval_loss" if config.validates else "loss",
+                          max_concurrent=max_concurrent)
+    prepared = jobs.prepare(config, [f"{name}=${{{{search_space.{name}}}}}" for name in space], compute=compute,
+                            experiment=raw["name"], workspace=workspace, wheel=wheel, sweep=spec)
     if dry_run:
         return prepared, None
     return prepared, jobs.submit(ml, prepared, wait=False, compute=compute)
+
+
+def _trial_configs(path: Path, raw: dict, grid: dict[str, list]) -> list[tuple[Variant, object]]:
+    """Every combination's fine-tune config, built and checked before anything is written or sent."""
+    trials = []
+    for variant in plan_variants(grid):
+        items = [f"{k}={json.dumps(v)}" for k, v in variant.values.items()]
+        try:
+            trials.append((variant, load_pipeline(path, items, raw=raw).finetune))
+        except ConfigError as exc:
+            raise ConfigError(f"trial {variant.name}: {exc.what}", exc.where, exc.fix) from None
+    return trials
 
 
 def rank(variants: list[Variant], rank_by: str | None) -> list[tuple[Variant, float | None, str]]:
@@ -311,13 +345,17 @@ def _report(tracker: Tracker, ranked, path: Path, name: str) -> Path | None:
 
     views, tracked = [], []
     for variant, _, _ in ranked:
-        if tracker.on and variant.run_id:
-            views.append(view(tracker.client.get_run(variant.run_id)))
+        found = tracker._get(variant.run_id) if tracker.on and variant.run_id else None
+        if found is not None:
+            views.append(view(found))
             tracked.append(views[-1])
-        else:
+        else:  # not tracked, or MLflow did not answer: the manifests' own figures
             views.append(RunView(variant.name, variant.name, "variant", variant.status, 0,
                                  {k: _short(v) for k, v in variant.values.items()}, dict(variant.metrics)))
-    with_curves(tracker, tracked)
+    try:
+        with_curves(tracker, tracked)
+    except Exception as exc:  # noqa: BLE001 — a transient MLflow error costs the plot, not the sweep
+        tracker._fail(exc, "the comparison has no loss curves")
     try:
         return write_html(path, views, title=f"ftl sweep {name}", force=True)
     except OSError as exc:

@@ -267,9 +267,9 @@ def train(model: nn.Module, rows: Rows, settings: TrainSettings, *, pad_id: int,
                 on_log(point)
         if val is not None and (done % settings.eval_steps == 0 or done == settings.steps):
             loss_v = eval_loss(model, val, pad_id, settings.batch_size, settings.packing)
-            watch["curve"].append({"step": done, "eval_loss": round(loss_v, 4)})
+            watch["curve"].append({"step": done, "eval_loss": loss_v})  # full precision: the best is chosen on it
             if on_log:
-                on_log({"step": done, "eval_loss": round(loss_v, 4)})
+                on_log({"step": done, "eval_loss": loss_v})
             if watch["best"] is None or loss_v < watch["best"]:
                 watch.update(best=loss_v, best_step=done, bad=0,
                              best_params=[p.detach().clone() for p in params])
