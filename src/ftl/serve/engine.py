@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Callable
 
 from ftl import manifest
-from ftl.chat import Message, PromptFormat, with_system
+from ftl.chat import Message, PromptFormat, find_stop, partial_stop, with_system
 from ftl.errors import ConfigError, ModelNotFoundError
 from ftl.generate.engine import OnnxChatModel
 
@@ -441,12 +441,12 @@ class Scheduler:
             return self._finish(row, "done", "stop")
         job.new_tokens += 1
         job.text += row.decoder.decode(token)
-        hit = _stop_at(job.text, job.stop)
+        hit = find_stop(job.text, job.stop)
         if hit is not None:
             job.text = job.text[:hit]
             self._flush(row, len(job.text))
             return self._finish(row, "done", "stop")
-        self._flush(row, len(job.text) - _partial_stop(job.text, job.stop))  # hold back a forming stop string
+        self._flush(row, len(job.text) - partial_stop(job.text, job.stop))  # hold back a forming stop string
         if job.new_tokens >= job.max_tokens:
             self._flush(row, len(job.text))
             self._finish(row, "done", "length")
@@ -467,18 +467,3 @@ class Scheduler:
         if self.on_finish:
             self.on_finish(job)
 
-
-def _stop_at(text: str, stops: list[str]) -> int | None:
-    found = [text.find(s) for s in stops if s and s in text]
-    return min(found) if found else None
-
-
-def _partial_stop(text: str, stops: list[str]) -> int:
-    """How many trailing characters of ``text`` could begin a stop string."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:n]):
-                longest = max(longest, n)
-                break
-    return longest
