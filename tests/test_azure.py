@@ -533,6 +533,24 @@ def test_score_py_answers_as_ftl_generate_and_bad_requests_are_400(tiny_export, 
         assert response.status_code == 400 and message in response.message["error"], body
 
 
+def test_the_engine_copied_beside_score_py_imports_without_ftl_installed(tiny_export, tmp_path):
+    """The deployment's image has onnxruntime-genai, pydantic and jinja2 but no ftl: score.py imports the
+    engine from score/ftl/ (deploy.ENGINE_FILES), so that copy must be whole (it once lacked ftl/lazy.py)."""
+    from ftl.azure import deploy
+
+    shutil.copytree(tiny_export, tmp_path / "model" / "export")
+    score_dir = deploy.prepare(tmp_path / "model" / "export", "ftl-tiny").folder / "score"
+    code = ("import sys\n"
+            "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in getattr(f, '__module__', '')]  # no installed ftl\n"
+            f"sys.path.insert(0, {str(score_dir)!r})\n"
+            "import ftl, ftl.generate.engine\n"
+            "from ftl.generate import OnnxChatModel\n"
+            "print(ftl.__file__)")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(score_dir / "ftl" / "__init__.py")
+
+
 def test_score_py_caps_new_tokens_and_stops_at_the_deadline_the_deployment_sets(tiny_export, tmp_path, monkeypatch):
     """One request must not hold the endpoint's only slot: score.py generates at most the deployment's
     FTL_MAX_NEW_TOKENS (ftl deploy --max-new-tokens), and stops at its FTL_DEADLINE_S with what it has."""

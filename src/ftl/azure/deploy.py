@@ -40,7 +40,7 @@ DEFAULT_MAX_NEW_TOKENS = 512
 SERVER = "azureml-inference-server-http==1.5.1"
 # ftl's inference engine as score.py imports it (score/ftl/): the code ftl generate and ftl serve run,
 # which needs onnxruntime-genai, pydantic and jinja2 but nothing of the training stack.
-ENGINE_FILES = ("__init__.py", "errors.py", "system.py", "manifest.py", "chat.py", "generate/__init__.py",
+ENGINE_FILES = ("__init__.py", "errors.py", "system.py", "manifest.py", "chat.py", "lazy.py", "generate/__init__.py",
                 "generate/engine.py")
 SAMPLE = {"messages": [{"role": "user", "content": "What can you help me with?"}], "max_new_tokens": 128}
 
