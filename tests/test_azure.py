@@ -262,6 +262,34 @@ def test_an_interrupted_wait_is_followed_again_not_submitted_twice(tmp_path, tin
     assert not jobs.job_record(jobs.staging_folder(cfg.output))  # nothing left to follow
 
 
+def test_a_submission_whose_answer_was_lost_is_followed_not_submitted_again(tmp_path, tiny_model, qa_file, fake,
+                                                                            wheel):
+    """The service may create the job and the answer never arrive (a read timeout, a reset, Ctrl-C in the
+    call): the name ftl chose is recorded before the call, so the next run finds that job."""
+    from ftl.finetune.stage import plan
+
+    cfg = config(tmp_path, tiny_model, qa_file)
+    fingerprint = plan(cfg).fingerprint
+    fake.fail_plan.append({"method": "PUT", "path_re": r"/jobs/[^/]+$", "status": 400, "after": True,
+                           "body": {"error": {"code": "UserError", "message": "the answer was lost"}}})
+    with pytest.raises(AzureError):
+        jobs.submit(client(fake), jobs.prepare(cfg, [], compute="gpu-cluster", wheel=wheel),
+                    limits=jobs.WaitLimits(poll_s=0), transfer=LocalTransfer(), download_to=cfg.output,
+                    fingerprint=fingerprint, say=lambda line: None)
+    (first,) = _job_puts(fake)
+    assert jobs.job_record(jobs.staging_folder(cfg.output))["job"] == first.rsplit("/", 1)[1]
+    fake.job_status_sequence = ["Completed"]
+    produced = tmp_path / "produced"
+    produced.mkdir()
+    (produced / "manifest.json").write_text("{}")
+    said = []
+    result = jobs.submit(client(fake), jobs.prepare(cfg, [], compute="gpu-cluster", wheel=wheel),
+                         limits=jobs.WaitLimits(poll_s=0), transfer=LocalTransfer(produced), download_to=cfg.output,
+                         fingerprint=fingerprint, say=said.append)
+    assert _job_puts(fake) == [first] and result.name == first.rsplit("/", 1)[1] and result.status == "Completed"
+    assert "submitted earlier for this plan" in said[0]
+
+
 def test_another_plan_says_the_earlier_job_still_runs_and_a_failed_one_is_not_followed(tmp_path, tiny_model, qa_file,
                                                                                       fake, wheel):
     cfg = config(tmp_path, tiny_model, qa_file)

@@ -231,3 +231,20 @@ def test_rate_limit_headers_are_parsed_as_openai_and_azure_send_them():
     azure = RateLimits.from_headers({"x-ratelimit-remaining-requests": "79", "x-ratelimit-remaining-tokens": "61353"})
     assert azure == RateLimits(remaining_requests=79, remaining_tokens=61353)
     assert RateLimits.from_headers({"x-ratelimit-limit-tokens": "-1"}) is None  # "no limit" is not a limit
+
+
+def test_the_pace_floor_counts_one_window_even_when_answers_come_back_out_of_order():
+    """The floor is the most requests accepted in one window. Slow answers arrive after later ones: counting
+    those later sends lifted the floor above the quota (a teacher answering in 1-15 s at a 10 s window)."""
+    import time
+
+    from ftl.distill.budget import Budget, Ticket
+
+    budget = Budget(None, None, window=10.0, concurrency=16)
+    now = time.monotonic()
+    tickets = [Ticket(i, now - 20 + i, 1, i, [now - 20 + i, 1]) for i in range(20)]  # one a second: 60 RPM
+    budget.in_flight = len(tickets)
+    slow = tickets.pop(5)
+    for ticket in tickets + [slow]:  # every answer in order, then the slow one
+        budget.done(ticket)
+    assert 0 < budget.sustained <= 60, budget.sustained

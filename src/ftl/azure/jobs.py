@@ -399,7 +399,11 @@ def _create(ml, prepared: Prepared, plan: str, fingerprint: str | None) -> Submi
               "creating the environment")
     except Exception as exc:  # noqa: BLE001
         raise service_error(exc, "looking up the environment") from None
-    job = _call(lambda: ml.jobs.create_or_update(load_job(source=str(prepared.job_yml))), "submitting the job")
+    spec = load_job(source=str(prepared.job_yml))
+    # Recorded before the call, under the name ftl chose: a lost response (a timeout, a reset, Ctrl-C)
+    # may still have created the job, and the next run must find it rather than submit a second one.
+    write_job_record(prepared.folder, Submitted(spec.name, "Submitting", None), fingerprint, plan)
+    job = _call(lambda: ml.jobs.create_or_update(spec), "submitting the job")
     result = Submitted(job.name, _status(job), _studio(job))
     write_job_record(prepared.folder, result, fingerprint, plan)
     return result
@@ -431,7 +435,7 @@ def _wait(ml, result: Submitted, limits: WaitLimits, say: Callable[[str], None])
 
 
 # Ended without an output to collect: a re-run submits a new job rather than follow one of these.
-DEAD = {"Failed", "Canceled", "NotResponding"}
+DEAD = {"Failed", "Canceled", "NotResponding", "Paused"}
 
 
 def plan_key(prepared: Prepared, fingerprint: str | None) -> str:

@@ -258,8 +258,10 @@ class Budget:
         else:
             self.refused_in_row, self.refused_until = 0, 0.0
             self.accepted.append(ticket.sent)
-            # less the one at the window's edge: sent a few ms before it arrived, it may have arrived outside
-            took = sum(1 for sent in self.accepted if sent > ticket.sent - self.window) - 1
+            # The window that ends at this request's send: requests sent later but answered sooner belong
+            # to a later window (counting them let slow answers lift the floor above a quota). Less the one
+            # at the window's edge: sent a few ms before it arrived, it may have arrived outside.
+            took = sum(1 for sent in self.accepted if ticket.sent - self.window < sent <= ticket.sent) - 1
             self.sustained = max(self.sustained, took * 60 / self.window)
             self.flight_limit = min(self.max_flight, self.flight_limit + 1 / self.flight_limit)
             # Additive increase, per window's worth of answers, up to the known limit (see the docstring).
