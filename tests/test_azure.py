@@ -730,6 +730,8 @@ def test_a_sweep_on_azure_is_one_sweep_job_with_a_bandit_policy(tmp_path, tiny_m
         azure_sweep(path, ["export.block_size=32,64"], compute="gpu-cluster", dry_run=True, wheel=wheel)
     with pytest.raises(ConfigError, match="trial v1-packing=maybe: .*stages.finetune.packing"):
         azure_sweep(path, ["finetune.packing=true,maybe"], compute="gpu-cluster", dry_run=True, wheel=wheel)
+    with pytest.raises(ConfigError, match="finetune.data cannot be swept"):  # one upload serves every trial
+        azure_sweep(path, [f"finetune.data={qa_file},{qa_file}"], compute="gpu-cluster", dry_run=True, wheel=wheel)
 
 
 def test_each_azure_sweep_trial_reads_typed_values_and_reports_its_objective_in_its_own_run(

@@ -129,6 +129,17 @@ def test_partial_stop_holds_back_only_what_could_begin_a_stop_string():
     assert find_stop("a ### Answer: b ### Question:", stops) == 2 and find_stop("a ## b", stops) is None
 
 
+def test_a_text_template_stops_only_at_words_an_answer_is_unlikely_to_hold():
+    from ftl.chat import PromptFormat
+
+    def stops(template):
+        return PromptFormat(kind="text", text_template=template).stop_strings
+
+    assert stops("### Question:\n{Question}\n\n### Answer:\n{Answer}") == ["### Question:", "### Answer:"]
+    assert stops("Question: {Question}\nAnswer:{Answer}") == ["Question:", "Answer:"]
+    assert stops("Q: {Question}\nA: {Answer}") == [] and stops("{Question} = {Answer}") == []  # "Plan A: …", "x = 5"
+
+
 def test_a_folder_without_the_model_file_its_config_names_is_a_one_line_error(tiny_export, tmp_path, qa_file):
     """The copy MLflow keeps of an export's small files has genai_config.json but no model.onnx: ftl says
     which file is missing before og tries to load it (og's own message is a RuntimeError from its loader)."""

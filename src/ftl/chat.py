@@ -58,13 +58,15 @@ class PromptFormat(BaseModel):
 
         A briefly trained model often skips the end token and runs on into a turn of its own (Gemma 3
         270M, 4 steps: ``…Paris.### Question:What is…``, or ``…Paris.\n\n### Answer:`` here), so
-        either word starts one. Whitespace around them is dropped: the answer ends where they begin. A
-        chat template needs none: its end of turn is a special token, which stops as an end token."""
+        either word starts one. Whitespace around them is dropped: the answer ends where they begin.
+        Only words an answer is unlikely to hold stop it: at least 4 characters with a letter among them
+        (``Q: {Question}\nA: {Answer}`` gets none, or "Plan A: …" would be cut at "A:"). A chat template
+        needs none: its end of turn is a special token, which stops as an end token."""
         if self.kind != "text":
             return []
         head = self.text_template.split("{" + self.answer_field + "}", 1)[0]
         words = [literal.strip() for literal, _, _, _ in string.Formatter().parse(head)]
-        return list(dict.fromkeys(word for word in words if word))
+        return list(dict.fromkeys(w for w in words if len(w) >= 4 and any(c.isalpha() for c in w)))
 
     def conversation(self, question: str, answer: str | None = None) -> list[Message]:
         """A one-turn conversation, with the system prompt the model was trained with."""

@@ -228,7 +228,7 @@ def azure_sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides
     its JSON text, see :func:`ftl.finetune.config.sweep_choice`). The objective is eval_loss (with
     validation rows) or the training loss, which ftl logs to each trial's own run."""
     from ftl.azure import jobs
-    from ftl.finetune.config import settings, sweep_choice
+    from ftl.finetune.config import PATHS, settings, sweep_choice
 
     raw = read_pipeline(path)
     for item in overrides:
@@ -242,6 +242,10 @@ def azure_sweep(path: Path, sets: list[str] | tuple[str, ...] = (), *, overrides
     if others:
         raise ConfigError(f"on Azure ML a trial is one ftl finetune, so only finetune.* can be swept, not {others[0]}",
                           str(path), "sweep the other stages locally (ftl sweep without --target)")
+    paths = [k for k in grid if k.split(".", 1)[1] in PATHS]
+    if paths:  # the job's inputs are uploaded once, as data assets: a trial cannot pick another
+        raise ConfigError(f"on Azure ML every trial reads the same uploaded inputs, so {paths[0]} cannot be swept",
+                          str(path), "sweep it locally (ftl sweep without --target), or run one sweep per file")
     plan = load_pipeline(path, raw=raw)
     if not (plan.model_dir / "config.json").is_file():
         raise ConfigError("the pipeline's model is not imported yet", str(plan.model_dir),
