@@ -361,3 +361,109 @@ def test_search_options_reach_onnxruntime_genai(tiny_export):
     ids = model.generate(messages, max_new_tokens=40, search={"no_repeat_ngram_size": 1},
                          no_repeat_ngram_size=None).token_ids
     assert len(set(ids)) == len(ids)
+
+
+def _gguf_like(kind: str, n: int, k: int, seed: int) -> Grid:
+    """A random grid of GGUF type ``kind`` in the form ftl.quant.gguf_grid reads it: K-quant scales are
+    fp16 d times a 6-bit (Q6_K: signed 8-bit) sub-block scale, exact in fp32."""
+    g = torch.Generator().manual_seed(seed)
+    bits = {"Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6, "Q8_0": 8}[kind]
+    block = 16 if kind == "Q6_K" else BLOCK
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g).to(torch.uint8)
+    shape = (n, k // block)
+    d = (torch.rand(shape, generator=g) * 0.01 + 1e-3).half()
+    if kind.endswith("_K"):
+        sub = torch.randint(-128, 128, shape, generator=g) if kind == "Q6_K" else torch.randint(0, 64, shape, generator=g)
+        scale = d.float() * sub.float()
+    else:
+        scale = d
+    if kind in ("Q4_0", "Q5_0", "Q6_K", "Q8_0"):
+        zp = torch.full(shape, {4: 8, 5: 16, 6: 32, 8: 128}[bits], dtype=torch.uint8)
+        return Grid(codes, scale, None, zp, bits=bits, block=block, kind=kind)
+    if kind.endswith("_K"):
+        minimum = -((torch.rand(shape, generator=g) * 0.01).half().float() * torch.randint(0, 64, shape, generator=g))
+    else:
+        minimum = (-torch.rand(shape, generator=g) * 0.08).half()
+    return Grid(codes, scale, minimum, bits=bits, block=block, kind=kind)
+
+
+# Per layer, each projection's GGUF type: packed q/k/v of mixed widths and blocks (Gemma 3's Q4_K_M mixes
+# Q4_K, Q5_0, Q6_K and Q8_0), and one of each other type.
+MIXED = [{"q_proj": "Q4_K", "k_proj": "Q5_0", "v_proj": "Q8_0", "o_proj": "Q6_K", "gate_proj": "Q4_0",
+          "up_proj": "Q5_K", "down_proj": "Q6_K"},
+         {"q_proj": "Q4_K", "k_proj": "Q4_K", "v_proj": "Q6_K", "o_proj": "Q5_1", "gate_proj": "Q4_1",
+          "up_proj": "Q8_0", "down_proj": "Q4_K"}]
+
+
+@pytest.fixture(scope="module")
+def mixed_model(tmp_path_factory):
+    """A tiny Llama whose projections lie on grids of every GGUF type, with the grid file a GGUF import
+    writes beside its weights."""
+    from safetensors.torch import load_file, save_file
+
+    from ftl.quant.gguf_grid import GRID_FILE, save_grids
+
+    folder = build_tiny_llama(tmp_path_factory.mktemp("mixed") / "tiny-mixed", hidden_size=64)
+    state = load_file(str(folder / "model.safetensors"))
+    grids = {}
+    for layer, kinds in enumerate(MIXED):
+        for proj, kind in kinds.items():
+            parent = "self_attn" if proj in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            name = f"model.layers.{layer}.{parent}.{proj}"
+            n, k = state[f"{name}.weight"].shape
+            grids[name] = _gguf_like(kind, n, k, seed=layer * 10 + len(grids))
+            state[f"{name}.weight"] = grids[name].dequantize()
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_grids(folder / GRID_FILE, grids, {})
+    return folder, grids
+
+
+def test_every_gguf_grid_is_written_exactly_in_a_matmulnbits_form(mixed_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from ftl.export.exact import modules_of
+
+    folder, grids = mixed_model
+    out = tmp_path / "mixed"
+    export_onnx(ExportConfig(model=str(folder), output=out))  # the grid file makes exact the default
+    record = manifest.read(out)["outputs"]["int4_grid"]
+    assert record["source"] == "gguf" and record["eight_bit_matrices"] > 0
+    written = read_grid(out)
+    assert len(written) == 2 * 5  # qkv (og packs them), o, gate, up, down per layer
+    for node, got in written.items():
+        parts = [grids[m] for m in modules_of(node)]
+        wide = any(p.bits > 4 for p in parts) or any(p.block < BLOCK for p in parts)
+        assert (got["bits"], got["block"]) == ((8 if wide else 4), min(p.block for p in parts)), node
+        rebuilt = (got["codes"].reshape(got["codes"].shape[0], -1, got["block"]) - got["zero_point"][..., None]) \
+            * got["scale"][..., None]
+        if got["offset"] is not None:
+            rebuilt = rebuilt + got["offset"][..., None]
+        want = torch.cat([p.dequantize() for p in parts]).numpy()
+        rebuilt = rebuilt.reshape(want.shape)
+        if all(p.zero_point is not None for p in parts):  # integer zero points: nothing is rounded anywhere
+            assert got["offset"] is None and np.array_equal(rebuilt, want), node
+        else:  # a float minimum is an fp32 offset: within an ulp of the weight
+            assert np.allclose(rebuilt, want, rtol=0, atol=np.abs(want).max() * 2e-7), node
+    torch_model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    onnx_ppl, torch_ppl, _, _ = _onnx_vs_torch(out, torch_model, SEQUENCES)
+    assert abs(onnx_ppl / torch_ppl - 1) < 0.005, (onnx_ppl, torch_ppl)
+
+
+def test_qscale_trains_every_gguf_grid_and_exports_it_exactly(mixed_model, qa_file, tmp_path):
+    folder, grids = mixed_model
+    out = tmp_path / "ft"
+    finetune(FinetuneConfig(model=str(folder), data=qa_file, output=out, method="qscale", max_steps=3,
+                            batch_size=2, learning_rate=1e-3, save_steps=3))
+    trained, metadata = load_scales(out / "qscale.safetensors")
+    assert metadata["grid"] == "exact"
+    for name, parts in trained.items():
+        grid = grids[name]
+        assert parts["scale"].dtype == grid.scale.dtype and parts["scale"].shape == grid.scale.shape, name
+        assert ("zero_point" in parts) == (grid.zero_point is not None), name
+        assert not torch.equal(parts["scale"], grid.scale), f"{name} ({grid.kind}) did not train"
+    export = tmp_path / "export"
+    export_onnx(ExportConfig(adapter=out, output=export))
+    assert manifest.read(export)["outputs"]["int4_grid"]["source"] == "qscale"
+    torch_model = qscale.load_model(folder, out / "qscale.safetensors")
+    onnx_ppl, torch_ppl, _, _ = _onnx_vs_torch(export, torch_model, SEQUENCES)
+    assert abs(onnx_ppl / torch_ppl - 1) < 0.005, (onnx_ppl, torch_ppl)

@@ -115,7 +115,8 @@ def run(config: dict, work_dir: Path, on_line: Callable[[str], None] | None = No
     config_path = save_config(config, work_dir / "olive_config.json")
     log_path = work_dir / LOG_NAME
     tail: deque[str] = deque(maxlen=40)
-    with open(log_path, "a", encoding="utf-8") as log:
+    # line-buffered: a long export's log can be followed (tail -f, bench/profile_export.py) as it runs
+    with open(log_path, "a", encoding="utf-8", buffering=1) as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "ftl.olive_main", "run", "--config", str(config_path),
              "--package-config", str(package_config(work_dir))],

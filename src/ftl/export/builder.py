@@ -17,6 +17,7 @@ zero points.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,10 +89,59 @@ def build(model_dir: Path, output_dir: Path, options: BuildOptions, cache_dir: P
     args = (None, str(model_dir), str(output_dir), options.precision, "cpu", str(cache_dir))
     prepared = parse_extra_options(*args, options.extra_options())
     _fit_config(prepared["hf_details"]["hf_config"])
-    create_model(*args, **prepared)
+    with k_quant_in_chunks():
+        create_model(*args, **prepared)
     if not (Path(output_dir) / "model.onnx").is_file():
         raise OliveRunError("the onnxruntime-genai builder produced no model.onnx", str(output_dir),
                             "read olive.log for the builder's output")
+
+
+K_QUANT_CHUNK = 1 << 21  # weights k-quantised at once: each of its ~12 temporaries is then 8-16 MB
+
+
+@contextmanager
+def k_quant_in_chunks():
+    """While og's builder runs, onnxruntime's k-quant quantiser works on a weight 2M values at a
+    time instead of all of it at once. Same codes, scales and zero points, bit for bit (k-quant
+    fits each block of 32 on its own), without a dozen full-size float32/float64 temporaries.
+
+    Why: ``quant_tensor_k_quant_cpu`` (onnxruntime 1.31, what ``k_quant*`` runs on a CPU) vectorises
+    over the whole tensor. On Llama-3.2-1B's tied head (128256 × 2048, int8 for k_quant_last) that is
+    +9 GiB at its peak for the one MatMul; on Phi-4-mini's (200064 × 3072) it would be about +22 GiB.
+    The original is called on each chunk, so a change to its arithmetic in a later onnxruntime reaches
+    ftl unchanged; where the module or function is missing, nothing is replaced."""
+    try:
+        from onnxruntime.quantization.neural_compressor import weight_only
+    except ImportError:
+        yield
+        return
+    original = getattr(weight_only, "quant_tensor_k_quant_cpu", None)
+    if original is None:
+        yield
+        return
+
+    import numpy as np
+
+    def chunked(data, num_bits=4, group_size=32):
+        rows, width = data.shape if data.ndim == 2 else (0, 0)
+        if not rows or width % group_size:  # blocks that span rows: leave it to the original
+            return original(data, num_bits, group_size)
+        step = max(1, K_QUANT_CHUNK // width)
+        codes, scales, zero_points = [], [], []
+        for start in range(0, rows, step):
+            q, scale, zero_point = original(data[start:start + step], num_bits, group_size)
+            # the codes are integers 0..2^bits-1 in float64; the one caller (rtn_quantize) casts them
+            # to uint8, so keeping them as uint8 saves 7 bytes a weight and changes no byte it writes
+            codes.append(q.astype(np.uint8))
+            scales.append(scale)
+            zero_points.append(zero_point)
+        return np.concatenate(codes), np.concatenate(scales), np.concatenate(zero_points)
+
+    weight_only.quant_tensor_k_quant_cpu = chunked
+    try:
+        yield
+    finally:
+        weight_only.quant_tensor_k_quant_cpu = original
 
 
 # The families ftl's tests take through every stage (tests/test_families.py, tests/test_gemma3.py).
@@ -171,6 +221,7 @@ class Layout:
     embedding_bits: int | None  # None: a float embedding
     tied: bool
     zero_points: bool
+    block_sizes: list[int] | None = None  # every block size in the graph (an exact Q6_K grid adds 16)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -188,12 +239,13 @@ def read_layout(folder: Path) -> Layout:
     body = sorted({attrs[n.name].get("bits", 4) for n in matmuls if n is not head})
     blocks = {attrs[n.name].get("block_size") for n in matmuls}
     return Layout(
-        block_size=blocks.pop() if len(blocks) == 1 else None,
+        block_size=next(iter(blocks)) if len(blocks) == 1 else None,
         body_bits=body,
         head_bits=attrs[head.name].get("bits", 4) if head is not None else None,
         embedding_bits=attrs[gather.name].get("bits", 4) if gather is not None else None,
         tied=head is not None and gather is not None and _shares_weights(producers, head, gather),
         zero_points=any(len(n.input) > 3 and n.input[3] for n in matmuls),
+        block_sizes=sorted(b for b in blocks if b is not None),
     )
 
 
@@ -216,6 +268,11 @@ def verify(folder: Path, options: BuildOptions, tied_expected: bool, exact_grid:
         wanted["embedding bits"] = (layout.embedding_bits, 4 if options.algo_config == "default" else None)
     if exact_grid:
         wanted["zero points"] = (layout.zero_points, True)
+        # A GGUF grid of more than 4 bits (Q5_0, Q6_K, Q8_0) is written as an 8-bit MatMulNBits, Q6_K's in
+        # blocks of 16 (ftl.export.exact): the head keeps the block asked for.
+        wanted["body bits"] = (set(layout.body_bits) <= {4, 8}, True)
+        del wanted["block size"]
+        wanted["block sizes"] = (set(layout.block_sizes) - {16}, {options.block_size})
     elif options.algo_config in ("default", "rtn"):
         wanted["zero points"] = (layout.zero_points, not options.is_symmetric)
     wrong = [f"{what} {got} (asked {asked})" for what, (got, asked) in wanted.items() if got != asked]

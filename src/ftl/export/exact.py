@@ -18,7 +18,7 @@ The result is still an og folder: any og client opens it.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +40,14 @@ class Written:
     matrices: int
     blocks: int
     head: bool = False  # the int8 head (and the tied embedding) hold the model's Q8_0 grid exactly
+    eight_bit: int = 0  # MatMuls written as 8-bit MatMulNBits (grids of more than 4 bits, or blocks of 16)
+    extra_mb: float = 0.0  # what those cost over og's 4-bit, block-32 form
+    kinds: tuple[str, ...] = ()  # the GGUF types written
 
     def as_dict(self) -> dict:
-        return {"form": self.form, "matrices": self.matrices, "blocks": self.blocks, "exact_head": self.head}
+        return {"form": self.form, "matrices": self.matrices, "blocks": self.blocks, "exact_head": self.head,
+                "eight_bit_matrices": self.eight_bit, "eight_bit_extra_mb": round(self.extra_mb, 1),
+                "grid_types": list(self.kinds)}
 
 
 def modules_of(node_name: str) -> list[str] | None:
@@ -62,7 +67,8 @@ def zero_points(grid: Grid) -> torch.Tensor:
 
 
 def offsets(grid: Grid, z: torch.Tensor) -> torch.Tensor:
-    """c = minimum + scale·z per block: what the integer zero point leaves out (exact in fp32)."""
+    """c = minimum + scale·z per block: what the integer zero point leaves out (exact in fp32 for an
+    fp16 scale; 0 for a grid whose own zero point is integer)."""
     return grid.float_minimum() + grid.scale.float() * z
 
 
@@ -93,22 +99,54 @@ def _unpack(packed: np.ndarray, count: int) -> np.ndarray:
     return both[..., :count]
 
 
-def _concat(grids: list[Grid]) -> Grid:
-    if len(grids) == 1:
-        return grids[0]
-    if all(g.zero_point is not None for g in grids):
-        return Grid(torch.cat([g.codes for g in grids]), torch.cat([g.scale for g in grids]), None,
-                    torch.cat([g.zero_point for g in grids]))
-    return Grid(torch.cat([g.codes for g in grids]), torch.cat([g.scale for g in grids]),
-                torch.cat([g.float_minimum().half() if g.minimum is None else g.minimum for g in grids]))
+def _store(values: np.ndarray, bits: int) -> np.ndarray:
+    """Codes or zero points as MatMulNBits stores them: packed for 4 bits, one byte each for 8."""
+    return _pack(values) if bits == 4 else values.astype(np.uint8)
+
+
+def _load(stored: np.ndarray, bits: int, count: int) -> np.ndarray:
+    return _unpack(stored, count) if bits == 4 else stored[..., :count]
+
+
+@dataclass
+class NodeGrid:
+    """The grids of one MatMulNBits node (several rows of grids when og packs q/k/v), in one
+    MatMulNBits form: ``bits`` (4 when every grid fits, else 8), ``block`` (the smallest), an
+    integer zero point per block, and the fp32 offset c = minimum + scale·z each block still needs
+    (exactly 0 for grids whose own zero point is integer: Q4_0, Q5_0, Q6_K, Q8_0)."""
+
+    codes: np.ndarray  # uint8 [N, K]
+    scale: np.ndarray  # fp32 [N, K/block]
+    zero_point: np.ndarray  # uint8 [N, K/block]
+    offset: np.ndarray  # fp32 [N, K/block]
+    bits: int
+    block: int
+    kinds: tuple[str, ...]
+
+
+def node_grid(grids: list[Grid]) -> NodeGrid:
+    bits = 4 if all(g.bits <= 4 for g in grids) else 8
+    block = min(g.block for g in grids)
+    parts = [g.reblocked(block) for g in grids]
+    zs = [zero_points(g) for g in parts]
+    return NodeGrid(np.concatenate([g.codes.numpy() for g in parts]),
+                    np.concatenate([g.scale.float().numpy() for g in parts]),
+                    np.concatenate([z.numpy().astype(np.uint8) for z in zs]),
+                    np.concatenate([offsets(g, z).numpy() for g, z in zip(parts, zs)]),
+                    bits, block, tuple(dict.fromkeys(g.kind for g in grids)))
 
 
 def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head: Grid8 | None = None,
-               built_from: dict[str, Grid] | None = None) -> Written:
-    """Replace the 4-bit body MatMulNBits weights of an og folder by these grids, exactly; with
-    ``head``, the int8 head (which a tied embedding reads too) gets its Q8_0 grid as well.
+               built_from: dict[str, Grid] | None = None, left: list[str] = ()) -> Written:
+    """Replace the body MatMulNBits weights of an og folder by these grids, exactly; with ``head``,
+    the int8 head (which a tied embedding reads too) gets its Q8_0 grid as well.
+
+    og builds every body MatMul as 4 bits, block 32. A node whose grids need more (Q5_0, Q6_K, Q8_0:
+    codes of 5–8 bits; Q6_K: blocks of 16) is rewritten as an 8-bit MatMulNBits with those blocks,
+    which holds them exactly and, at og's CPU accuracy level 4, pre-packs like the 4-bit one.
     ``built_from``: the grids of the weights og built from, when they are not ``grids`` (a qscale
-    fine-tune's trained scales): what the sanity check compares the built matrices with."""
+    fine-tune's trained scales): what the sanity check compares the built matrices with. ``left``:
+    modules with no grid to keep (a GGUF type ftl cannot hold): their nodes stay as og built them."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -118,8 +156,8 @@ def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head:
     model = onnx.load(str(folder / "model.onnx"))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    sums: dict[str, str] = {}
-    done, blocks = set(), 0
+    sums: dict[tuple[str, int], str] = {}
+    done, blocks, wide, extra, kinds = set(), 0, 0, 0, {}
     new_nodes = []
     head_written = head is not None and _write_head(graph, inits, head, folder)
     for node in list(graph.node):
@@ -129,40 +167,51 @@ def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head:
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         missing = [m for m in modules if m not in grids]
+        if missing and set(missing) <= set(left):
+            new_nodes.append(node)
+            continue
         if missing:
             raise ExportError(f"no int4 grid for {missing[0]}", node.name, "the grid and the ONNX model come "
                               "from different models; export from the model the grid was taken from")
-        grid = _concat([grids[m] for m in modules])
-        n, k = grid.codes.shape
+        target = node_grid([grids[m] for m in modules])
+        n, k = target.codes.shape
         if (attrs.get("N"), attrs.get("K"), attrs.get("bits", 4), attrs.get("block_size")) != (n, k, 4, BLOCK):
             raise ExportError(f"{node.name} is {attrs.get('N')}×{attrs.get('K')}, {attrs.get('bits')} bits, block "
-                              f"{attrs.get('block_size')}; the grid is {n}×{k}, 4 bits, block {BLOCK}", str(folder),
+                              f"{attrs.get('block_size')}; the grid is {n}×{k}", str(folder),
                               "build the folder with block size 32 and an int4 body")
-        _check_close(_concat([(built_from or grids)[m] for m in modules]), inits, node)
-        codes, scale = grid.codes.numpy(), grid.scale.float().numpy()
+        _check_close(node_grid([(built_from or grids)[m] for m in modules]), inits, node, attrs)
+        nb = k // target.block
+        codes, scale = target.codes, target.scale
         if form == "float-zp":
-            codes, scale, zp = float_zero_points(grid)
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(_pack(codes.reshape(n, k // BLOCK, BLOCK)),
-                                                              node.input[1]))
-        scale = scale.reshape(inits[node.input[2]].dims)
-        inits[node.input[2]].CopyFrom(numpy_helper.from_array(scale, node.input[2]))
+            if (target.bits, target.block) != (4, BLOCK):
+                raise ExportError(f"{node.name}'s grid ({'/'.join(target.kinds)}) is not 4 bits in blocks of 32",
+                                  str(folder), "use the offset form (the default)")
+            codes, scale, zp = float_zero_points(_concat([grids[m] for m in modules]))
+        if (target.bits, target.block) != (attrs["bits"], attrs["block_size"]):
+            _set_attr(node, "bits", target.bits)
+            _set_attr(node, "block_size", target.block)
+            wide += 1
+            extra += stored_bytes(n, k, target.bits, target.block) - stored_bytes(n, k, 4, BLOCK)
+        kinds.update(dict.fromkeys(target.kinds))
+        stored = _store(codes.reshape(n, nb, target.block), target.bits)
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(stored, node.input[1]))
+        shape = inits[node.input[2]].dims if np.prod(inits[node.input[2]].dims) == scale.size else [scale.size]
+        inits[node.input[2]].CopyFrom(numpy_helper.from_array(scale.reshape(shape).astype(np.float32), node.input[2]))
         zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else f"{node.input[1]}_zp"
         if form == "float-zp":
             _set_init(graph, inits, numpy_helper.from_array(zp.reshape(-1), zp_name))
         else:
-            z = zero_points(grid)
-            _set_init(graph, inits, numpy_helper.from_array(_pack(z.numpy().astype(np.uint8)), zp_name))
+            _set_init(graph, inits, numpy_helper.from_array(_store(target.zero_point, target.bits).reshape(-1),
+                                                            zp_name))
         inputs = list(node.input) + [""] * (4 - len(node.input))
         inputs[3] = zp_name
         del node.input[:]
         node.input.extend(inputs)
         new_nodes.append(node)
-        if form == "offset":
-            c = offsets(grid, z)
-            if bool(c.any()):  # an integer zero-point grid needs no offset
-                new_nodes.extend(_offset_nodes(graph, node, c, sums, k))
+        if form == "offset" and bool(np.any(target.offset)):  # an integer zero-point grid needs no offset
+            new_nodes.extend(_offset_nodes(graph, node, target.offset, sums, k, target.block))
         done.add(node.name)
-        blocks += n * k // BLOCK
+        blocks += n * nb
     if not done:
         raise ExportError("the ONNX model has no int4 decoder MatMuls to write a grid into", str(folder),
                           "export with an int4 precision and block size 32")
@@ -172,7 +221,29 @@ def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head:
     data.unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
-    return Written(form, len(done), blocks, head_written)
+    return Written(form, len(done), blocks, head_written, wide, extra / 1e6, tuple(kinds))
+
+
+def stored_bytes(n: int, k: int, bits: int, block: int) -> int:
+    """Codes, fp32 scales and zero points of an N×K MatMulNBits."""
+    blocks = n * (k // block)
+    return n * k * bits // 8 + blocks * 4 + (blocks if bits == 8 else (blocks + 1) // 2)
+
+
+def _concat(grids: list[Grid]) -> Grid:
+    """One grid of the rows of several (the float-zp form: 4 bits, blocks of 32)."""
+    if len(grids) == 1:
+        return grids[0]
+    minimum = [g.float_minimum().to(g.scale.dtype) if g.minimum is None else g.minimum for g in grids]
+    return Grid(torch.cat([g.codes for g in grids]), torch.cat([g.scale for g in grids]), torch.cat(minimum))
+
+
+def _set_attr(node, name: str, value) -> None:
+    from onnx import helper
+
+    kept = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(kept + [helper.make_attribute(name, value)])
 
 
 def _write_head(graph, inits: dict, head: Grid8, folder: Path) -> bool:
@@ -209,46 +280,53 @@ def _set_init(graph, inits: dict, tensor) -> None:
         inits[tensor.name] = graph.initializer[-1]
 
 
-def _offset_nodes(graph, node, c: torch.Tensor, sums: dict[str, str], k: int) -> list:
+def _offset_nodes(graph, node, c: np.ndarray, sums: dict[tuple[str, int], str], k: int, block: int) -> list:
     """Σ_b c[n, b] · (Σ of the input over block b), added to the MatMulNBits output.
 
-    The block sums are one MatMul with a 0/1 indicator [K, K/32] (shared by every input of that
+    The block sums are one MatMul with a 0/1 indicator [K, K/block] (shared by every input of that
     width), measured a little faster than Reshape + ReduceSum: a node fewer per input."""
     from onnx import helper, numpy_helper
 
     new = []
     x = node.input[0]
-    if x not in sums:
-        indicator = f"/grid/block_indicator_{k}"
+    if (x, block) not in sums:
+        indicator = f"/grid/block_indicator_{k}" + (f"_{block}" if block != BLOCK else "")
         if not any(i.name == indicator for i in graph.initializer):
-            table = np.zeros((k, k // BLOCK), np.float32)
-            table[np.arange(k), np.arange(k) // BLOCK] = 1.0
+            table = np.zeros((k, k // block), np.float32)
+            table[np.arange(k), np.arange(k) // block] = 1.0
             graph.initializer.append(numpy_helper.from_array(table, indicator))
-        sums[x] = f"{node.name}/grid_block_sums"
-        new.append(helper.make_node("MatMul", [x, indicator], [sums[x]], name=f"{node.name}/grid_block_sums/MatMul"))
+        sums[x, block] = f"{node.name}/grid_block_sums"
+        new.append(helper.make_node("MatMul", [x, indicator], [sums[x, block]],
+                                    name=f"{node.name}/grid_block_sums/MatMul"))
     out = node.output[0]
     raw = f"{out}/before_grid_offset"
     node.output[0] = raw
     table = f"{node.name}/grid_offset"
-    graph.initializer.append(numpy_helper.from_array(c.numpy().T.copy().astype(np.float32), table))
-    new.append(helper.make_node("MatMul", [sums[x], table], [f"{table}/out"], name=f"{table}/MatMul"))
+    graph.initializer.append(numpy_helper.from_array(c.T.copy().astype(np.float32), table))
+    new.append(helper.make_node("MatMul", [sums[x, block], table], [f"{table}/out"], name=f"{table}/MatMul"))
     new.append(helper.make_node("Add", [raw, f"{table}/out"], [out], name=f"{table}/Add"))
     return new
 
 
-def _check_close(grid: Grid, inits: dict, node) -> None:
-    """The builder's own int4 weights approximate the grid (a wrong mapping is nowhere near)."""
+def _check_close(target: NodeGrid, inits: dict, node, attrs: dict) -> None:
+    """The builder's own weights (as built: 4 bits, block 32) approximate the grid (a wrong mapping
+    is nowhere near)."""
     from onnx import numpy_helper
 
-    n, k = grid.codes.shape
-    codes = _unpack(numpy_helper.to_array(inits[node.input[1]]), BLOCK).reshape(n, k // BLOCK, BLOCK).astype(np.float32)
-    scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, k // BLOCK, 1).astype(np.float32)
+    n, k = target.codes.shape
+    bits, block = attrs.get("bits", 4), attrs["block_size"]
+    codes = _load(numpy_helper.to_array(inits[node.input[1]]), bits, block)
+    codes = codes.reshape(n, k // block, block).astype(np.float32)
+    scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, k // block, 1).astype(np.float32)
     if len(node.input) > 3 and node.input[3]:
-        zp = _unpack(numpy_helper.to_array(inits[node.input[3]]), k // BLOCK).reshape(n, k // BLOCK, 1)
+        zp = _load(numpy_helper.to_array(inits[node.input[3]]).reshape(n, -1), bits, k // block)
+        zp = zp.reshape(n, k // block, 1)
     else:
-        zp = 8.0
+        zp = float(1 << (bits - 1))
     built = ((codes - zp) * scale).reshape(n, k)
-    want = grid.dequantize().numpy()
+    tb = target.block
+    want = ((target.codes.reshape(n, k // tb, tb).astype(np.float32) - target.zero_point[..., None])
+            * target.scale[..., None] + target.offset[..., None]).reshape(n, k)
     error = np.linalg.norm(built - want) / max(np.linalg.norm(want), 1e-12)
     if error > 0.3:
         raise ExportError(f"{node.name} does not hold the grid's matrix (relative difference {error:.2f})",
@@ -256,8 +334,8 @@ def _check_close(grid: Grid, inits: dict, node) -> None:
 
 
 def read_grid(folder: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Per body MatMulNBits node: codes, scale, integer zero point and offset, as written (for tests
-    and for checking a folder against its grid)."""
+    """Per body MatMulNBits node: codes, scale, integer zero point and offset, as written, with its
+    bits and block (for tests and for checking a folder against its grid)."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -268,12 +346,13 @@ def read_grid(folder: Path) -> dict[str, dict[str, np.ndarray]]:
         if node.op_type != "MatMulNBits" or not modules_of(node.name):
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        n, k = attrs["N"], attrs["K"]
+        n, k, bits, block = attrs["N"], attrs["K"], attrs.get("bits", 4), attrs["block_size"]
         zp = inits[node.input[3]]
-        entry = {"codes": _unpack(inits[node.input[1]], BLOCK).reshape(n, k),
-                 "scale": inits[node.input[2]].reshape(n, k // BLOCK),
-                 "zero_point": zp.reshape(n, k // BLOCK) if zp.dtype != np.uint8
-                 else _unpack(zp, k // BLOCK).reshape(n, k // BLOCK).astype(np.float32)}
+        entry = {"codes": _load(inits[node.input[1]], bits, block).reshape(n, k),
+                 "scale": inits[node.input[2]].reshape(n, k // block),
+                 "zero_point": zp.reshape(n, k // block) if zp.dtype != np.uint8
+                 else _load(zp.reshape(n, -1), bits, k // block).reshape(n, k // block).astype(np.float32),
+                 "bits": bits, "block": block}
         table = inits.get(f"{node.name}/grid_offset")
         entry["offset"] = table.T if table is not None else None
         found[node.name] = entry
@@ -290,57 +369,89 @@ class GridPlan:
     built_from: dict[str, Grid] | None = None  # the base's grids, when og built from the base (qscale)
     lora_codes_changed: float | None = None  # share of codes a merged LoRA moved
     lora_delta_rounded_away: float | None = None  # share of the LoRA's weight changes below half a step
+    left_to_builder: list[str] = field(default_factory=list)  # GGUF types ftl cannot hold: og's quantiser
 
 
-def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _tensors(model_dir: Path, wanted) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors model whose names ``wanted(name)`` accepts, read one at a time
+    (memory-mapped): the embedding and the rest of the model are never loaded."""
+    from safetensors import safe_open
 
-    state: dict[str, torch.Tensor] = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        state.update(load_file(str(file)))
-    if not state:
+    found: dict[str, torch.Tensor] = {}
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
         raise ExportError("no safetensors weights to take an int4 grid from", str(model_dir),
                           "save the model with safetensors (transformers' default)")
-    return state
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            for key in handle.keys():
+                if wanted(key):
+                    found[key] = handle.get_tensor(key)
+    return found
+
+
+def _is_projection(name: str) -> bool:
+    from ftl.quant.grid import PROJECTIONS
+
+    parts = name.split(".")
+    return name.endswith(".weight") and len(parts) > 2 and parts[-2] in PROJECTIONS
 
 
 def has_grid(model_dir: Path) -> bool:
-    """Whether the model's first decoder projection lies on a Q4_1 grid (reads one tensor)."""
+    """Whether the model has a grid to keep: one a GGUF import read from its file (any GGUF type),
+    or decoder projections that lie on a Q4_1 grid (reads one tensor)."""
     from safetensors import safe_open
 
-    from ftl.quant.grid import PROJECTIONS, recover
+    from ftl.quant.gguf_grid import GRID_FILE
+    from ftl.quant.grid import recover
 
+    if (Path(model_dir) / GRID_FILE).is_file():
+        return True
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
-            for key in handle.keys():
-                parts = key.split(".")
-                if key.endswith(".weight") and len(parts) > 2 and parts[-2] in PROJECTIONS:
-                    weight = handle.get_tensor(key)
-                    return weight.dim() == 2 and recover(weight) is not None
+            key = next((k for k in handle.keys() if _is_projection(k)), None)
+            if key is not None:
+                weight = handle.get_tensor(key)
+                return weight.dim() == 2 and recover(weight) is not None
     return False
 
 
 def plan_grid(model_dir: Path, base_dir: Path | None = None, qscale: Path | None = None) -> GridPlan:
-    """The grid of the model in ``model_dir``: the base's own (GGUF Q4_1, recovered bit for bit, or
-    round-to-nearest when it has none), with a qscale fine-tune's trained scales, or with a merged
-    LoRA's weights put back on it (new codes, the base's scales)."""
-    from ftl.quant.grid import grid_of, integer_form, load_scales, projection_weights, recover_q8, requantize
+    """The grid of the model in ``model_dir``: the base's own (read from its GGUF at import, any
+    type; or Q4_1 recovered bit for bit from its weights; or round-to-nearest when it has none), with
+    a qscale fine-tune's trained scales, or with a merged LoRA's weights put back on it (new codes,
+    the base's scales). Weights are read one projection at a time; what is kept is the grids."""
+    from ftl.quant.gguf_grid import GRID_FILE, load_grids
+    from ftl.quant.grid import grid_of, integer_form, load_scales, recover_q8, requantize
 
-    state = load_state(model_dir)
-    base_state = load_state(base_dir) if base_dir and Path(base_dir).resolve() != Path(model_dir).resolve() else state
-    weights, base_weights = projection_weights(state), projection_weights(base_state)
-    if not weights:
+    base_dir = Path(base_dir) if base_dir else Path(model_dir)
+    merged = base_dir.resolve() != Path(model_dir).resolve()
+    known = load_grids(base_dir)
+    read_from_file = (base_dir / GRID_FILE).is_file()
+    grids, exact = {}, True
+    changed = rounded = built_from = None
+    moved = total = below = delta_count = 0
+    base_weights = _tensors(base_dir, lambda key: _is_projection(key) and key[: -len(".weight")] not in known)
+    projections = sorted(set(known) | {k[: -len(".weight")] for k in base_weights})
+    if not projections:
         raise ExportError("the model has no decoder projections (q_proj … down_proj) to write a grid for",
                           str(model_dir), "export with --grid builder")
-    grids, exact = {}, True
-    for name, w in base_weights.items():
+    for name in projections:
+        if name in known:
+            grids[name] = known[name]
+            continue
+        w = base_weights.pop(f"{name}.weight")
         if w.shape[1] % BLOCK:
             raise ExportError(f"{name} has {w.shape[1]} inputs, not a multiple of the grid's block of {BLOCK}",
-                              str(base_dir or model_dir), "export with --grid builder")
+                              str(base_dir), "export with --grid builder")
         grids[name], found = grid_of(w)
-        exact = exact and found
+        exact = exact and (found or read_from_file)
+    # A GGUF import read every grid it could hold from its file; a tensor of another type (or one whose
+    # grid did not verify) keeps og's own quantiser, unless qscale trained a grid for it.
+    left = [] if qscale or not read_from_file else [name for name in projections if name not in known]
+    for name in left:
+        del grids[name]
     source = "gguf" if exact else "round-to-nearest"
-    changed = rounded = built_from = None
     if qscale:
         built_from = dict(grids)
         trained, metadata = load_scales(qscale)
@@ -353,23 +464,26 @@ def plan_grid(model_dir: Path, base_dir: Path | None = None, qscale: Path | None
                 raise ExportError(f"{name}: the fine-tune's grid is {tuple(parts['scale'].shape)} blocks, the "
                                   f"model's {tuple(grid.scale.shape)}", str(qscale), "export with the base it was "
                                   "trained on")
-            grids[name] = Grid(grid.codes, parts["scale"], parts.get("minimum"), parts.get("zero_point"))
+            grids[name] = replace(grid, scale=parts["scale"], minimum=parts.get("minimum"),
+                                  zero_point=parts.get("zero_point"))
         source = "qscale"
-    elif weights is not base_weights:
-        moved = total = below = delta_count = 0
-        for name, w in weights.items():
+    elif merged:
+        for name in grids:
+            w = _tensors(model_dir, lambda key, wanted=f"{name}.weight": key == wanted)[f"{name}.weight"].float()
+            base = _tensors(base_dir, lambda key, wanted=f"{name}.weight": key == wanted)[f"{name}.weight"].float()
             base_grid = grids[name]
             grids[name] = requantize(w, base_grid)
             moved += int((grids[name].codes != base_grid.codes).sum())
             total += base_grid.codes.numel()
-            delta = (w.float() - base_weights[name].float()).view(w.shape[0], -1, BLOCK)
+            delta = (w - base).view(w.shape[0], -1, base_grid.block)
             changed_mask = delta != 0
-            below += int(((delta.abs() < base_grid.scale.float()[..., None] / 2) & changed_mask).sum())
+            below += int(((delta.abs() < base_grid.scale.float().abs()[..., None] / 2) & changed_mask).sum())
             delta_count += int(changed_mask.sum())
         changed, rounded = moved / max(1, total), below / max(1, delta_count)
     # The head's weights: lm_head's when untied, else the embedding that og ties to it.
-    head_weight = state.get("lm_head.weight")
+    heads = _tensors(model_dir, lambda key: key == "lm_head.weight" or key.endswith("embed_tokens.weight"))
+    head_weight = heads.get("lm_head.weight")
     if head_weight is None:
-        head_weight = next((w for n, w in state.items() if n.endswith("embed_tokens.weight")), None)
+        head_weight = next((w for n, w in heads.items() if n.endswith("embed_tokens.weight")), None)
     head = recover_q8(head_weight) if head_weight is not None and head_weight.dim() == 2 else None
-    return GridPlan(grids, head, source, built_from, changed, rounded)
+    return GridPlan(grids, head, source, built_from, changed, rounded, left)

@@ -65,7 +65,7 @@ class FtlGenaiBuilder(Pass):
         if config.grid == "exact":
             plan = plan_grid(Path(model.model_name_or_path), Path(config.grid_base) if config.grid_base else None,
                              Path(config.qscale_path) if config.qscale_path else None)
-            if options.algo_config == "k_quant_last" and plan.head is not None:
+            if options.algo_config == "k_quant_last" and plan.head is not None and not plan.left_to_builder:
                 # Every weight the builder quantises is overwritten below (body grids, Q8_0 head), so
                 # its quantiser is wasted work: the same graph from round-to-nearest, 5x faster.
                 # (asymmetric, so the int8 head has the zero points that k_quant gives it either way)
@@ -73,14 +73,15 @@ class FtlGenaiBuilder(Pass):
         build(Path(model.model_name_or_path), out, options, cache_dir=out.parent / "genai-builder-cache")
         if plan is not None:
             body = _int4_matmuls(out / "model.onnx")
-            written = write_grid(out, plan.grids, config.grid_form, plan.head, plan.built_from)
+            written = write_grid(out, plan.grids, config.grid_form, plan.head, plan.built_from, plan.left_to_builder)
             if options.algo_config == "rtn_last" and (not written.head or written.matrices != body):
                 raise ValueError(f"the fast build's weights were not all overwritten ({written.matrices} of {body} "
                                  f"int4 MatMuls, head {written.head})")
             (out / GRID_RECORD).write_text(json.dumps({
                 **written.as_dict(), "source": plan.source, "builder_algo": options.algo_config,
                 "lora_codes_changed": plan.lora_codes_changed,
-                "lora_delta_rounded_away": plan.lora_delta_rounded_away}, indent=1))
+                "lora_delta_rounded_away": plan.lora_delta_rounded_away,
+                "left_to_builder": plan.left_to_builder}, indent=1))
         extra = sorted(str(p) for p in out.iterdir() if p.name not in ("model.onnx", "model.onnx.data"))
         return ONNXModelHandler(out, onnx_file_name="model.onnx", model_attributes={"additional_files": extra})
 

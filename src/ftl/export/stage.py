@@ -235,6 +235,16 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
     grid = json.loads((out / GRID_RECORD).read_text()) if (out / GRID_RECORD).is_file() else None
     if config.exact_grid and grid is None:
         raise ExportError("the exact int4 grid was not written", str(out / "olive.log"), "read the log")
+    if grid and grid.get("left_to_builder"):
+        left = grid["left_to_builder"]
+        warnings.append(f"{len(left)} decoder matrices have a GGUF type ftl cannot hold exactly ({left[0]}"
+                        f"{', …' if len(left) > 1 else ''}): og's {grid['builder_algo']} int4 quantised them; the "
+                        "others keep the model's grid (manifest: outputs.int4_grid.left_to_builder)")
+    if grid and grid.get("eight_bit_matrices"):
+        warnings.append(f"{grid['eight_bit_matrices']} of {grid['matrices']} decoder MatMuls hold GGUF grids of 5–8 "
+                        f"bits ({', '.join(k for k in grid['grid_types'] if k[1] != '4')}) exactly as 8-bit "
+                        f"MatMulNBits: +{grid['eight_bit_extra_mb']:.0f} MB against 4 bits; at accuracy level 4 (the "
+                        "CPU default) they pre-pack like 4-bit ones (bench/models.py measures the decode)")
     if grid and grid.get("lora_delta_rounded_away") is not None:
         warnings.append(f"int4 rounds away {grid['lora_delta_rounded_away']:.0%} of the LoRA's weight changes (each "
                         f"below half a quantisation step; {grid['lora_codes_changed']:.2%} of the codes moved): "

@@ -1,7 +1,9 @@
 """Import GGUF files, HF folders or Hub ids into ``models/<name>`` with a manifest.
 
-transformers dequantises a GGUF into fp32 torch weights; those are saved as safetensors so every
-later stage (Olive LoRA, MergeAdapterWeights, ModelBuilder) reads a plain HF folder.
+A GGUF is dequantised to fp32 safetensors one tensor at a time, with transformers' own name map and
+per-architecture processing (``ftl.models.gguf_import``), and each quantised matrix's grid goes into
+a sidecar for the exact export; an HF folder's safetensors are copied as they are. Every later stage
+(Olive LoRA, MergeAdapterWeights, ModelBuilder) reads a plain HF folder.
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ import importlib.util
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from contextlib import contextmanager
 from pathlib import Path
 
 from ftl import manifest
-from ftl.errors import ConfigError, ModelNotFoundError
+from ftl.errors import ConfigError, ModelNotFoundError, OutputExistsError
 from ftl.system import folder_size_mb
 
 
@@ -51,6 +53,8 @@ class ImportResult:
     parameters: int
     seconds: float
     skipped: bool = False
+    grids: int = 0  # GGUF matrices whose grid the import stored (ftl.quant.gguf_grid)
+    warnings: list[str] = field(default_factory=list)  # one line per quantised matrix kept without its grid
 
 
 def default_models_dir() -> Path:
@@ -114,22 +118,38 @@ def import_model(source: str, *, name: str | None = None, models_dir: Path | Non
     name = name or _default_name(source)
     target = (models_dir or default_models_dir()) / name
     origin, gguf_file = _locate(source)
-    fingerprint = manifest.sha256_json({"source": str(origin), "gguf": gguf_file})
+    fingerprint = manifest.sha256_json(_fingerprint(origin, gguf_file))
     if manifest.is_complete(target, fingerprint) and not force:
         found = manifest.read(target)
-        return ImportResult(name, target, str(origin), found["outputs"]["sha256"], found["outputs"]["parameters"],
-                            0.0, skipped=True)
+        outputs = found["outputs"]
+        return ImportResult(name, target, str(origin), outputs["sha256"], outputs["parameters"], 0.0, skipped=True,
+                            grids=outputs.get("grids", 0), warnings=outputs.get("without_grid", []))
+    if manifest.is_complete(target) and not force:
+        raise OutputExistsError(f"{target} holds an import of another source, or one made by an earlier ftl "
+                                "(without the GGUF grid file)", str(target),
+                                f"run `ftl models import {source} --force` to import it again, or pass --name")
     manifest.prepare_output(target, force=force, stage="import")
     record = manifest.new("import", inputs={"source": str(source), "resolved": str(origin), "gguf_file": gguf_file},
                           params={"name": name}, fingerprint=fingerprint)
     manifest.write(target, record)
-    parameters = _convert(origin, gguf_file, target)
+    converted = _convert(origin, gguf_file, target)
     digest = manifest.sha256_dir(target)
     seconds = time.perf_counter() - started
-    record.update(status="complete", outputs={"sha256": digest, "parameters": parameters},
+    record.update(status="complete", outputs={"sha256": digest, "parameters": converted.parameters,
+                                              "grids": converted.grids, "without_grid": converted.without_grid},
                   timings={"seconds": round(seconds, 2)})
     manifest.write(target, record)
-    return ImportResult(name, target, str(origin), digest, parameters, seconds)
+    return ImportResult(name, target, str(origin), digest, converted.parameters, seconds, grids=converted.grids,
+                        warnings=converted.without_grid)
+
+
+def _fingerprint(origin: Path | str, gguf_file: str | None) -> dict:
+    """What decides an import's output. A GGUF import also carries the grid file's version, so one
+    made before the grids (or with an older layout) is not taken for finished."""
+    from ftl.models.gguf_import import GRIDS_VERSION
+
+    found = {"source": str(origin), "gguf": gguf_file}
+    return {**found, "grids": GRIDS_VERSION} if gguf_file else found
 
 
 def list_models(models_dir: Path | None = None) -> list[dict]:
@@ -180,17 +200,21 @@ def _locate(source: str) -> tuple[Path | str, str | None]:
 
 @contextmanager
 def _gguf_parsed_once():
-    """transformers 5.23 parses a GGUF file three times (tokenizer, config, weights: 5 s each for
-    SmolLM2's 49k-token vocabulary on 2 cores) and rebuilds gguf's tensor-name map for each of its
-    272 tensors (6 s). Within one import the file is parsed once and the map built once: 33 s → 12 s.
-    Both are read-only (a memory-mapped reader, a lookup table); the originals are back on exit. Can
-    go when transformers reuses its reader (it imports both from ``gguf`` at call time)."""
+    """transformers 5.23 parses a GGUF file several times (the tokenizer, the config twice, the
+    weights: 5 s each for SmolLM2's 49k-token vocabulary on 2 cores, 15 s for Gemma 3's 262k) and
+    rebuilds gguf's tensor-name map for each of its 272 tensors (6 s). Within one import the file
+    is parsed once, its metadata read into a dict once (a copy per caller) and the map built once.
+    All are read-only (a memory-mapped reader, a lookup table, copies); the originals are back on
+    exit. Can go when transformers reuses its reader (it imports all three at call time)."""
+    import copy
     import functools
 
     import gguf
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
 
-    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    reader_class, name_map, checkpoint = gguf.GGUFReader, gguf.get_tensor_name_map, gguf_utils.load_gguf_checkpoint
     readers: dict = {}
+    metadata: dict = {}
 
     def reader(path, mode="r"):
         key = (str(path), mode)
@@ -198,11 +222,20 @@ def _gguf_parsed_once():
             readers[key] = reader_class(path, mode)
         return readers[key]
 
+    def parsed(path, return_tensors=False, **kwargs):
+        if return_tensors or kwargs:
+            return checkpoint(path, return_tensors=return_tensors, **kwargs)
+        if str(path) not in metadata:
+            metadata[str(path)] = checkpoint(path, return_tensors=False)
+        return copy.deepcopy(metadata[str(path)])
+
     gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(name_map)
+    gguf_utils.load_gguf_checkpoint = parsed
     try:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+        gguf_utils.load_gguf_checkpoint = checkpoint
 
 
 @contextmanager
@@ -222,14 +255,27 @@ def _no_conversion_bar():
         gguf_utils.tqdm = bar
 
 
-def _convert(origin: Path | str, gguf_file: str | None, target: Path) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _convert(origin: Path | str, gguf_file: str | None, target: Path):
+    """Write the model into ``target``: a GGUF or an HF folder of safetensors without loading the
+    model (``ftl.models.gguf_import``); a Hub id, a ``pytorch_model.bin`` folder, or a GGUF of an
+    architecture transformers converts on its new path, by a full load."""
+    from ftl.models.gguf_import import StreamedImport, copy_hf_folder, import_gguf, streams
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file is None and isinstance(origin, Path):
+        parameters = copy_hf_folder(origin, target)
+        if parameters is not None:
+            _tokenizer_json(origin, target)
+            return StreamedImport(parameters, 0)
     try:
         with _gguf_parsed_once(), _no_conversion_bar():
+            from transformers import AutoConfig, AutoTokenizer
+
+            kwargs = {"gguf_file": gguf_file} if gguf_file else {}
             tokenizer = AutoTokenizer.from_pretrained(origin, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(origin, dtype="float32", **kwargs)
+            if gguf_file and streams(Path(origin) / gguf_file):
+                converted = import_gguf(Path(origin) / gguf_file, target, AutoConfig.from_pretrained(origin, **kwargs))
+            else:
+                converted = StreamedImport(_load_and_save(origin, gguf_file, target), 0)
     except OSError as exc:
         raise ModelNotFoundError(f"could not load model: {str(exc).splitlines()[0]}", str(origin),
                                  "for a Hub id you need network access; otherwise give a local path") from None
@@ -245,14 +291,40 @@ def _convert(origin: Path | str, gguf_file: str | None, target: Path) -> int:
         raise ConfigError(f"transformers {version('transformers')} cannot load a GGUF of architecture "
                           f"{unsupported.group(1)!r}", str(Path(origin) / gguf_file) if gguf_file else str(origin),
                           f"convert it to an HF folder another way, or use one of: {', '.join(known)}") from None
+    tokenizer.save_pretrained(target)
+    return converted
+
+
+def _load_and_save(origin: Path | str, gguf_file: str | None, target: Path) -> int:
+    """The whole model through transformers (about 9 bytes of RSS per parameter): for what the
+    streamed paths do not cover."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(origin, dtype="float32", **kwargs)
     if gguf_file:
         # GGUF weights arrive dequantised; drop the quantizer so save_pretrained writes plain fp32.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
     return sum(p.numel() for p in model.parameters())
+
+
+def _tokenizer_json(origin: Path, target: Path) -> None:
+    """A copied folder without ``tokenizer.json`` (only a SentencePiece model, or vocab and merges)
+    gets one written by transformers, as the full load did: onnxruntime-genai reads only that file.
+    Loading it also checks the folder has a tokenizer at all."""
+    if (target / "tokenizer.json").is_file():
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(origin)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"could not load the tokenizer: {str(exc).splitlines()[0]}", str(origin),
+                                 "the folder needs its tokenizer files (tokenizer.json or tokenizer.model)") from None
+    tokenizer.save_pretrained(target)
 
 
 def model_identity(path: Path) -> dict:

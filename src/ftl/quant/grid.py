@@ -11,7 +11,7 @@ as in onnxruntime's MatMulNBits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -25,19 +25,27 @@ ARTEFACT = "qscale.safetensors"
 
 @dataclass
 class Grid:
-    """w = minimum + scale·code per block (GGUF Q4_1), or, with ``zero_point`` set, the integer
-    zero-point form w = scale·(code − zero_point) that MatMulNBits computes natively."""
+    """w = minimum + scale·code per block (GGUF Q4_1, Q4_K, Q5_1, Q5_K), or, with ``zero_point`` set,
+    the integer zero-point form w = scale·(code − zero_point) that MatMulNBits computes natively
+    (GGUF Q4_0, Q5_0, Q6_K, Q8_0 as code = q + offset).
 
-    codes: torch.Tensor  # uint8 [N, K], 0..15
-    scale: torch.Tensor  # fp16 [N, K/32]
-    minimum: torch.Tensor | None  # fp16 [N, K/32]; None in the integer zero-point form
-    zero_point: torch.Tensor | None = None  # uint8 [N, K/32], 0..15
+    ``bits`` is the width of the codes (4 … 8), ``block`` the inputs sharing a scale (32; 16 for
+    Q6_K), ``kind`` the GGUF type the grid came from. Scales and minimums are fp16 where the format
+    stores them so (Q4_0/1, Q5_0/1, Q8_0); a K-quant's are products d·sc, exact in fp32."""
+
+    codes: torch.Tensor  # uint8 [N, K], 0 … 2**bits − 1
+    scale: torch.Tensor  # fp16 or fp32 [N, K/block]
+    minimum: torch.Tensor | None  # [N, K/block], as scale; None in the integer zero-point form
+    zero_point: torch.Tensor | None = None  # uint8 [N, K/block]
+    bits: int = 4
+    block: int = BLOCK
+    kind: str = "Q4_1"
 
     def dequantize(self) -> torch.Tensor:
         """fp32 weights [N, K], as GGUF's own dequantiser (or MatMulNBits) computes them."""
         n, k = self.codes.shape
         scale = self.scale.float()[..., None]
-        blocks = self.codes.view(n, k // BLOCK, BLOCK).float()
+        blocks = self.codes.view(n, k // self.block, self.block).float()
         if self.zero_point is not None:
             return (scale * (blocks - self.zero_point.float()[..., None])).view(n, k)
         return (scale * blocks + self.minimum.float()[..., None]).view(n, k)
@@ -48,15 +56,35 @@ class Grid:
             return -self.scale.float() * self.zero_point.float()
         return self.minimum.float()
 
+    @property
+    def levels(self) -> int:
+        return (1 << self.bits) - 1
+
+    def reblocked(self, block: int) -> "Grid":
+        """The same weights in smaller blocks (each block's scale, minimum and zero point repeated):
+        how a block-32 grid shares one MatMulNBits with a block-16 one."""
+        if block == self.block:
+            return self
+        if self.block % block:
+            raise ValueError(f"a block of {self.block} cannot be split into blocks of {block}")
+        repeat = self.block // block
+
+        def spread(t):
+            return None if t is None else t.repeat_interleave(repeat, dim=1)
+
+        return replace(self, scale=spread(self.scale), minimum=spread(self.minimum),
+                       zero_point=spread(self.zero_point), block=block)
+
 
 def blocks_fit(k: int, block: int = BLOCK) -> bool:
     return k % block == 0
 
 
-def _codes(blocks: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> torch.Tensor:
+def _codes(blocks: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, levels: int = LEVELS) -> torch.Tensor:
     d = scale.float()[..., None]
-    raw = torch.where(d > 0, (blocks - minimum.float()[..., None]) / torch.where(d > 0, d, 1.0), 0.0)
-    return raw.round().clamp(0, LEVELS).to(torch.uint8)
+    nonzero = d != 0  # a trained or K-quant (Q6_K) scale may be negative
+    raw = torch.where(nonzero, (blocks - minimum.float()[..., None]) / torch.where(nonzero, d, 1.0), 0.0)
+    return raw.round().clamp(0, levels).to(torch.uint8)
 
 
 def recover(weight: torch.Tensor) -> Grid | None:
@@ -86,9 +114,13 @@ def quantize(weight: torch.Tensor) -> Grid:
 
 
 def nearest_zero_point(grid: Grid) -> torch.Tensor:
-    """The integer zero point nearest to −minimum/scale per block (8 for a zero-scale block), fp32."""
+    """The integer zero point nearest to −minimum/scale per block (mid-range for a zero-scale
+    block), fp32; the grid's own where it has one."""
+    if grid.zero_point is not None:
+        return grid.zero_point.float()
     d, m = grid.scale.float(), grid.float_minimum()
-    return torch.where(d > 0, (-m / torch.where(d > 0, d, 1.0)).round(), 8.0).clamp(0, LEVELS)
+    return torch.where(d != 0, (-m / torch.where(d != 0, d, 1.0)).round(),
+                       float(1 << (grid.bits - 1))).clamp(0, grid.levels)
 
 
 def grid_of(weight: torch.Tensor) -> tuple[Grid, bool]:
@@ -99,21 +131,25 @@ def grid_of(weight: torch.Tensor) -> tuple[Grid, bool]:
 
 def integer_form(grid: Grid) -> Grid:
     """The nearest integer zero-point grid with the same scales: z = round(−minimum/scale), codes
-    re-rounded. What MatMulNBits stores without help; qscale can train from it."""
+    re-rounded. What MatMulNBits stores without help; qscale can train from it. A grid that has
+    an integer zero point already (Q4_0, Q5_0, Q6_K, Q8_0) is returned as it is."""
+    if grid.zero_point is not None:
+        return grid
     d, z = grid.scale.float(), nearest_zero_point(grid)
     n, k = grid.codes.shape
-    w = grid.dequantize().view(n, k // BLOCK, BLOCK)
-    codes = torch.where(d[..., None] > 0, w / torch.where(d > 0, d, 1.0)[..., None] + z[..., None], z[..., None])
-    codes = codes.round().clamp(0, LEVELS).to(torch.uint8).view(n, k)
-    return Grid(codes, grid.scale, None, z.to(torch.uint8))
+    w = grid.dequantize().view(n, k // grid.block, grid.block)
+    nonzero = d != 0
+    codes = torch.where(nonzero[..., None], w / torch.where(nonzero, d, 1.0)[..., None] + z[..., None], z[..., None])
+    codes = codes.round().clamp(0, grid.levels).to(torch.uint8).view(n, k)
+    return replace(grid, codes=codes, minimum=None, zero_point=z.to(torch.uint8))
 
 
 def requantize(weight: torch.Tensor, grid: Grid) -> Grid:
     """Put a changed weight (a merged LoRA) back on a grid's scales and minimums: new codes only."""
     n, k = weight.shape
-    blocks = weight.detach().float().view(n, k // BLOCK, BLOCK)
-    codes = _codes(blocks, grid.scale, grid.float_minimum()).view(n, k)
-    return Grid(codes, grid.scale, grid.minimum, grid.zero_point)
+    blocks = weight.detach().float().view(n, k // grid.block, grid.block)
+    codes = _codes(blocks, grid.scale, grid.float_minimum(), grid.levels).view(n, k)
+    return replace(grid, codes=codes)
 
 
 def projection_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -123,17 +159,18 @@ def projection_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def save_scales(path: Path, grids: dict[str, Grid], metadata: dict[str, str]) -> None:
-    """The qscale artefact: per projection, an fp16 scale and minimum per block (or the integer
-    zero point, in that form). The codes are not in it: they are the base model's."""
+    """The qscale artefact: per projection, a scale and minimum per block (or the integer zero
+    point, in that form), in the grid's own precision (fp16 as GGUF keeps Q4_1's; fp32 for a
+    K-quant's products). The codes are not in it: they are the base model's."""
     from safetensors.torch import save_file
 
     tensors = {}
     for name, grid in grids.items():
-        tensors[f"{name}.scale"] = grid.scale.detach().half().contiguous()
+        tensors[f"{name}.scale"] = grid.scale.detach().contiguous()
         if grid.zero_point is not None:
             tensors[f"{name}.zero_point"] = grid.zero_point.contiguous()
         else:
-            tensors[f"{name}.minimum"] = grid.minimum.detach().half().contiguous()
+            tensors[f"{name}.minimum"] = grid.minimum.detach().contiguous()
     save_file(tensors, str(path), metadata=metadata)
 
 

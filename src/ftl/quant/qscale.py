@@ -17,7 +17,7 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ftl.chat import answer_start
+from ftl.quant.gguf_grid import load_grids
 from ftl.quant.grid import ARTEFACT, PROJECTIONS, Grid, grid_of, integer_form, save_scales
 
 GRID_FORMS = ("float-min", "int-zp")
@@ -35,7 +36,8 @@ class GridLinear(nn.Module):
 
     def __init__(self, grid: Grid, bias: torch.Tensor | None):
         super().__init__()
-        self.register_buffer("codes", grid.codes.view(grid.codes.shape[0], -1, 32), persistent=False)
+        self.source = grid  # its bits, block, kind, and the precision its scales are kept in
+        self.register_buffer("codes", grid.codes.view(grid.codes.shape[0], -1, grid.block), persistent=False)
         self.scale = nn.Parameter(grid.scale.float())
         if grid.zero_point is not None:
             self.register_buffer("zero_point", grid.zero_point.float(), persistent=False)
@@ -57,15 +59,22 @@ class GridLinear(nn.Module):
         return nn.functional.linear(x, self.weight(), self.bias)
 
     def grid(self) -> Grid:
-        """The grid as the export writes it: fp16 scale and minimum (fp16 is what the artefact keeps)."""
+        """The grid as the export writes it: scale and minimum in the precision the source grid
+        keeps them (fp16 for Q4_1 and the other GGUF formats with an fp16 scale, as the artefact does)."""
         codes = self.codes.reshape(self.codes.shape[0], -1)
+        kept = self.source.scale.dtype
         if self.zero_point is not None:
-            return Grid(codes, self.scale.detach().half(), None, self.zero_point.to(torch.uint8))
-        return Grid(codes, self.scale.detach().half(), self.minimum.detach().half())
+            return replace(self.source, codes=codes, scale=self.scale.detach().to(kept), minimum=None,
+                           zero_point=self.zero_point.to(torch.uint8))
+        return replace(self.source, codes=codes, scale=self.scale.detach().to(kept),
+                       minimum=self.minimum.detach().to(kept), zero_point=None)
 
 
-def attach(model: nn.Module, form: str = "float-min") -> dict[str, bool]:
-    """Swap every decoder projection for a GridLinear on its grid; {module: grid was exact}."""
+def attach(model: nn.Module, form: str = "float-min", known: dict[str, Grid] | None = None) -> dict[str, bool]:
+    """Swap every decoder projection for a GridLinear on its grid; {module: grid was exact}.
+
+    ``known``: the grids a GGUF import read from its file (any GGUF type, :mod:`ftl.quant.gguf_grid`);
+    a projection without one is recovered as Q4_1 from its weights, or rounded onto one."""
     if form not in GRID_FORMS:
         raise ValueError(f"unknown grid form {form!r}")
     exact = {}
@@ -74,7 +83,10 @@ def attach(model: nn.Module, form: str = "float-min") -> dict[str, bool]:
             continue
         if module.in_features % 32:
             continue
-        grid, was_exact = grid_of(module.weight)
+        if known and name in known:
+            grid, was_exact = known[name], True
+        else:
+            grid, was_exact = grid_of(module.weight)
         if form == "int-zp":
             grid = integer_form(grid)
         parent = model.get_submodule(name.rsplit(".", 1)[0])
@@ -88,13 +100,15 @@ def grids(model: nn.Module) -> dict[str, Grid]:
 
 
 def round_to_artefact(model: nn.Module) -> None:
-    """Round the trained scales and minimums to fp16, as saved, so the PyTorch model is the export's."""
+    """Round the trained scales and minimums to the precision they are saved in (fp16 for Q4_1),
+    so the PyTorch model is the export's."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, GridLinear):
-                module.scale.copy_(module.scale.half().float())
+                kept = module.source.scale.dtype
+                module.scale.copy_(module.scale.to(kept).float())
                 if module.minimum is not None:
-                    module.minimum.copy_(module.minimum.half().float())
+                    module.minimum.copy_(module.minimum.to(kept).float())
 
 
 @dataclass
@@ -303,14 +317,14 @@ def run(model_dir: Path, prepared: Path, out: Path, settings: TrainSettings, *, 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    exact = attach(model, settings.form)
+    exact = attach(model, settings.form, load_grids(model_dir))
     rows = tokenize_rows(tokenizer, prepared, answer_only)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     val = tokenize_rows(tokenizer, val_prepared, answer_only) if val_prepared else None
     result = train(model, rows, settings, pad_id=pad, checkpoint=out / "qscale-checkpoint.pt", on_log=on_log, val=val)
     result.exact = exact
     save_scales(out / ARTEFACT, result.grids, {
-        "form": settings.form, "block_size": "32", "grid": "exact" if all(exact.values()) else "round-to-nearest",
+        "form": settings.form, "grid": "exact" if all(exact.values()) else "round-to-nearest",
         "answer_tokens": str(rows.answer_tokens)})
     (out / "qscale-checkpoint.pt").unlink(missing_ok=True)
     summary = {"loss_curve": result.loss_curve, "answer_tokens": rows.answer_tokens, "rows": len(rows.ids),
@@ -331,7 +345,7 @@ def load_model(model_dir: Path, artefact: Path):
 
     found, metadata = load_scales(artefact)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    attach(model, metadata.get("form", "float-min"))
+    attach(model, metadata.get("form", "float-min"), load_grids(model_dir))
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, GridLinear) and name in found:
