@@ -363,9 +363,19 @@ def measure(model: str, tmp: Path, args, params: int | None) -> list[dict]:
     stage("export-onnx (LoRA merged)", ftl("export-onnx", "--adapter", str(tmp / "ft-lora"), "--output",
                                            str(tmp / "onnx"), "--no-track"), out=tmp / "onnx")
     stage("og-builder (alone)", og_builder_alone(imported, tmp / "og"), out=tmp / "og")
-    if "generate" in args.stages:
+    gguf_grid = (imported / "gguf_grid.safetensors").is_file()
+    if gguf_grid and "export-onnx" in args.stages:  # what the export wrote before issue 26: og's quantiser
+        stage("export-onnx --grid builder", ftl("export-onnx", "--adapter", str(tmp / "ft-lora"), "--output",
+                                                str(tmp / "onnx-builder"), "--grid", "builder", "--no-track"),
+              out=tmp / "onnx-builder")
+    folders = {"generate": tmp / "onnx"}
+    if gguf_grid:
+        folders["generate --grid builder"] = tmp / "onnx-builder"
+    for label, folder in folders.items():
+        if "generate" not in args.stages or not folder.is_dir():
+            continue
         answer = tmp / "answer.json"
-        command = ftl("generate", str(tmp / "onnx"), "What is the capital of France?", "--max-new-tokens", "32",
+        command = ftl("generate", str(folder), "What is the capital of France?", "--max-new-tokens", "32",
                       "--json")
         run = run_limited(["sh", "-c", f"{shlex.join(command)} > {shlex.quote(str(answer))}"], args.limit_gib,
                           env=env, log=tmp / "generate.log")
@@ -375,14 +385,33 @@ def measure(model: str, tmp: Path, args, params: int | None) -> list[dict]:
             from ftl.system import decode_rate
 
             result = json.loads(answer.read_text())
-            row["stage"] = f"generate ({result['new_tokens']} tokens)"
+            row["stage"] = f"{label} ({result['new_tokens']} tokens)"
             row["decode"] = decode_rate(result["new_tokens"], result["ttft_s"], result["total_s"])
         else:
             row["error"] = f"over {args.limit_gib:g} GiB" if run.over_limit else f"exit {run.code}"
         rows.append(row)
     for row in rows:
         row["params"] = params
+    if gguf_grid and (tmp / "onnx-builder").is_dir() and (tmp / "onnx").is_dir():
+        rows.append(int4_ratios(imported, tmp))
     return rows
+
+
+def int4_ratios(imported: Path, tmp: Path) -> dict:
+    """int4/PyTorch perplexity of the LoRA's export on the validation rows, as the e2e tests score it:
+    og's quantiser (before issue 26) and the model's own GGUF grids (after)."""
+    from ftl import metrics
+    from ftl.generate import OnnxChatModel
+
+    rows = [json.loads(line) for line in (ROOT / "data/quickstart/validation.jsonl").read_text().splitlines()]
+    model = OnnxChatModel(tmp / "onnx")
+    sequences = [model.prompt_ids(model.format.conversation(r["Question"], r["Answer"])) for r in rows]
+    reference = metrics.torch_perplexity(metrics.load_merged_torch(imported, tmp / "ft-lora" / "adapter"), sequences)
+    before = metrics.onnx_perplexity(tmp / "onnx-builder", sequences) / reference
+    after = metrics.onnx_perplexity(tmp / "onnx", sequences) / reference
+    return {"stage": f"int4 / PyTorch perplexity, {len(rows)} validation rows", "ratio_before": before,
+            "ratio_after": after, "seconds": 0.0, "peak_mib": 0.0, "code": 0, "over_limit": False,
+            "params": None}
 
 
 def targets(rows: list[dict], params: int | None) -> None:
@@ -397,6 +426,14 @@ def targets(rows: list[dict], params: int | None) -> None:
             row["target"] = (row["peak_mib"] / limit, f"RSS / (4 B/param + 2 GiB = {limit / 1024:.1f} GiB)")
             if og:
                 row["time_target"] = (row["seconds"] / (2 * og["seconds"]), "time / (2 × og alone)")
+            from ftl.export.stage import export_memory_gib
+
+            row["estimate"] = (export_memory_gib(params) * 1024 / row["peak_mib"], "ftl's estimate / RSS")
+        elif key.startswith("finetune-") and params and not row["code"]:
+            from ftl.finetune.stage import training_memory_gib
+
+            estimate = training_memory_gib(params, key.removeprefix("finetune-"))
+            row["estimate"] = (estimate * 1024 / row["peak_mib"], "ftl's estimate / RSS (target 0.8-1.2)")
 
 
 def machine() -> str:
@@ -426,8 +463,12 @@ def print_table(model: str, rows: list[dict], console) -> None:
     title = f"{model}" + (f" ({params / 1e9:.2f} B parameters)" if params else "")
     table = Table("stage", "seconds", "peak RSS GiB", "B/param", "target ratio", "folder MB", "decode", title=title)
     for row in rows:
+        if "ratio_after" in row:
+            table.add_row(row["stage"], "", "", "", f"×{row['ratio_before']:.3f} with og's quantiser (before), "
+                          f"×{row['ratio_after']:.3f} on the GGUF's own grids (after)", "", "")
+            continue
         bpp = row["peak_mib"] * 2 ** 20 / params if params else None
-        ratios = [f"{row[k][0]:.2f} ({row[k][1]})" for k in ("target", "time_target") if k in row]
+        ratios = [f"{row[k][0]:.2f} ({row[k][1]})" for k in ("target", "time_target", "estimate") if k in row]
         decode = row.get("decode")
         table.add_row(row["stage"], f"{row['seconds']:.1f}",
                       row.get("error") or f"{row['peak_mib'] / 1024:.2f}",

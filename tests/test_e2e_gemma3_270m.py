@@ -62,8 +62,9 @@ def test_gemma3_270m_imports_finetunes_exports_and_answers(tmp_path, capsys):
     assert not model.can_batch and evaluated.summary["models"][spec]["batched_answers"] is False
     assert not [a for a in answers if find_stop(a, model.format.stop_strings) is not None]
 
-    # The graph is right: an fp32 build of the same fine-tune scores what PyTorch does. What int4 loses
-    # is quantisation (Q4_K_M's super-blocks and Q6_K tensors do not sit on a 32-block int4 grid).
+    # The graph is right: an fp32 build of the same fine-tune scores what PyTorch does. The int4 folder
+    # holds the GGUF's own grids (Q4_K, Q5_0, Q6_K, Q8_0; issue 26), the LoRA's change rounded onto
+    # them: ×1.546 while the export quantised Q4_K_M a second time, ×0.999 since.
     adapter = tmp_path / "ft" / "adapter"
     export_onnx(ExportConfig(adapter=tmp_path / "ft", output=tmp_path / "fp32", precision="fp32"))
     sequences = [model.prompt_ids(model.format.conversation(r["Question"], r["Answer"])) for r in held_out]
@@ -71,7 +72,7 @@ def test_gemma3_270m_imports_finetunes_exports_and_answers(tmp_path, capsys):
     fp32 = metrics.onnx_perplexity(tmp_path / "fp32", sequences)
     int4 = metrics.onnx_perplexity(exported.output, sequences)
     assert abs(fp32 / torch - 1) < 0.001, (fp32, torch)
-    assert int4 / torch < 2.0, (int4, torch)  # a loose bound: the figure itself is reported below
+    assert int4 / torch <= 1.01, (int4, torch)
     with capsys.disabled():
         print(f"\ngemma3-270m: decode {1000 / answer.decode_tokens_per_s:.1f} ms/token "
               f"({answer.new_tokens} tokens), held-out perplexity PyTorch {torch:.3f}, fp32 ONNX {fp32:.3f} "

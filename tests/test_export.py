@@ -194,3 +194,25 @@ def test_every_k_quant_flavour_asymmetric_at_64_is_refused(tiny_finetune, tmp_pa
     with pytest.raises(ConfigError, match="--block-size 32"):
         export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "x", int4_algo=algo, symmetric=False,
                                  block_size=64))
+
+
+def test_an_export_that_would_not_fit_is_refused_before_anything_loads(tiny_model, tmp_path, monkeypatch):
+    """The estimate (bytes per parameter measured in docs/models.md) against this machine's memory: the
+    constant is raised past what this machine has, as a 3.8B model's 33 GiB exceeds a 24 GiB one."""
+    from ftl.export import stage
+    from ftl.system import memory_gib
+
+    monkeypatch.setattr(stage, "EXPORT_OVERHEAD_GIB", memory_gib()[0] + 1)
+    with pytest.raises(ConfigError, match=r"need about \d+ GiB to export \(estimated .*\), and this machine's "
+                                          r"memory has \d+ GiB") as error:
+        export_onnx(ExportConfig(model=str(tiny_model), output=tmp_path / "out"))
+    assert "--save-config" in error.value.fix and not (tmp_path / "out").exists()
+
+
+def test_the_memory_a_check_compares_with_includes_an_address_space_limit():
+    """Under `prlimit --as` (or a memory cgroup) the limit, not the machine's RAM, is what a stage has."""
+    code = ("import resource; resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30)); "
+            "from ftl.system import memory_gib; print(*memory_gib(), sep='|')")
+    have, where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout.strip().split("|")
+    assert float(have) == 6.0 and "prlimit" in where

@@ -467,3 +467,51 @@ def test_qscale_trains_every_gguf_grid_and_exports_it_exactly(mixed_model, qa_fi
     torch_model = qscale.load_model(folder, out / "qscale.safetensors")
     onnx_ppl, torch_ppl, _, _ = _onnx_vs_torch(export, torch_model, SEQUENCES)
     assert abs(onnx_ppl / torch_ppl - 1) < 0.005, (onnx_ppl, torch_ppl)
+
+
+def test_a_matrix_without_a_grid_is_left_to_the_builder_and_named(mixed_model, tmp_path):
+    """A GGUF type ftl cannot read (Q2_K, IQ*) leaves its matrix without a grid at import: the export
+    lets og's quantiser take that one, keeps every other grid exactly, and says so in one line."""
+    import shutil
+
+    from ftl.quant.gguf_grid import GRID_FILE, save_grids
+
+    folder, grids = mixed_model
+    partial = tmp_path / "partial"
+    shutil.copytree(folder, partial)
+    missing = "model.layers.1.mlp.down_proj"
+    save_grids(partial / GRID_FILE, {k: v for k, v in grids.items() if k != missing}, {})
+    result = export_onnx(ExportConfig(model=str(partial), output=tmp_path / "out"))
+    record = manifest.read(tmp_path / "out")["outputs"]["int4_grid"]
+    assert record["left_to_builder"] == [missing]
+    assert [w for w in result.warnings if missing in w and "og's" in w]
+    written = read_grid(tmp_path / "out")
+    down = next(node for node in written if "layers.1" in node and "down_proj" in node)
+    assert written[down]["bits"] == 4  # the builder's int4, not the 8-bit exact form
+    kept = next(node for node in written if "layers.0" in node and "down_proj" in node)
+    assert written[kept]["bits"] == 8 and written[kept]["block"] == 16  # layer 0's Q6_K, exactly
+
+
+@pytest.mark.parametrize("kind", ["Q4_1", "Q6_K"])
+def test_grid_linear_gradients_are_autograds_without_keeping_the_weight(kind):
+    """qscale's GridLinear rebuilds its weight in backward instead of saving it (issue 26: 8 bytes a
+    weight of peak memory): the output and the gradients of the input, scales and minimums are what
+    autograd of the same weight gives."""
+    from ftl.quant.qscale import GridLinear, _grid_weight
+
+    grid = _gguf_like(kind, 48, 96, seed=3)
+    layer = GridLinear(grid, None)
+    x = torch.randn(2, 5, 96, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = layer(x)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    got = [x.grad.clone(), layer.scale.grad.clone(), None if layer.minimum is None else layer.minimum.grad.clone()]
+
+    x.grad = None
+    scale = layer.scale.detach().clone().requires_grad_()
+    minimum = None if layer.minimum is None else layer.minimum.detach().clone().requires_grad_()
+    reference = torch.nn.functional.linear(x, _grid_weight(layer.codes, scale, minimum, layer.zero_point))
+    assert torch.equal(out, reference)
+    (reference * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    want = [x.grad, scale.grad, None if minimum is None else minimum.grad]
+    for a, b in zip(got, want):
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6)

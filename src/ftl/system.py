@@ -67,6 +67,47 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024)
 
 
+def memory_gib() -> tuple[float, str]:
+    """The memory this process may use, in GiB, and what sets it: the machine's RAM, or less where a
+    memory cgroup (v1 or v2, this process's group or any above it) or ``prlimit --as`` caps it."""
+    found = [(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "memory")]
+    found += [(limit, "memory cgroup") for limit in _cgroup_limits()]
+    address = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if address != resource.RLIM_INFINITY:
+        found.append((address, "address-space limit (prlimit --as)"))
+    have, where = min(found)
+    return have / 2**30, where
+
+
+def _cgroup_limits() -> list[int]:
+    """The memory limits of this process's cgroup and its ancestors (none where there are none)."""
+    limits = []
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return limits
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "memory":
+            root, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        elif controllers == "":
+            root, name = Path("/sys/fs/cgroup"), "memory.max"
+        else:
+            continue
+        folder = root / group.lstrip("/")
+        while True:
+            try:
+                value = (folder / name).read_text().strip()
+                if value.isdigit() and int(value) < 1 << 60:  # v1 writes "no limit" as ~2^63
+                    limits.append(int(value))
+            except OSError:
+                pass
+            if folder == root:
+                break
+            folder = folder.parent
+    return limits
+
+
 def cpu_flags() -> set[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

@@ -76,3 +76,21 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
     with safe_open(str(path), "np") as handle:
         return {key: list(handle.get_slice(key).get_shape()) for key in handle.keys()}
 
+
+
+def weight_files(folder: Path) -> list[Path] | None:
+    """An HF folder's safetensors weight files (by its index when sharded); None when it has none."""
+    import json
+
+    folder = Path(folder)
+    if (folder / "model.safetensors.index.json").is_file():
+        names = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values()
+        return sorted({folder / name for name in names})
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else None
+
+
+def parameter_count(files: list[Path]) -> int:
+    """Parameters in safetensors files, from their headers (a tied head is stored once)."""
+    import math
+
+    return sum(math.prod(shape) for file in files for shape in tensor_shapes(file).values())

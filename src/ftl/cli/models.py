@@ -28,13 +28,16 @@ def models_import(source: str, name: str | None, models_dir: Path | None, force:
 
     with task_progress(f"importing {source}"):
         result = import_model(source, name=name, models_dir=models_dir, force=force)
+    for warning in result.warnings:  # a GGUF matrix kept without its grid: the export quantises it again
+        console.print(f"[yellow]warning:[/] {warning}")
     emit(result, as_json, _show_import)
 
 
 def _show_import(result) -> None:
     verb = "already imported" if result.skipped else f"imported in {result.seconds:.1f}s"
     console.print(f"[green]✓[/] {result.name} {verb} → {result.path} "
-                  f"({result.parameters / 1e6:.0f}M parameters, sha256 {result.sha256[:12]})")
+                  f"({result.parameters / 1e6:.0f}M parameters, sha256 {result.sha256[:12]}"
+                  f"{f', {result.grids} GGUF grids kept' if result.grids else ''})")
 
 
 @models.command("list")

@@ -188,6 +188,33 @@ def build_options(config: ExportConfig) -> BuildOptions:
                         op_types_to_quantize=tuple(config.op_types))
 
 
+# Peak RSS of an export per parameter, measured (docs/models.md: 9.0 on Llama-3.2-1B's shape): og's
+# builder holds the model in fp32 and, while it quantises, the whole graph again as an fp32 ONNX proto.
+EXPORT_BYTES_PER_PARAMETER = 9
+EXPORT_OVERHEAD_GIB = 1.0  # the libraries, the tokenizer, the quantiser's chunks
+
+
+def export_memory_gib(parameters: int) -> float:
+    return parameters * EXPORT_BYTES_PER_PARAMETER / 2**30 + EXPORT_OVERHEAD_GIB
+
+
+def _check_memory(model_dir: Path) -> None:
+    """Refuse, before anything loads, a model whose export would not fit this machine (or its cgroup)."""
+    from ftl.system import memory_gib
+    from ftl.tensorfile import parameter_count, weight_files
+
+    files = weight_files(model_dir)
+    if files is None:
+        return
+    parameters = parameter_count(files)
+    need, (have, where) = export_memory_gib(parameters), memory_gib()
+    if need > have:
+        raise ConfigError(f"{parameters / 1e9:.1f}B parameters need about {need:.0f} GiB to export (estimated from "
+                          f"measured runs, docs/models.md), and this machine's {where} has {have:.0f} GiB",
+                          str(model_dir), "export on a machine with more memory (the int4 folder it writes runs "
+                          "here), or write the Olive workflow with --save-config and run it there")
+
+
 def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_line=None) -> ExportResult:
     started = time.perf_counter()
     out = Path(config.output)
@@ -211,6 +238,7 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
         from ftl.export.choose import export_within
 
         return export_within(config, p, export_onnx, on_line=on_line)
+    _check_memory(p.model_dir)
     manifest.prepare_output(out, force=config.force, stage="export")
     trained = {"path": str(p.adapter.resolve()), "sha256": manifest.sha256_dir(p.adapter)} if p.adapter else \
         {"path": str(p.qscale.resolve()), "sha256": manifest.sha256_file(p.qscale)} if p.qscale else None

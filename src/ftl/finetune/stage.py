@@ -295,7 +295,9 @@ def _memory_gib() -> tuple[float, str]:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory / 2**30, "GPU"
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, "memory"
+    from ftl.system import memory_gib
+
+    return memory_gib()
 
 
 def finetune(config: FinetuneConfig, *, save_config: Path | None = None, on_progress=None) -> FinetuneResult:

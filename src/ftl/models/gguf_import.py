@@ -16,7 +16,6 @@ for bit, and stored in the grid sidecar for the export and qscale.
 from __future__ import annotations
 
 import json
-import math
 import mmap
 import shutil
 from dataclasses import dataclass, field
@@ -215,18 +214,15 @@ def copy_hf_folder(origin: Path, target: Path) -> int | None:
     never loaded: memory stays flat at any size); the parameter count, from the safetensors headers.
     None when the folder has no safetensors weights (a ``pytorch_model.bin`` needs a real load)."""
     from ftl.quant.gguf_grid import GRID_FILE
-    from ftl.tensorfile import tensor_shapes
+    from ftl.tensorfile import parameter_count, weight_files
 
     origin = Path(origin)
-    if (origin / INDEX).is_file():
-        weights = sorted({origin / f for f in json.loads((origin / INDEX).read_text())["weight_map"].values()})
-    elif (origin / WEIGHTS).is_file():
-        weights = [origin / WEIGHTS]
-    else:
+    weights = weight_files(origin)
+    if weights is None:
         return None
     extras = [p for p in sorted(origin.iterdir()) if p.is_file() and p.name != "manifest.json"
               and (p.suffix in _FOLDER_SUFFIXES or p.name == GRID_FILE)]
     for source in dict.fromkeys(weights + extras):
         # a copy, not a hard link: a later in-place rewrite of the source would change the import too
         shutil.copyfile(source, Path(target) / source.name)
-    return sum(math.prod(shape) for file in weights for shape in tensor_shapes(file).values())
+    return parameter_count(weights)
