@@ -88,7 +88,7 @@ def _cgroup_limits() -> list[int]:
         return limits
     for line in lines:
         _, controllers, group = line.split(":", 2)
-        if controllers == "memory":
+        if "memory" in controllers.split(","):
             root, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
         elif controllers == "":
             root, name = Path("/sys/fs/cgroup"), "memory.max"

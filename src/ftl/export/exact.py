@@ -17,6 +17,7 @@ The result is still an og folder: any og client opens it.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -187,7 +188,7 @@ def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head:
                 raise ExportError(f"{node.name}'s grid ({'/'.join(target.kinds)}) is not 4 bits in blocks of 32",
                                   str(folder), "use the offset form (the default)")
             codes, scale, zp = float_zero_points(_concat([grids[m] for m in modules]))
-        if (target.bits, target.block) != (attrs["bits"], attrs["block_size"]):
+        if (target.bits, target.block) != (attrs.get("bits", 4), attrs["block_size"]):
             _set_attr(node, "bits", target.bits)
             _set_attr(node, "block_size", target.block)
             wide += 1
@@ -402,11 +403,12 @@ def has_grid(model_dir: Path) -> bool:
     or decoder projections that lie on a Q4_1 grid (reads one tensor)."""
     from safetensors import safe_open
 
-    from ftl.quant.gguf_grid import GRID_FILE
-    from ftl.quant.grid import recover
+    from ftl.quant.gguf_grid import GRID_FILE, grid_metadata
+    from ftl.quant.grid import PROJECTIONS, recover
 
     if (Path(model_dir) / GRID_FILE).is_file():
-        return True
+        layout = json.loads(grid_metadata(model_dir).get("grids", "{}"))
+        return any(name.rsplit(".", 1)[-1] in PROJECTIONS for name in layout)
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
             key = next((k for k in handle.keys() if _is_projection(k)), None)
@@ -421,12 +423,12 @@ def plan_grid(model_dir: Path, base_dir: Path | None = None, qscale: Path | None
     type; or Q4_1 recovered bit for bit from its weights; or round-to-nearest when it has none), with
     a qscale fine-tune's trained scales, or with a merged LoRA's weights put back on it (new codes,
     the base's scales). Weights are read one projection at a time; what is kept is the grids."""
-    from ftl.quant.gguf_grid import GRID_FILE, load_grids
+    from ftl.quant.gguf_grid import GRID_FILE, projection_grids
     from ftl.quant.grid import grid_of, integer_form, load_scales, recover_q8, requantize
 
     base_dir = Path(base_dir) if base_dir else Path(model_dir)
     merged = base_dir.resolve() != Path(model_dir).resolve()
-    known = load_grids(base_dir)
+    known = projection_grids(base_dir)
     read_from_file = (base_dir / GRID_FILE).is_file()
     grids, exact = {}, True
     changed = rounded = built_from = None

@@ -27,6 +27,7 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 # What an HF folder carries besides its weights: config, generation config, tokenizer, chat template.
 _FOLDER_SUFFIXES = (".json", ".jinja", ".model", ".txt", ".tiktoken")
+_NOT_COPIED = {"manifest.json", "adapter_config.json"}  # ftl's record; a PEFT adapter's config
 
 
 @dataclass
@@ -107,6 +108,19 @@ def import_gguf(gguf_path: Path, target: Path, config, *, shard_bytes: int = SHA
     return StreamedImport(parameters, len(grids), without_grid)
 
 
+def summarise(without_grid: list[str]) -> list[str]:
+    """One line per GGUF type and reason, from the per-matrix lines ``name (TYPE): reason`` (the
+    manifest keeps them all): an IQ4_XS file has hundreds."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for line in without_grid:
+        head, reason = line.split(": ", 1)
+        name, kind = head.rsplit(" (", 1)
+        groups.setdefault((kind.rstrip(")"), reason), []).append(name)
+    return [f"{len(names)} matri{'x' if len(names) == 1 else 'ces'} of type {kind} ({names[0]}"
+            f"{', …' if len(names) > 1 else ''}): {reason} (manifest: outputs.without_grid)"
+            for (kind, reason), names in groups.items()]
+
+
 def _writable(array):
     """gguf-py returns an F32 tensor as a view of the read-only mapping; torch wants its own buffer."""
     return array if array.flags.writeable else array.copy()
@@ -148,8 +162,11 @@ def _row_order(processor, gguf_name: str, rows: int):
     import torch
 
     probe = np.arange(rows, dtype=np.float64).reshape(rows, 1)
-    out = np.asarray(processor.process(weights=probe, name=gguf_name, tensor_key_mapping={},
-                                       parsed_parameters={"tensors": {}}).weights)
+    try:
+        out = np.asarray(processor.process(weights=probe, name=gguf_name, tensor_key_mapping={},
+                                           parsed_parameters={"tensors": {}}).weights)
+    except Exception:  # a processor that reshapes by the real width (Bloom's fused qkv): not a row order
+        return None
     if out.shape != (rows, 1) or not np.array_equal(np.sort(out[:, 0]), probe[:, 0]):
         return None
     return torch.from_numpy(out[:, 0].astype(np.int64))
@@ -218,9 +235,10 @@ def copy_hf_folder(origin: Path, target: Path) -> int | None:
 
     origin = Path(origin)
     weights = weight_files(origin)
-    if weights is None:
-        return None
-    extras = [p for p in sorted(origin.iterdir()) if p.is_file() and p.name != "manifest.json"
+    config = origin / "config.json"
+    if weights is None or not config.is_file() or "quantization_config" in json.loads(config.read_text()):
+        return None  # a pre-quantised folder (GPTQ, AWQ, FP8) or one without a config: transformers' full load
+    extras = [p for p in sorted(origin.iterdir()) if p.is_file() and p.name not in _NOT_COPIED
               and (p.suffix in _FOLDER_SUFFIXES or p.name == GRID_FILE)]
     for source in dict.fromkeys(weights + extras):
         # a copy, not a hard link: a later in-place rewrite of the source would change the import too

@@ -8,6 +8,7 @@ a sidecar for the exact export; an HF folder's safetensors are copied as they ar
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from ftl import manifest
 from ftl.errors import ConfigError, ModelNotFoundError, OutputExistsError
+from ftl.models.gguf_import import summarise
 from ftl.system import folder_size_mb
 
 
@@ -54,7 +56,7 @@ class ImportResult:
     seconds: float
     skipped: bool = False
     grids: int = 0  # GGUF matrices whose grid the import stored (ftl.quant.gguf_grid)
-    warnings: list[str] = field(default_factory=list)  # one line per quantised matrix kept without its grid
+    warnings: list[str] = field(default_factory=list)  # one line per GGUF type and reason a matrix has no grid
 
 
 def default_models_dir() -> Path:
@@ -123,7 +125,7 @@ def import_model(source: str, *, name: str | None = None, models_dir: Path | Non
         found = manifest.read(target)
         outputs = found["outputs"]
         return ImportResult(name, target, str(origin), outputs["sha256"], outputs["parameters"], 0.0, skipped=True,
-                            grids=outputs.get("grids", 0), warnings=outputs.get("without_grid", []))
+                            grids=outputs.get("grids", 0), warnings=summarise(outputs.get("without_grid", [])))
     if manifest.is_complete(target) and not force:
         raise OutputExistsError(f"{target} holds an import of another source, or one made by an earlier ftl "
                                 "(without the GGUF grid file)", str(target),
@@ -140,7 +142,7 @@ def import_model(source: str, *, name: str | None = None, models_dir: Path | Non
                   timings={"seconds": round(seconds, 2)})
     manifest.write(target, record)
     return ImportResult(name, target, str(origin), digest, converted.parameters, seconds, grids=converted.grids,
-                        warnings=converted.without_grid)
+                        warnings=summarise(converted.without_grid))
 
 
 def _fingerprint(origin: Path | str, gguf_file: str | None) -> dict:
@@ -277,6 +279,9 @@ def _convert(origin: Path | str, gguf_file: str | None, target: Path):
             else:
                 converted = StreamedImport(_load_and_save(origin, gguf_file, target), 0)
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS):
+            raise ConfigError(f"cannot write the import: {exc.strerror}", str(target),
+                              "free disk space, or import into another folder with --models-dir") from None
         raise ModelNotFoundError(f"could not load model: {str(exc).splitlines()[0]}", str(origin),
                                  "for a Hub id you need network access; otherwise give a local path") from None
     except ValueError as exc:

@@ -28,7 +28,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
-from ftl.quant.grid import Grid
+from ftl.quant.grid import PROJECTIONS, Grid
 
 GRID_FILE = "gguf_grid.safetensors"
 _CHUNK_VALUES = 1 << 24  # codes unpacked at a time: 16M fp32 values (64 MB) in flight
@@ -224,3 +224,10 @@ def load_grids(model_dir: Path, names: Iterable[str] | None = None) -> dict[str,
             found[name] = Grid(codes, part("scale"), part("minimum"), part("zero_point"), spec["bits"], spec["block"],
                                spec["kind"])
     return found
+
+
+def projection_grids(model_dir: Path) -> dict[str, Grid]:
+    """The grids of the decoder projections (q_proj … down_proj), the ones the export writes and
+    qscale trains; the embedding's and an untied head's stay in the file, unread."""
+    layout = json.loads(grid_metadata(model_dir).get("grids", "{}"))
+    return load_grids(model_dir, [name for name in layout if name.rsplit(".", 1)[-1] in PROJECTIONS])

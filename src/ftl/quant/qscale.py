@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ftl.chat import answer_start
-from ftl.quant.gguf_grid import load_grids
+from ftl.quant.gguf_grid import projection_grids
 from ftl.quant.grid import ARTEFACT, PROJECTIONS, Grid, grid_of, integer_form, save_scales
 
 GRID_FORMS = ("float-min", "int-zp")
@@ -76,13 +76,13 @@ class GridLinear(nn.Module):
         super().__init__()
         self.source = grid  # its bits, block, kind, and the precision its scales are kept in
         self.register_buffer("codes", grid.codes.view(grid.codes.shape[0], -1, grid.block), persistent=False)
-        self.scale = nn.Parameter(grid.scale.float())
+        self.scale = nn.Parameter(grid.scale.float().clone())  # its own: the source grid stays as read
         if grid.zero_point is not None:
             self.register_buffer("zero_point", grid.zero_point.float(), persistent=False)
             self.minimum = None
         else:
             self.zero_point = None
-            self.minimum = nn.Parameter(grid.minimum.float())
+            self.minimum = nn.Parameter(grid.minimum.float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def weight(self) -> torch.Tensor:
@@ -352,7 +352,7 @@ def run(model_dir: Path, prepared: Path, out: Path, settings: TrainSettings, *, 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    exact = attach(model, settings.form, load_grids(model_dir))
+    exact = attach(model, settings.form, projection_grids(model_dir))
     rows = tokenize_rows(tokenizer, prepared, answer_only)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     val = tokenize_rows(tokenizer, val_prepared, answer_only) if val_prepared else None
@@ -380,7 +380,7 @@ def load_model(model_dir: Path, artefact: Path):
 
     found, metadata = load_scales(artefact)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    attach(model, metadata.get("form", "float-min"), load_grids(model_dir))
+    attach(model, metadata.get("form", "float-min"), projection_grids(model_dir))
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, GridLinear) and name in found:

@@ -36,7 +36,7 @@ class LocalTeacher:
             self._tokenizer = AutoTokenizer.from_pretrained(self.folder, padding_side="left")
             if self._tokenizer.pad_token_id is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
-            self._torch = AutoModelForCausalLM.from_pretrained(self.folder).eval()
+            self._torch = AutoModelForCausalLM.from_pretrained(self.folder, dtype="float32").eval()
             self._run = self._run_torch
             self._queue: dict[tuple, list] = {}
             self._drainer: asyncio.Task | None = None
