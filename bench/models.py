@@ -173,13 +173,9 @@ def _write_tokenizer(source: Path, folder: Path, vocab_size: int) -> None:
 
 def count_parameters(folder: Path) -> int:
     """Parameters of an HF folder from its safetensors headers (a tied head is stored once)."""
-    from safetensors import safe_open
+    from ftl.tensorfile import parameter_count, weight_files
 
-    total = 0
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), "pt") as handle:
-            total += sum(_numel(tuple(handle.get_slice(key).get_shape())) for key in handle.keys())
-    return total
+    return parameter_count(weight_files(folder) or [])  # the weights only, not the grid sidecar
 
 
 # ---- one process under a memory limit, its tree's RSS sampled ----

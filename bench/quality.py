@@ -132,6 +132,8 @@ def decode_ratios(folders: dict[str, Path], today: str, rounds: int, tokens: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="a built-in model (gemma3-270m: a base model, "
+                                                                 "trained with a text template)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-quality")
     parser.add_argument("--si-rows", type=int, default=150)
     parser.add_argument("--gsm-rows", type=int, default=50)
@@ -146,12 +148,16 @@ def main() -> None:
     env = {**os.environ, "FTL_MODELS_DIR": str(work / "models")}
     seeds = [int(s) for s in args.seeds.split(",")]
     data = str(ROOT / "data" / "quickstart" / "train.jsonl")
-    base = work / "models" / "smollm2-135m"
+    base = work / "models" / args.model
 
     console.print("[bold]building[/] (kept in --work; a rerun reuses what is there)")
     if not base.is_dir():
-        ftl("models", "import", "smollm2-135m", env=env)
-    train = ["--model", "smollm2-135m", "--data", data, "--max-steps", str(args.steps), "--batch-size", "4"]
+        ftl("models", "import", args.model, env=env)
+    # A base model without a chat template trains and answers with a text template; its base rows are
+    # left out (the base itself has no prompt format to score answers with).
+    chat = (base / "chat_template.jinja").is_file() or "chat_template" in (base / "tokenizer_config.json").read_text()
+    template = [] if chat else ["--text-template", "Question: {Question}\nAnswer: {Answer}"]
+    train = ["--model", args.model, "--data", data, "--max-steps", str(args.steps), "--batch-size", "4", *template]
     for seed in seeds:
         for method in ("lora", "qscale"):
             out = work / f"{method}-{seed}"
@@ -159,13 +165,21 @@ def main() -> None:
                     != "complete":
                 ftl("finetune", *train, "--method", method, "--seed", str(seed), "--output", str(out), env=env)
     first = seeds[0]
+    from ftl.quant.gguf_grid import grid_metadata
+
+    from ftl.quant.grid import PROJECTIONS
+
+    four_bit = all(g["bits"] == 4 and g["block"] == 32 for name, g in
+                   json.loads(grid_metadata(base).get("grids", "{}")).items() if name.rsplit(".", 1)[-1] in PROJECTIONS)
     exports = {
-        "base int4, builder": ["--model", "smollm2-135m", "--grid", "builder"],
-        "base int4, exact grid": ["--model", "smollm2-135m"],
+        **({"base int4, builder": ["--model", args.model, "--grid", "builder"],
+            "base int4, exact grid": ["--model", args.model]} if chat else {}),
         f"LoRA {first} merged, builder (today)": ["--adapter", str(work / f"lora-{first}"), "--grid", "builder"],
         f"LoRA {first} merged, exact grid": ["--adapter", str(work / f"lora-{first}")],
         **{f"qscale {s} exported": ["--adapter", str(work / f"qscale-{s}")] for s in seeds},
-        f"qscale {first} exported, float-zp": ["--adapter", str(work / f"qscale-{first}"), "--grid-form", "float-zp"],
+        # float zero points hold 4-bit grids in blocks of 32 only (Q4_1; not Gemma's Q5_0/Q6_K/Q8_0)
+        **({f"qscale {first} exported, float-zp": ["--adapter", str(work / f"qscale-{first}"), "--grid-form",
+                                                   "float-zp"]} if four_bit else {}),
     }
     folders = {}
     for name, flags in exports.items():
@@ -179,7 +193,7 @@ def main() -> None:
     console.print(f"[bold]scoring[/] {len(rows)} held-out rows ({args.si_rows} self-instruct, {args.gsm_rows} "
                   f"GSM8K), greedy answers on the first {args.gen_rows}")
     os.environ["FTL_MODELS_DIR"] = env["FTL_MODELS_DIR"]
-    specs = {f"LoRA {first}, fp32": f"torch:{work / f'lora-{first}'}", "base, fp32": f"torch:{base}"}
+    specs = {f"LoRA {first}, fp32": f"torch:{work / f'lora-{first}'}", **({"base, fp32": f"torch:{base}"} if chat else {})}
     specs.update({f"LoRA {s}, fp32": f"torch:{work / f'lora-{s}'}" for s in seeds[1:]})
     specs.update({f"qscale {s}, PyTorch": f"torch:{work / f'qscale-{s}'}" for s in seeds})
     specs.update({name: f"onnx:{path}" for name, path in folders.items()})
@@ -200,7 +214,7 @@ def main() -> None:
     lora_ppl = results[f"LoRA {first}, fp32"]["ppl"]
     table = Table("model", "answer ppl", "× LoRA fp32", "ppl self-instruct", "ppl GSM8K", "KL vs LoRA",
                   "top-1 vs LoRA", "ROUGE-L", "looping", "MB", "decode × today",
-                  title=f"int4 quality: SmolLM2-135M, {len(rows)} held-out rows "
+                  title=f"int4 quality: {args.model}, {len(rows)} held-out rows "
                         f"({results[today]['answer_tokens']} answer tokens), {args.steps} steps, seeds {args.seeds}")
 
     def fmt(value, spec=".3f"):
