@@ -47,12 +47,17 @@ class TensorFileWriter:
             header["__metadata__"] = metadata
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-        with open(self.path, "wb") as out:
-            out.write(struct.pack("<Q", len(text)))
-            out.write(text)
-            self._spool.seek(0)
-            shutil.copyfileobj(self._spool, out, 1 << 24)
-        self.discard()
+        partial = self.path.with_name(self.path.name + ".partial")
+        try:  # the file appears whole or not at all (a full disk leaves no truncated safetensors behind)
+            with open(partial, "wb") as out:
+                out.write(struct.pack("<Q", len(text)))
+                out.write(text)
+                self._spool.seek(0)
+                shutil.copyfileobj(self._spool, out, 1 << 24)
+            partial.replace(self.path)
+        finally:
+            partial.unlink(missing_ok=True)
+            self.discard()
         return self.path
 
     def discard(self) -> None:

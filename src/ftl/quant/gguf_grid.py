@@ -187,8 +187,12 @@ class GridWriter:
 
 def save_grids(path: Path, grids: dict[str, Grid], metadata: dict[str, str] | None = None) -> Path:
     writer = GridWriter(path)
-    for name, grid in grids.items():
-        writer.add(name, grid)
+    try:
+        for name, grid in grids.items():
+            writer.add(name, grid)
+    except BaseException:
+        writer.discard()
+        raise
     return writer.close(metadata)
 
 
