@@ -29,7 +29,7 @@ def test_merged_export_is_a_self_contained_genai_folder(tiny_export, tiny_finetu
     assert workflow["passes"]["builder"]["type"] == "FtlGenaiBuilder"
     # The default: an int8 embedding and head stored once (tied), an int4 body in blocks of 32.
     assert record["outputs"]["layout"] == {"block_size": 32, "body_bits": [4], "head_bits": 8, "embedding_bits": 8,
-                                           "tied": True, "zero_points": True}
+                                           "tied": True, "zero_points": True, "block_sizes": [32]}
     assert record["outputs"]["built_with_onnxruntime_genai"] == metadata.version("onnxruntime-genai")
 
 
@@ -126,7 +126,7 @@ def test_rtn_symmetric_block_64_is_built_as_asked(tiny_finetune, tmp_path):
     result = export_onnx(ExportConfig(adapter=tiny_finetune, output=tmp_path / "rtn", int4_algo="rtn", block_size=64))
     layout = manifest.read(result.output)["outputs"]["layout"]
     assert layout == {"block_size": 64, "body_bits": [4], "head_bits": 4, "embedding_bits": 4, "tied": True,
-                      "zero_points": False}
+                      "zero_points": False, "block_sizes": [64]}
 
 
 def test_a_silently_ignored_builder_option_is_caught(tiny_model, tmp_path):
