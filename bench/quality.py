@@ -82,7 +82,8 @@ def score(spec: str, rows: list[dict], gen_rows: int, reference: list | None) ->
         nll.append(point)
         by_source.setdefault(row["source"], []).append(point)
         if reference is not None:
-            damage.append(_damage(out, reference[i][0], start))
+            ref, ref_start = reference[i]  # the answer positions' logits, as ftl eval compares them
+            damage.append(_damage(out[start - 1:-1], ref[ref_start - 1:-1]))
     scorer, rouge, looping = rouge_scorer(), [], []
     for row in rows[:gen_rows]:
         answer = model.generate(model.format.conversation(row["question"]), 96).text
