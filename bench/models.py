@@ -123,7 +123,7 @@ def write_random_model(name: str, folder: Path, tokenizer_from: Path, layers: in
         shard[key] = tensor
         shard_bytes += tensor.nbytes
     flush()
-    _hub_names(folder, shards, weight_map)
+    _hub_names(folder, shards, weight_map, 2 * sum(_numel(dims) for _, dims in params))  # bf16 bytes
     _write_tokenizer(tokenizer_from, folder, config.vocab_size)
     return sum(_numel(dims) for _, dims in params)
 
@@ -139,7 +139,7 @@ def _fill_from(flat, pool, generator) -> None:
         position += count
 
 
-def _hub_names(folder: Path, shards: list[Path], weight_map: dict) -> None:
+def _hub_names(folder: Path, shards: list[Path], weight_map: dict, total_size: int) -> None:
     """The Hub's layout: one model.safetensors, or model-00001-of-0000N.safetensors and an index."""
     if len(shards) == 1:
         shards[0].rename(folder / "model.safetensors")
@@ -148,9 +148,8 @@ def _hub_names(folder: Path, shards: list[Path], weight_map: dict) -> None:
     for index, path in enumerate(shards, 1):
         path.rename(folder / f"model-{index:05d}-of-{total:05d}.safetensors")
     weight_map = {k: v.replace(".safetensors", f"-of-{total:05d}.safetensors") for k, v in weight_map.items()}
-    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     (folder / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": size}, "weight_map": weight_map}, indent=1))
+        {"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=1))
 
 
 def _numel(dims: tuple[int, ...]) -> int:
@@ -291,7 +290,9 @@ def run_limited(command: list[str], limit_gib: float, *, env: dict | None = None
     run.code = os.waitstatus_to_exitcode(status)
     run.seconds = time.perf_counter() - started
     # the sampler can miss a short spike; the kernel's high-water mark of the largest process cannot
-    run.peak_mib = max(run.peak_mib, usage.ru_maxrss / 1024)
+    from ftl.system import rusage_peak_mib
+
+    run.peak_mib = max(run.peak_mib, rusage_peak_mib(usage))
     if group is not None:
         run.over_limit = run.code != 0 and _oom_kills(group) > 0
         _remove_cgroup(group)

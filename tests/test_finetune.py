@@ -118,6 +118,7 @@ def test_kill_9_mid_training_then_resume_from_checkpoint(tiny_model, tmp_path):
     killed_at = max(int(p.parent.name.split("-")[1])
                     for p in (out / "checkpoints").glob("checkpoint-*/trainer_state.json"))
     assert manifest.read(out)["status"] == "running"
+    killed_log = (out / "olive.log").read_text()  # line-buffered: the killed run's lines are kept
 
     result = finetune(FinetuneConfig(model=str(tiny_model), data=data, output=out, max_steps=60, batch_size=2,
                                      save_steps=5))
@@ -125,6 +126,7 @@ def test_kill_9_mid_training_then_resume_from_checkpoint(tiny_model, tmp_path):
     assert manifest.read(out)["resumed_from"] == f"checkpoint-{killed_at}"
     # It went on from there: this run's log has a loss line (logging_steps 1) for each remaining step only.
     log = (out / "olive.log").read_text()
-    assert log.count("{'loss': ") == 60 - killed_at
+    assert log.startswith(killed_log)
+    assert log[len(killed_log):].count("{'loss': ") == 60 - killed_at
     assert manifest.read(out)["status"] == "complete"
     assert [p["step"] for p in result.loss_curve][-1] == 60

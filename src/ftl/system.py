@@ -142,4 +142,10 @@ def run_measured(command: list[str], **popen) -> tuple[int, float, float]:
     process = subprocess.Popen(command, **popen)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
-    return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 1024
+    return process.returncode, time.perf_counter() - started, rusage_peak_mib(usage)
+
+
+def rusage_peak_mib(usage) -> float:
+    """The peak RSS in MiB of a ``wait4``/``getrusage`` record of waited-for children (the largest
+    one's: the kernel keeps no sum)."""
+    return usage.ru_maxrss / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024)
