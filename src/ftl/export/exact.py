@@ -378,8 +378,10 @@ def _tensors(model_dir: Path, wanted) -> dict[str, torch.Tensor]:
     (memory-mapped): the embedding and the rest of the model are never loaded."""
     from safetensors import safe_open
 
+    from ftl.tensorfile import weight_files
+
     found: dict[str, torch.Tensor] = {}
-    files = sorted(Path(model_dir).glob("*.safetensors"))
+    files = weight_files(model_dir)  # the weights only: not the grid sidecar, a qscale artefact or an adapter
     if not files:
         raise ExportError("no safetensors weights to take an int4 grid from", str(model_dir),
                           "save the model with safetensors (transformers' default)")
@@ -405,11 +407,12 @@ def has_grid(model_dir: Path) -> bool:
 
     from ftl.quant.gguf_grid import GRID_FILE, grid_metadata
     from ftl.quant.grid import PROJECTIONS, recover
+    from ftl.tensorfile import weight_files
 
     if (Path(model_dir) / GRID_FILE).is_file():
         layout = json.loads(grid_metadata(model_dir).get("grids", "{}"))
         return any(name.rsplit(".", 1)[-1] in PROJECTIONS for name in layout)
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
+    for file in weight_files(model_dir) or []:
         with safe_open(str(file), "pt") as handle:
             key = next((k for k in handle.keys() if _is_projection(k)), None)
             if key is not None:
