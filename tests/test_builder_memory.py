@@ -53,17 +53,36 @@ def test_k_quant_of_a_large_weight_peaks_near_its_chunk_not_at_a_dozen_copies(mo
     assert chunked < weight.nbytes
 
 
-def test_a_k_quant_build_is_byte_identical_to_og_alone(tiny_model, tmp_path, monkeypatch):
-    """The folder ftl's build writes is the one og's builder writes by itself, byte for byte."""
+@pytest.fixture(scope="module")
+def untied_model(tmp_path_factory):
+    from tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("untied") / "tiny-llama", tied=False)
+
+
+@pytest.mark.parametrize("algo, symmetric, tied", [
+    ("k_quant_last", True, True), ("k_quant_last", False, False), ("rtn_last", True, True),
+    ("default", True, True), ("default", True, False), ("rtn", False, True), ("k_quant_mixed", True, True)])
+def test_a_build_is_byte_identical_to_og_alone(tiny_model, untied_model, tmp_path, monkeypatch, algo, symmetric,
+                                               tied):
+    """The folder ftl's build writes (k-quant in chunks, one weight quantised at a time) is the one
+    og's builder writes by itself, byte for byte, for every algorithm ftl asks of it."""
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
 
+    model = tiny_model if tied else untied_model
     monkeypatch.setattr(builder, "K_QUANT_CHUNK", 256)  # the tiny model's weights span many chunks
-    options = builder.BuildOptions(algo_config="k_quant_last")
-    builder.build(tiny_model, tmp_path / "ftl", options, cache_dir=tmp_path / "cache")
-    args = (None, str(tiny_model), str(tmp_path / "og"), "int4", "cpu", str(tmp_path / "cache"))
+    calls = []
+    per_weight = builder._to_nbits_per_weight
+    monkeypatch.setattr(builder, "_to_nbits_per_weight", lambda *a: calls.append(a[2]) or per_weight(*a))
+    options = builder.BuildOptions(algo_config=algo, is_symmetric=symmetric)
+    builder.build(model, tmp_path / "ftl", options, cache_dir=tmp_path / "cache")
+    assert len(calls) == 1  # ftl's path ran, not og's whole-graph one
+    args = (None, str(model), str(tmp_path / "og"), "int4", "cpu", str(tmp_path / "cache"))
     prepared = parse_extra_options(*args, options.extra_options())
     builder._fit_config(prepared["hf_details"]["hf_config"])
     create_model(*args, **prepared)
     ftl_data = (tmp_path / "ftl" / "model.onnx.data").read_bytes()
     assert ftl_data == (tmp_path / "og" / "model.onnx.data").read_bytes()
     assert (tmp_path / "ftl" / "model.onnx").read_bytes() == (tmp_path / "og" / "model.onnx").read_bytes()
+    layout = builder.read_layout(tmp_path / "ftl")
+    assert layout.head_bits == {**builder.HEAD_BITS, "rtn_last": 8}[algo] and layout.tied == tied

@@ -89,7 +89,7 @@ def build(model_dir: Path, output_dir: Path, options: BuildOptions, cache_dir: P
     args = (None, str(model_dir), str(output_dir), options.precision, "cpu", str(cache_dir))
     prepared = parse_extra_options(*args, options.extra_options())
     _fit_config(prepared["hf_details"]["hf_config"])
-    with k_quant_in_chunks():
+    with k_quant_in_chunks(), quantise_one_weight_at_a_time():
         create_model(*args, **prepared)
     if not (Path(output_dir) / "model.onnx").is_file():
         raise OliveRunError("the onnxruntime-genai builder produced no model.onnx", str(output_dir),
@@ -142,6 +142,185 @@ def k_quant_in_chunks():
         yield
     finally:
         weight_only.quant_tensor_k_quant_cpu = original
+
+
+@contextmanager
+def quantise_one_weight_at_a_time():
+    """While og's builder runs, its ``Model.to_nbits`` quantises the graph one weight at a time:
+    each MatMul (or Gather) with its constant weight is cut out as a one-node model, given to the
+    same ``MatMulNBitsQuantizer`` with the same settings, and the nodes and initializers it returns
+    are spliced back in place of the float weight, which is then dropped.
+
+    Why: og's ``to_nbits`` (0.18) hands the quantizer ``ir.to_proto(self.model)``, the whole graph
+    with every initializer materialised as float32 at once: 4 bytes a parameter on top of the loaded
+    HF model that og's lazy initializers still reference (2 bytes from bf16, 4 from float32), before
+    the quantizer writes a byte. Here only the weight being quantised is float32 at any moment, and
+    each float weight's memory is released as its quantised form replaces it.
+
+    The quantizer decides node by node (the share count of a weight aside, which is kept: a weight
+    another node still reads stays), so the folder is the one og writes by itself, byte for byte
+    (tests/test_builder_memory.py). Paths this does not reproduce (og's multi-pass "default" with
+    per-node bits, exact overrides, QDQ, CUDA pre-packing) run og's own ``to_nbits``."""
+    import sys
+
+    import onnxruntime_genai.models.builder  # noqa: F401  (og puts its folder on sys.path: its modules load as "builders.*")
+
+    base = sys.modules.get("builders.base") or sys.modules.get("onnxruntime_genai.models.builders.base")
+    original = getattr(getattr(base, "Model", None), "to_nbits", None)
+    if original is None:
+        yield
+        return
+
+    def to_nbits(self):
+        method = getattr(self, "quantization_algo", "default")
+        customised = getattr(self, "int4_customized_weight_config", {}) or {}
+        if (getattr(self, "exact_quant_override_names", None) or getattr(self, "exact_quant_overrides", None)
+                or self.quant_attrs.get("use_qdq") or getattr(self, "ep", "cpu") != "cpu"
+                or (method == "default" and customised)):
+            return original(self)
+        return _to_nbits_per_weight(self, base, method, customised)
+
+    base.Model.to_nbits = to_nbits
+    try:
+        yield
+    finally:
+        base.Model.to_nbits = original
+
+
+def _to_nbits_per_weight(builder_model, base, method: str, customised: dict):
+    """og's ``to_nbits`` (its single-pass branch), one weight at a time: see
+    :func:`quantise_one_weight_at_a_time`."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = builder_model.model
+    graph = model.graph
+    attrs = builder_model.quant_attrs
+    algo_config = None
+    if method != "default":  # as og: RTN/k_quant get every MatMul's bits spelled out
+        weight_config = {node.name: {"bits": attrs["bits"]} for node in graph if node.op_type == "MatMul"}
+        algo_config = builder_model.make_algo_config(method, {**weight_config, **customised})
+    excluded = set(attrs["nodes_to_exclude"])
+    appended = []
+    # inputs that name a quantised weight before it exists (a tied embedding's GatherBlockQuantized
+    # reads the head's codes and scales): to_proto joins them by name, so does the splice
+    awaited = {value.name: value for node in graph for value in node.inputs
+               if value is not None and value.producer() is None and not value.is_graph_input()
+               and value.name not in graph.initializers}
+    for node in list(graph):
+        if node.op_type not in attrs["op_types_to_quantize"] or node.name in excluded:
+            continue
+        weight = node.inputs[0 if node.op_type == "Gather" else 1]
+        if weight is None or weight.name not in graph.initializers:
+            continue
+        quantiser = MatMulNBitsQuantizer(
+            model=_one_node_model(model, node), bits=attrs["bits"], block_size=attrs["matmul_block_size"],
+            is_symmetric=attrs["is_symmetric"], accuracy_level=attrs["accuracy_level"],
+            nodes_to_exclude=list(excluded), quant_format=base.QuantFormat.QOperator,
+            op_types_to_quantize=attrs["op_types_to_quantize"], algo_config=algo_config)
+        quantiser.process()
+        quantised = quantiser.model.model
+        if [n.op_type for n in quantised.graph.node] == [node.op_type]:  # left as it was (rtn: a Gather)
+            continue
+        appended.extend(_splice(model, node, quantised, awaited))
+    if algo_config is not None:  # onnxruntime's rtn_quantize appends its nodes, then sorts the graph
+        _sort_as_rtn_quantize(graph, appended)
+    return model
+
+
+def _sort_as_rtn_quantize(graph, appended: list) -> None:
+    """Order the nodes as onnxruntime's ``rtn_quantize`` leaves a whole graph (the new nodes after
+    the rest, then its ``ONNXModel.topological_sort``), so that og's own sort afterwards gives the
+    same file. Its sort reads names only: it runs on a copy of the graph without weights."""
+    import onnx
+    from onnx_ir import serde
+    from onnxruntime.quantization.neural_compressor.onnx_model import ONNXModel  # the one rtn_quantize sorts with
+
+    new = set(appended)
+    order = [node for node in graph if node not in new] + appended
+    names = [f"{index}" for index in range(len(order))]
+    protos = []
+    for name, node in zip(names, order):
+        proto = serde.serialize_node(node)
+        proto.name = name
+        proto.ClearField("attribute")
+        protos.append(proto)
+    skeleton = onnx.helper.make_graph(
+        protos, "order", [onnx.helper.make_empty_tensor_value_info(value.name) for value in graph.inputs], [],
+        [onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [0], []) for name in graph.initializers])
+    sorter = ONNXModel(onnx.helper.make_model(skeleton))
+    sorter.topological_sort()
+    by_name = dict(zip(names, order))
+    graph.remove(order)
+    graph.extend(by_name[proto.name] for proto in sorter.model.graph.node)
+
+
+def _one_node_model(model, node):
+    """``node`` as a model of its own: its constant inputs as initializers, the rest as inputs."""
+    import onnx
+    from onnx_ir import serde
+
+    graph = model.graph
+    initializers, inputs = [], []
+    for value in node.inputs:
+        if value is None:
+            continue
+        if value.name in graph.initializers:
+            tensor = serde.serialize_tensor(value.const_value)
+            tensor.name = value.name
+            initializers.append(tensor)
+        else:
+            inputs.append(onnx.helper.make_tensor_value_info(value.name, value.dtype.value if value.dtype else 0, None))
+    outputs = [onnx.helper.make_tensor_value_info(value.name, value.dtype.value if value.dtype else 0, None)
+               for value in node.outputs]
+    proto = onnx.helper.make_model(
+        onnx.helper.make_graph([serde.serialize_node(node)], "one_node", inputs, outputs, initializers),
+        opset_imports=[onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()])
+    proto.ir_version = model.ir_version
+    return proto
+
+
+def _splice(model, node, quantised, awaited: dict) -> None:
+    """Put the nodes and new initializers of ``quantised`` (a one-node model after the quantizer) in
+    place of ``node`` in ``model``; drop ``node``'s float weight unless another node reads it."""
+    import onnx_ir as ir
+
+    graph = model.graph
+    part = ir.from_proto(quantised)
+    for domain, version in part.opset_imports.items():  # what the quantizer raised, it raises here too
+        if model.opset_imports.get(domain, -1) < version:
+            model.opset_imports[domain] = version
+    model.ir_version = max(model.ir_version, part.ir_version)
+    new_nodes = list(part.graph)
+    part.graph.outputs.clear()
+    for new in new_nodes:
+        part.graph.remove(new)
+    kept = {value.name: value for value in node.inputs if value is not None}
+    for value in list(part.graph.inputs):  # the activation: the main graph's value
+        ir.convenience.replace_all_uses_with(value, kept[value.name])
+    part.graph.inputs.clear()
+    new_initializers = []
+    for name in list(part.graph.initializers):
+        value = part.graph.initializers.pop(name)
+        if name in kept:  # the weight, left as it was (not quantised): the main graph's value
+            ir.convenience.replace_all_uses_with(value, kept[name])
+        else:
+            new_initializers.append(value)
+    outputs = {value.name: value for new in new_nodes for value in new.outputs}
+    for old in node.outputs:
+        outputs[old.name].type, outputs[old.name].shape = old.type, old.shape
+        ir.convenience.replace_all_uses_with(old, outputs[old.name], replace_graph_outputs=True)
+    graph.insert_before(node, new_nodes)
+    weights = [value for value in node.inputs if value is not None and value.name in graph.initializers]
+    graph.remove(node, safe=True)
+    for value in new_initializers:
+        graph.register_initializer(value)
+        if value.name in awaited:
+            ir.convenience.replace_all_uses_with(awaited.pop(value.name), value)
+    for value in weights:
+        if not value.uses() and value.name not in {v.name for v in new_initializers}:
+            graph.initializers.pop(value.name)
+            value.const_value = None  # og's lazy tensor holds the HF weight: let it go
+    return new_nodes
 
 
 # The families ftl's tests take through every stage (tests/test_families.py, tests/test_gemma3.py).
