@@ -260,22 +260,19 @@ def _one_node_model(model, node):
     from onnx_ir import serde
 
     graph = model.graph
-    initializers, inputs = [], []
-    for value in node.inputs:
-        if value is None:
-            continue
-        if value.name in graph.initializers:
-            tensor = serde.serialize_tensor(value.const_value)
-            tensor.name = value.name
-            initializers.append(tensor)
-        else:
-            inputs.append(onnx.helper.make_tensor_value_info(value.name, value.dtype.value if value.dtype else 0, None))
+    inputs = [onnx.helper.make_tensor_value_info(value.name, value.dtype.value if value.dtype else 0, None)
+              for value in node.inputs if value is not None and value.name not in graph.initializers]
     outputs = [onnx.helper.make_tensor_value_info(value.name, value.dtype.value if value.dtype else 0, None)
                for value in node.outputs]
     proto = onnx.helper.make_model(
-        onnx.helper.make_graph([serde.serialize_node(node)], "one_node", inputs, outputs, initializers),
+        onnx.helper.make_graph([serde.serialize_node(node)], "one_node", inputs, outputs),
         opset_imports=[onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()])
     proto.ir_version = model.ir_version
+    for value in node.inputs:  # written in place: make_graph would copy each weight once more
+        if value is not None and value.name in graph.initializers:
+            tensor = proto.graph.initializer.add()
+            serde.serialize_tensor_into(tensor, value.const_value)
+            tensor.name = value.name
     return proto
 
 
@@ -284,8 +281,18 @@ def _splice(model, node, quantised, awaited: dict) -> None:
     place of ``node`` in ``model``; drop ``node``'s float weight unless another node reads it."""
     import onnx_ir as ir
 
+    from onnx import TensorProto
+    from onnx_ir import serde
+
     graph = model.graph
     part = ir.from_proto(quantised)
+    for value in part.graph.initializers.values():
+        # a tensor read from a proto keeps the whole message alive, and the quantizer's message still
+        # holds the float weight it removed (protobuf frees a message's memory only as a whole): copy
+        # each new tensor into a message of its own, so the float weight goes when this returns
+        own = TensorProto()
+        own.CopyFrom(serde.serialize_tensor(value.const_value))
+        value.const_value = serde.TensorProtoTensor(own)
     for domain, version in part.opset_imports.items():  # what the quantizer raised, it raises here too
         if model.opset_imports.get(domain, -1) < version:
             model.opset_imports[domain] = version
