@@ -29,6 +29,22 @@ def test_k_quant_in_chunks_gives_the_same_codes_scales_and_zero_points(monkeypat
     assert np.array_equal(got[2], expected[2])
 
 
+@pytest.mark.parametrize("bits, scheme", [(4, "asym"), (8, "asym"), (4, "sym")])
+def test_round_to_nearest_in_chunks_gives_the_same_codes_scales_and_zero_points(monkeypatch, bits, scheme):
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    monkeypatch.setattr(builder, "K_QUANT_CHUNK", 3 * 96)
+    weight = _weight(96, 19, seed=1)
+    original = weight_only.quant_tensor
+    expected = original(weight.T, bits, 32, scheme, "uint")
+    with builder.k_quant_in_chunks():
+        got = weight_only.quant_tensor(weight.T, bits, 32, scheme, "uint")
+    assert weight_only.quant_tensor is original
+    assert np.array_equal(got[0], expected[0].astype(np.uint8))
+    assert got[1].dtype == expected[1].dtype and np.array_equal(got[1], expected[1])
+    assert np.array_equal(got[2], expected[2])
+
+
 def _peak_bytes(function) -> int:
     tracemalloc.start()  # numpy reports its buffers to tracemalloc
     try:
@@ -74,9 +90,14 @@ def test_a_build_is_byte_identical_to_og_alone(tiny_model, untied_model, tmp_pat
     calls = []
     per_weight = builder._to_nbits_per_weight
     monkeypatch.setattr(builder, "_to_nbits_per_weight", lambda *a: calls.append(a[2]) or per_weight(*a))
+    direct = []  # rtn/k-quant weights quantised straight from og's tensors, without a proto
+    rtn_one_weight = builder._rtn_one_weight
+    monkeypatch.setattr(builder, "_rtn_one_weight", lambda *a: direct.append(rtn_one_weight(*a)) or direct[-1])
     options = builder.BuildOptions(algo_config=algo, is_symmetric=symmetric)
     builder.build(model, tmp_path / "ftl", options, cache_dir=tmp_path / "cache")
     assert len(calls) == 1  # ftl's path ran, not og's whole-graph one
+    # every MatMul (2 layers: qkv, o, gate, up, down; the head); an untied embedding's Gather is not rtn's
+    assert sum(m is not None for m in direct) == (11 if algo != "default" else 0)
     args = (None, str(model), str(tmp_path / "og"), "int4", "cpu", str(tmp_path / "cache"))
     prepared = parse_extra_options(*args, options.extra_options())
     builder._fit_config(prepared["hf_details"]["hf_config"])

@@ -101,9 +101,10 @@ K_QUANT_CHUNK = 1 << 21  # weights k-quantised at once: each of its ~12 temporar
 
 @contextmanager
 def k_quant_in_chunks():
-    """While og's builder runs, onnxruntime's k-quant quantiser works on a weight 2M values at a
-    time instead of all of it at once. Same codes, scales and zero points, bit for bit (k-quant
-    fits each block of 32 on its own), without a dozen full-size float32/float64 temporaries.
+    """While og's builder runs, onnxruntime's k-quant and round-to-nearest quantisers work on a
+    weight 2M values at a time instead of all of it at once. Same codes, scales and zero points, bit
+    for bit (both fit each block of 32 on its own), without a dozen full-size float32/float64
+    temporaries.
 
     Why: ``quant_tensor_k_quant_cpu`` (onnxruntime 1.31, what ``k_quant*`` runs on a CPU) vectorises
     over the whole tensor. On Llama-3.2-1B's tied head (128256 × 2048, int8 for k_quant_last) that is
@@ -137,11 +138,29 @@ def k_quant_in_chunks():
             zero_points.append(zero_point)
         return np.concatenate(codes), np.concatenate(scales), np.concatenate(zero_points)
 
+    rtn = getattr(weight_only, "quant_tensor", None)
+
+    def rtn_chunked(data, num_bits=4, group_size=32, scheme="asym", dtype="int", ratio=1.0):
+        """Round-to-nearest (rtn, rtn_last: ftl's exact path) the same way: each block of 32 is
+        scaled on its own, and its codes come back in float64, 8 bytes a weight."""
+        rows, width = data.shape if data.ndim == 2 else (0, 0)
+        if not rows or width % group_size:
+            return rtn(data, num_bits, group_size, scheme, dtype, ratio)
+        step = max(1, K_QUANT_CHUNK // width)
+        parts = [rtn(data[start:start + step], num_bits, group_size, scheme, dtype, ratio)
+                 for start in range(0, rows, step)]
+        codes = [q.astype(np.uint8) if dtype == "uint" else q for q, _, _ in parts]  # 0..2^bits-1 when "uint"
+        return np.concatenate(codes), np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+
     weight_only.quant_tensor_k_quant_cpu = chunked
+    if rtn is not None:
+        weight_only.quant_tensor = rtn_chunked
     try:
         yield
     finally:
         weight_only.quant_tensor_k_quant_cpu = original
+        if rtn is not None:
+            weight_only.quant_tensor = rtn
 
 
 @contextmanager
@@ -212,13 +231,15 @@ def _to_nbits_per_weight(builder_model, base, method: str, customised: dict):
         weight = node.inputs[0 if node.op_type == "Gather" else 1]
         if weight is None or weight.name not in graph.initializers:
             continue
-        quantiser = MatMulNBitsQuantizer(
-            model=_one_node_model(model, node), bits=attrs["bits"], block_size=attrs["matmul_block_size"],
-            is_symmetric=attrs["is_symmetric"], accuracy_level=attrs["accuracy_level"],
-            nodes_to_exclude=list(excluded), quant_format=base.QuantFormat.QOperator,
-            op_types_to_quantize=attrs["op_types_to_quantize"], algo_config=algo_config)
-        quantiser.process()
-        quantised = quantiser.model.model
+        quantised = _rtn_one_weight(model, node, attrs, algo_config) if algo_config is not None else None
+        if quantised is None:
+            quantiser = MatMulNBitsQuantizer(
+                model=_one_node_model(model, node), bits=attrs["bits"], block_size=attrs["matmul_block_size"],
+                is_symmetric=attrs["is_symmetric"], accuracy_level=attrs["accuracy_level"],
+                nodes_to_exclude=list(excluded), quant_format=base.QuantFormat.QOperator,
+                op_types_to_quantize=attrs["op_types_to_quantize"], algo_config=algo_config)
+            quantiser.process()
+            quantised = quantiser.model.model
         if [n.op_type for n in quantised.graph.node] == [node.op_type]:  # left as it was (rtn: a Gather)
             continue
         appended.extend(_splice(model, node, quantised, awaited))
@@ -252,6 +273,57 @@ def _sort_as_rtn_quantize(graph, appended: list) -> None:
     by_name = dict(zip(names, order))
     graph.remove(order)
     graph.extend(by_name[proto.name] for proto in sorter.model.graph.node)
+
+
+def _rtn_one_weight(model, node, attrs: dict, algo_config):
+    """What onnxruntime's ``rtn_quantize`` (RTN and k-quant) does to this one MatMul, with its own
+    functions, on the float weight read straight from og's lazy tensor: a one-node model holding the
+    MatMulNBits and its initializers. Without it, the weight would be copied into a proto, out of it,
+    and copied again (``rtn_quantize`` copies what it reads): 4 copies of the largest tensor (the
+    head) at once. None where ``rtn_quantize`` would do something else (not a MatMul, not 2-D, bits
+    other than 4 or 8): the quantizer then runs on the one-node model."""
+    import numpy as np
+    import onnx
+    from onnx_ir import serde
+    from onnxruntime.quantization.neural_compressor import weight_only
+
+    value = node.inputs[1]
+    if node.op_type != "MatMul" or len(value.shape or ()) != 2:
+        return None
+    entry = {"bits": 4, "group_size": attrs["matmul_block_size"],  # MatMulNBitsQuantizer._generate_q4_node_config
+             "scheme": "sym" if attrs["is_symmetric"] else "asym"}
+    entry.update({key: v for key, v in (algo_config.customized_weight_config or {}).get(node.name, {}).items()
+                  if key in entry})
+    bits, group_size, scheme = entry["bits"], entry["group_size"], entry["scheme"]
+    if bits not in (4, 8):
+        return None
+    weight = np.ascontiguousarray(value.const_value.numpy())  # the layout rtn_quantize reads from a proto
+    shape = weight.shape
+    group_size = group_size if group_size != -1 else shape[0]
+    k_blocks = (shape[0] - 1) // group_size + 1
+    weight = weight_only.pad_tensor(weight, group_size, k_blocks)
+    if algo_config.algorithm == "k_quant":
+        codes, scale, zero_point = weight_only.quant_tensor_k_quant_cuda(weight.T, bits, group_size)
+    else:
+        codes, scale, zero_point = weight_only.quant_tensor(weight.T, bits, group_size, scheme, "uint",
+                                                            algo_config.ratios.get(value.name, 1))
+    dtype = weight.dtype
+    del weight
+    quantised, initializers = weight_only.make_matmul_weight_only_node(
+        node=serde.serialize_node(node), weight_shape=shape, num_bits=bits, group_size=group_size,
+        k_blocks=k_blocks, q_weight=codes.astype("uint8"), scale=scale.astype(dtype),
+        zero_point=zero_point if scheme == "asym" or algo_config.algorithm == "k_quant" else None,
+        accuracy_level=attrs["accuracy_level"] if attrs["accuracy_level"] is not None else 0)
+    activation = node.inputs[0]
+    graph = onnx.helper.make_graph(
+        [quantised], "one_node",
+        [onnx.helper.make_tensor_value_info(activation.name, activation.dtype.value if activation.dtype else 0, None)],
+        [onnx.helper.make_tensor_value_info(v.name, v.dtype.value if v.dtype else 0, None) for v in node.outputs],
+        initializers)
+    proto = onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()])
+    proto.ir_version = model.ir_version
+    return proto
 
 
 def _one_node_model(model, node):
