@@ -389,6 +389,11 @@ def measure(model: str, tmp: Path, args, params: int | None) -> list[dict]:
         rows.append(row)
     for row in rows:
         row["params"] = params
+        if row["stage"].startswith("export-onnx") and imported.is_dir():
+            from ftl.export.stage import export_memory_gib
+            from ftl.tensorfile import weight_files, weight_summary
+
+            row["estimate_gib"] = export_memory_gib(*weight_summary(weight_files(imported)))
     if gguf_grid and (tmp / "onnx-builder").is_dir() and (tmp / "onnx").is_dir():
         rows.append(int4_ratios(imported, tmp))
     return rows
@@ -423,9 +428,8 @@ def targets(rows: list[dict], params: int | None) -> None:
             row["target"] = (row["peak_mib"] / limit, f"RSS / (4 B/param + 2 GiB = {limit / 1024:.1f} GiB)")
             if og:
                 row["time_target"] = (row["seconds"] / (2 * og["seconds"]), "time / (2 × og alone)")
-            from ftl.export.stage import export_memory_gib
-
-            row["estimate"] = (export_memory_gib(params) * 1024 / row["peak_mib"], "ftl's estimate / RSS")
+            if row.get("estimate_gib") and not row["code"]:
+                row["estimate"] = (row["estimate_gib"] * 1024 / row["peak_mib"], "ftl's estimate / RSS")
         elif key.startswith("finetune-") and params and not row["code"]:
             from ftl.finetune.stage import training_memory_gib
 

@@ -197,8 +197,8 @@ def test_every_k_quant_flavour_asymmetric_at_64_is_refused(tiny_finetune, tmp_pa
 
 
 def test_an_export_that_would_not_fit_is_refused_before_anything_loads(tiny_model, tmp_path, monkeypatch):
-    """The estimate (bytes per parameter measured in docs/models.md) against this machine's memory: the
-    constant is raised past what this machine has, as a 3.8B model's 33 GiB exceeds a 24 GiB one."""
+    """The estimate (fitted to the rows in docs/models.md) against this machine's memory: the overhead
+    is raised past what this machine has, as a 7B model's 27 GiB would exceed a 24 GiB one."""
     from ftl.export import stage
     from ftl.system import memory_gib
 

@@ -43,7 +43,11 @@ def test_a_q4_1_grid_is_recovered_bit_for_bit_and_other_weights_are_not_mistaken
     assert ((rounded.dequantize() - noise).abs() <= step / 2 + 1e-6).all()  # round-to-nearest: within half a step
 
 
-def test_a_q8_0_head_is_recovered_exactly():
+@pytest.mark.parametrize("chunk", [1 << 21, 3 * 64])  # the whole matrix at once; 3 rows at a time, the last short
+def test_a_q8_0_head_is_recovered_exactly(monkeypatch, chunk):
+    from ftl.quant import grid
+
+    monkeypatch.setattr(grid, "RECOVER_CHUNK", chunk)
     g = torch.Generator().manual_seed(1)
     q = torch.randint(-127, 128, (40, 64), generator=g).float()
     q.view(40, 2, BLOCK)[..., 0] = 127
@@ -52,6 +56,9 @@ def test_a_q8_0_head_is_recovered_exactly():
     found = recover_q8(weight)
     assert found is not None and torch.equal(found.dequantize(), weight)
     assert recover_q8(torch.randn(40, 64)) is None
+    off = weight.clone()
+    off[-1, -1] += 1e-4  # one value off the grid, in the last chunk
+    assert recover_q8(off) is None
 
 
 @pytest.fixture(scope="module")

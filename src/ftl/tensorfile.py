@@ -94,6 +94,28 @@ def weight_files(folder: Path) -> list[Path] | None:
     return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else None
 
 
+def weight_summary(files: list[Path]) -> tuple[int, int, int]:
+    """Parameters, their bytes as stored, and the largest tensor's parameters, from the headers."""
+    import math
+
+    from safetensors import safe_open
+
+    parameters = stored = largest = 0
+    for file in files:
+        with safe_open(str(file), "np") as handle:
+            for key in handle.keys():
+                tensor = handle.get_slice(key)
+                count = math.prod(tensor.get_shape())
+                parameters += count
+                stored += count * _DTYPE_BYTES.get(tensor.get_dtype(), 4)
+                largest = max(largest, count)
+    return parameters, stored, largest
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def parameter_count(files: list[Path]) -> int:
     """Parameters in safetensors files, from their headers (a tied head is stored once)."""
     import math

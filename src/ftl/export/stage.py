@@ -188,28 +188,30 @@ def build_options(config: ExportConfig) -> BuildOptions:
                         op_types_to_quantize=tuple(config.op_types))
 
 
-# Peak RSS of an export, measured (docs/models.md): og's builder holds the model in fp32 and, while it
-# quantises, the whole graph again as an fp32 ONNX proto. This gives ×1.05 of the peak on
-# Llama-3.2-1B's shape, ×1.10 on Qwen2.5-1.5B's, ×1.23 on SmolLM2-135M, ×0.70 on Gemma 3 270M (its
-# 262k vocabulary); og's builder alone on Phi-4-mini's shape went over 22.5 GiB (this says 31).
-EXPORT_BYTES_PER_PARAMETER = 8
-EXPORT_OVERHEAD_GIB = 2.5  # the libraries, the tokenizer, the quantiser's chunks, the validation search
+# Peak RSS of an export, measured (docs/models.md). og's builder reads the model (memory-mapped, as
+# stored), and ftl has it quantise one weight at a time (ftl.export.builder): what it holds at once is
+# the model as stored, what it has written so far (int4 codes and scales, the int8 head: under 1 byte
+# a parameter), and the weight being quantised in fp32, twice (og's cast and the contiguous copy the
+# quantiser reads). The overhead is the libraries, Olive, the merge's and the tokenizer's.
+EXPORT_WRITTEN_BYTES_PER_PARAMETER = 1
+EXPORT_OVERHEAD_GIB = 1.5
 
 
-def export_memory_gib(parameters: int) -> float:
-    return parameters * EXPORT_BYTES_PER_PARAMETER / 2**30 + EXPORT_OVERHEAD_GIB
+def export_memory_gib(parameters: int, stored_bytes: int, largest: int) -> float:
+    return (stored_bytes + parameters * EXPORT_WRITTEN_BYTES_PER_PARAMETER + 2 * 4 * largest) / 2**30 + \
+        EXPORT_OVERHEAD_GIB
 
 
 def _check_memory(model_dir: Path) -> None:
     """Refuse, before anything loads, a model whose export would not fit this machine (or its cgroup)."""
     from ftl.system import memory_gib
-    from ftl.tensorfile import parameter_count, weight_files
+    from ftl.tensorfile import weight_files, weight_summary
 
     files = weight_files(model_dir)
     if files is None:
         return
-    parameters = parameter_count(files)
-    need, (have, where) = export_memory_gib(parameters), memory_gib()
+    parameters, stored, largest = weight_summary(files)
+    need, (have, where) = export_memory_gib(parameters, stored, largest), memory_gib()
     if need > have:
         raise ConfigError(f"{parameters / 1e9:.1f}B parameters need about {need:.0f} GiB to export (estimated from "
                           f"measured runs, docs/models.md), and this machine's {where} has {have:.0f} GiB",
