@@ -36,6 +36,9 @@ def test_family_imports_finetunes_exports_and_answers(tmp_path, qa_file, family)
     model = OnnxChatModel(exported.output)
     answer = model.ask("What is 2 + 2?", max_new_tokens=4)
     assert answer.new_tokens >= 1
+    if family == "phi3":  # a window no layer uses asks for no minimum length (else: the whole context's KV cache)
+        window = json.loads((exported.output / "genai_config.json").read_text())["model"]["decoder"]["sliding_window"]
+        assert window["window_size"] == 262144 and window["layers"] == [] and model.min_length == 0
 
     # ftl eval answers all but the first (timed) question in one og batch, prompts of different lengths:
     # each is the answer the question gets alone. og cannot batch a sliding-window KV cache (Gemma 3),

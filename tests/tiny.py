@@ -75,9 +75,10 @@ def build_tiny(family: str, folder: Path, *, hidden_size: int = 64, layers: int 
     from transformers import PreTrainedTokenizerFast
 
     config_class, model_class, extra = {
-        # Phi-4-mini's shape: longrope scaling past an original context (16 = head_dim / 2 factors here)
+        # Phi-4-mini's shape: longrope scaling past an original context (16 = head_dim / 2 factors here), and
+        # its published sliding_window, which no layer uses
         "phi3": ("Phi3Config", "Phi3ForCausalLM", {
-            "tie_word_embeddings": False, "original_max_position_embeddings": 256,
+            "tie_word_embeddings": False, "original_max_position_embeddings": 256, "sliding_window": 262144,
             "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
                                 "long_factor": [1.5] * 8}}),
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),

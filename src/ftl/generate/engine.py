@@ -67,7 +67,13 @@ def kv_window(folder: Path) -> int:
 
 
 def _window(model_config: dict) -> int:
-    return int((model_config.get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
+    window = model_config.get("decoder", {}).get("sliding_window") or {}
+    # A window no layer uses (og 0.18 writes Phi-4-mini's 262144 with "layers": []) constrains nothing:
+    # taken as a minimum it would make every prompt ask for the whole 131072-token context, a 34 GB
+    # KV cache (og accepts a short max_length there; measured).
+    if window.get("layers") == []:
+        return 0
+    return int(window.get("window_size") or 0)
 
 
 def load_og_model(folder: Path, threads: int | None = None):
