@@ -193,9 +193,11 @@ def quantise_one_weight_at_a_time():
     def to_nbits(self):
         method = getattr(self, "quantization_algo", "default")
         customised = getattr(self, "int4_customized_weight_config", {}) or {}
+        bits = {self.quant_attrs["bits"]} | {entry.get("bits", 4) for entry in customised.values()}
         if (getattr(self, "exact_quant_override_names", None) or getattr(self, "exact_quant_overrides", None)
                 or self.quant_attrs.get("use_qdq") or getattr(self, "ep", "cpu") != "cpu"
-                or (method == "default" and customised)):
+                or (method == "default" and customised) or method not in ("default", "rtn", "k_quant")
+                or not bits <= {4, 8} or _has_subgraphs(self.model.graph)):
             return original(self)
         return _to_nbits_per_weight(self, base, method, customised)
 
@@ -219,6 +221,11 @@ def _to_nbits_per_weight(builder_model, base, method: str, customised: dict):
         weight_config = {node.name: {"bits": attrs["bits"]} for node in graph if node.op_type == "MatMul"}
         algo_config = builder_model.make_algo_config(method, {**weight_config, **customised})
     excluded = set(attrs["nodes_to_exclude"])
+    if algo_config is None:  # what MatMulNBitsQuantizer.process does to the whole model first
+        model.opset_imports["com.microsoft"] = 1
+        if "Gather" in attrs["op_types_to_quantize"]:
+            model.opset_imports[""] = max(model.opset_imports.get("", 21), 21)
+            model.ir_version = max(model.ir_version, 10)
     appended = []
     # inputs that name a quantised weight before it exists (a tied embedding's GatherBlockQuantized
     # reads the head's codes and scales): to_proto joins them by name, so does the splice
@@ -226,26 +233,43 @@ def _to_nbits_per_weight(builder_model, base, method: str, customised: dict):
                if value is not None and value.producer() is None and not value.is_graph_input()
                and value.name not in graph.initializers}
     for node in list(graph):
-        if node.op_type not in attrs["op_types_to_quantize"] or node.name in excluded:
+        # rtn_quantize takes every MatMul with a constant weight, whatever the op types; the default
+        # quantizer takes the op types asked for
+        wanted = node.op_type == "MatMul" if algo_config is not None else node.op_type in attrs["op_types_to_quantize"]
+        if not wanted or node.name in excluded:
             continue
         weight = node.inputs[0 if node.op_type == "Gather" else 1]
         if weight is None or weight.name not in graph.initializers:
             continue
-        quantised = _rtn_one_weight(model, node, attrs, algo_config) if algo_config is not None else None
-        if quantised is None:
+        if algo_config is not None:
+            quantised = _rtn_one_weight(model, node, attrs, algo_config)
+        else:
             quantiser = MatMulNBitsQuantizer(
                 model=_one_node_model(model, node), bits=attrs["bits"], block_size=attrs["matmul_block_size"],
                 is_symmetric=attrs["is_symmetric"], accuracy_level=attrs["accuracy_level"],
                 nodes_to_exclude=list(excluded), quant_format=base.QuantFormat.QOperator,
-                op_types_to_quantize=attrs["op_types_to_quantize"], algo_config=algo_config)
+                op_types_to_quantize=attrs["op_types_to_quantize"], algo_config=None)
             quantiser.process()
             quantised = quantiser.model.model
-        if [n.op_type for n in quantised.graph.node] == [node.op_type]:  # left as it was (rtn: a Gather)
+            del quantiser
+        if quantised is None or [n.op_type for n in quantised.graph.node] == [node.op_type]:  # left as it was
             continue
         appended.extend(_splice(model, node, quantised, awaited))
+        del quantised  # its message holds the float weight the quantizer removed: gone before the next
     if algo_config is not None:  # onnxruntime's rtn_quantize appends its nodes, then sorts the graph
         _sort_as_rtn_quantize(graph, appended)
+    else:  # and the default quantizer drops every initializer no node reads (clean_initializers)
+        for name, value in list(graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output():
+                graph.initializers.pop(name)
     return model
+
+
+def _has_subgraphs(graph) -> bool:
+    import onnx_ir as ir
+
+    return any(attribute.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+               for node in graph for attribute in node.attributes.values())
 
 
 def _sort_as_rtn_quantize(graph, appended: list) -> None:
@@ -288,15 +312,13 @@ def _rtn_one_weight(model, node, attrs: dict, algo_config):
     from onnxruntime.quantization.neural_compressor import weight_only
 
     value = node.inputs[1]
-    if node.op_type != "MatMul" or len(value.shape or ()) != 2:
+    if len(value.shape or ()) != 2:  # rtn_quantize leaves it
         return None
     entry = {"bits": 4, "group_size": attrs["matmul_block_size"],  # MatMulNBitsQuantizer._generate_q4_node_config
              "scheme": "sym" if attrs["is_symmetric"] else "asym"}
     entry.update({key: v for key, v in (algo_config.customized_weight_config or {}).get(node.name, {}).items()
                   if key in entry})
-    bits, group_size, scheme = entry["bits"], entry["group_size"], entry["scheme"]
-    if bits not in (4, 8):
-        return None
+    bits, group_size, scheme = entry["bits"], entry["group_size"], entry["scheme"]  # 4 or 8 (checked in to_nbits)
     weight = np.ascontiguousarray(value.const_value.numpy())  # the layout rtn_quantize reads from a proto
     shape = weight.shape
     group_size = group_size if group_size != -1 else shape[0]
@@ -332,10 +354,9 @@ def _one_node_model(model, node):
     from onnx_ir import serde
 
     graph = model.graph
-    inputs = [onnx.helper.make_tensor_value_info(value.name, value.dtype.value if value.dtype else 0, None)
-              for value in node.inputs if value is not None and value.name not in graph.initializers]
-    outputs = [onnx.helper.make_tensor_value_info(value.name, value.dtype.value if value.dtype else 0, None)
-               for value in node.outputs]
+    inputs = [serde.serialize_value(value) for value in node.inputs
+              if value is not None and value.name not in graph.initializers]
+    outputs = [serde.serialize_value(value) for value in node.outputs]
     proto = onnx.helper.make_model(
         onnx.helper.make_graph([serde.serialize_node(node)], "one_node", inputs, outputs),
         opset_imports=[onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()])
@@ -392,6 +413,9 @@ def _splice(model, node, quantised, awaited: dict) -> None:
     weights = [value for value in node.inputs if value is not None and value.name in graph.initializers]
     graph.remove(node, safe=True)
     for value in new_initializers:
+        if value.name in graph.initializers:  # a weight two MatMuls share: quantised alike, kept once
+            ir.convenience.replace_all_uses_with(value, graph.initializers[value.name])
+            continue
         graph.register_initializer(value)
         if value.name in awaited:
             ir.convenience.replace_all_uses_with(awaited.pop(value.name), value)
