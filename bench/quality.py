@@ -105,27 +105,29 @@ def decode_ratios(folders: dict[str, Path], today: str, rounds: int, tokens: int
     """Median over rounds of (tokens/s of a folder) / (tokens/s of today's export), taking turns."""
     import onnxruntime_genai as og
 
-    from ftl.generate import load_og_model
+    from ftl.generate import kv_window, load_og_model
 
     models = {name: load_og_model(path)[0] for name, path in folders.items()}
+    windows = {name: kv_window(path) for name, path in folders.items()}  # og refuses a cache below it (Gemma 3)
     prompt = list(range(100, 140))
 
-    def rate(model) -> float:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + tokens, min_length=len(prompt) + tokens)
-        generator = og.Generator(model, params)
+    def rate(name) -> float:
+        params = og.GeneratorParams(models[name])
+        params.set_search_options(max_length=max(len(prompt) + tokens, windows[name]),
+                                  min_length=len(prompt) + tokens)
+        generator = og.Generator(models[name], params)
         generator.append_tokens(prompt)
         started, count = time.perf_counter(), 0
-        while not generator.is_done():
+        while not generator.is_done() and count < tokens:
             generator.generate_next_token()
             count += 1
         return count / (time.perf_counter() - started)
 
-    for model in models.values():
-        rate(model)  # warm-up
+    for name in models:
+        rate(name)  # warm-up
     per_round: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(rounds):
-        rates = {name: rate(model) for name, model in models.items()}
+        rates = {name: rate(name) for name in models}
         for name in models:
             per_round[name].append(rates[name] / rates[today])
     return {name: statistics.median(values) for name, values in per_round.items()}
