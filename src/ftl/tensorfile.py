@@ -118,6 +118,4 @@ _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I1
 
 def parameter_count(files: list[Path]) -> int:
     """Parameters in safetensors files, from their headers (a tied head is stored once)."""
-    import math
-
-    return sum(math.prod(shape) for file in files for shape in tensor_shapes(file).values())
+    return weight_summary(files)[0]

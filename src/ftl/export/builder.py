@@ -307,7 +307,6 @@ def _rtn_one_weight(model, node, attrs: dict, algo_config):
     head) at once. None where ``rtn_quantize`` would do something else (not a MatMul, not 2-D, bits
     other than 4 or 8): the quantizer then runs on the one-node model."""
     import numpy as np
-    import onnx
     from onnx_ir import serde
     from onnxruntime.quantization.neural_compressor import weight_only
 
@@ -336,36 +335,35 @@ def _rtn_one_weight(model, node, attrs: dict, algo_config):
         k_blocks=k_blocks, q_weight=codes.astype("uint8"), scale=scale.astype(dtype),
         zero_point=zero_point if scheme == "asym" or algo_config.algorithm == "k_quant" else None,
         accuracy_level=attrs["accuracy_level"] if attrs["accuracy_level"] is not None else 0)
-    activation = node.inputs[0]
-    graph = onnx.helper.make_graph(
-        [quantised], "one_node",
-        [onnx.helper.make_tensor_value_info(activation.name, activation.dtype.value if activation.dtype else 0, None)],
-        [onnx.helper.make_tensor_value_info(v.name, v.dtype.value if v.dtype else 0, None) for v in node.outputs],
-        initializers)
-    proto = onnx.helper.make_model(graph, opset_imports=[
-        onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()])
-    proto.ir_version = model.ir_version
-    return proto
+    return _part_model(model, node, [quantised], initializers)
 
 
 def _one_node_model(model, node):
     """``node`` as a model of its own: its constant inputs as initializers, the rest as inputs."""
-    import onnx
     from onnx_ir import serde
 
-    graph = model.graph
-    inputs = [serde.serialize_value(value) for value in node.inputs
-              if value is not None and value.name not in graph.initializers]
-    outputs = [serde.serialize_value(value) for value in node.outputs]
-    proto = onnx.helper.make_model(
-        onnx.helper.make_graph([serde.serialize_node(node)], "one_node", inputs, outputs),
-        opset_imports=[onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()])
-    proto.ir_version = model.ir_version
+    proto = _part_model(model, node, [serde.serialize_node(node)])
     for value in node.inputs:  # written in place: make_graph would copy each weight once more
-        if value is not None and value.name in graph.initializers:
+        if value is not None and value.name in model.graph.initializers:
             tensor = proto.graph.initializer.add()
             serde.serialize_tensor_into(tensor, value.const_value)
             tensor.name = value.name
+    return proto
+
+
+def _part_model(model, node, nodes: list, initializers=()):
+    """A model of ``nodes`` (protos) in ``node``'s place: its non-constant inputs, its outputs, the
+    main model's opsets and IR version."""
+    import onnx
+    from onnx_ir import serde
+
+    inputs = [serde.serialize_value(value) for value in node.inputs
+              if value is not None and value.name not in model.graph.initializers]
+    graph = onnx.helper.make_graph(nodes, "one_node", inputs, [serde.serialize_value(v) for v in node.outputs],
+                                   initializers)
+    proto = onnx.helper.make_model(graph, opset_imports=[
+        onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()])
+    proto.ir_version = model.ir_version
     return proto
 
 
