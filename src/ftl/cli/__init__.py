@@ -20,7 +20,7 @@ from rich.markup import escape
 from ftl.cli.azure import azure, deploy_command, register_command
 from ftl.cli.distill import distill
 from ftl.cli.eval import eval_command
-from ftl.cli.export import export_onnx
+from ftl.cli.export import export_gguf, export_onnx
 from ftl.cli.finetune import finetune
 from ftl.cli.generate import chat, generate
 from ftl.cli.jobs import jobs
@@ -48,7 +48,7 @@ def cli(debug: bool) -> None:
     _route_logs(debug)
 
 
-for command in (models, distill, finetune, export_onnx, generate, chat, serve, eval_command, run_pipeline, sweep_command,
+for command in (models, distill, finetune, export_onnx, export_gguf, generate, chat, serve, eval_command, run_pipeline, sweep_command,
                 runs, azure, jobs, register_command, deploy_command):
     cli.add_command(command)
 

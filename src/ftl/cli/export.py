@@ -86,3 +86,27 @@ def show_export(result) -> None:
                           f"{trial['looping']:.2f}", "← genai_config.json" if trial["chosen"] else "")
         console.print(table)
     console.print(f"[green]✓[/] {result.precision} model → {result.output} ({result.size_mb} MB, {result.seconds:.0f}s{note})")
+
+
+@click.command("export-gguf")
+@click.option("--adapter", type=click.Path(path_type=Path),
+              help="A qscale finetune output folder: its trained grid is written. Without it, the model as imported.")
+@click.option("--model", help="The imported GGUF model (default: the one the fine-tune was trained on).")
+@click.option("--output", type=click.Path(path_type=Path), required=True, help="Folder for model.gguf and its manifest.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@json_option
+def export_gguf(adapter: Path | None, model: str | None, output: Path, force: bool, as_json: bool) -> None:
+    """Write a qscale fine-tune as a GGUF for llama.cpp, Ollama and LM Studio: the file its base was
+    imported from, with the trained Q4_1 blocks in place of the base's, checked bit for bit."""
+    from ftl.export.gguf_export import export_gguf as run
+
+    with task_progress("writing GGUF"):
+        result = run(adapter, model, output, force=force)
+    emit(result, as_json, show_gguf)
+
+
+def show_gguf(result) -> None:
+    note = " (unchanged, skipped)" if result.skipped else ""
+    console.print(f"[green]✓[/] GGUF → {result.file} ({result.size_mb} MB, {result.trained} trained matrices written "
+                  f"exactly, {result.copied} tensors as in the source, chat template: {result.chat_template}, "
+                  f"{result.seconds:.0f}s{note})")
