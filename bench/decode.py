@@ -7,6 +7,15 @@ is timed through it too (optional; never a dependency).
 
     python bench/decode.py --export runs/quickstart/export --prompts 8
     python bench/decode.py --export runs/quickstart/export --export /tmp/other-export   # compare exports
+    python bench/decode.py --forms runs/quickstart/finetune --work /tmp/forms   # the exact export's forms, and GGUF
+
+``--forms`` (issue 27) takes a qscale fine-tune of an imported GGUF model and prints, side by side in
+one run: the builder's folder of the base, the exact export, and variants of it (graph forms and
+onnxruntime session settings), each with its nodes per layer, MB, decode ratio to the builder's
+folder (the folders taking turns over --rounds) and answer perplexity against the PyTorch qscale
+model; then the same fine-tune written by ``ftl export-gguf`` and run by llama.cpp (when
+``llama_cpp`` is importable): its perplexity on the same rows, and its decode against the original
+GGUF's, taking turns too.
 """
 
 from __future__ import annotations
@@ -116,8 +125,11 @@ def time_llama_cpp(prompts: list[str], new_tokens: int) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--export", type=Path, action="append", required=True,
+    parser.add_argument("--export", type=Path, action="append",
                         help="ftl export-onnx output folder; repeat to compare several")
+    parser.add_argument("--forms", type=Path, help="a qscale finetune folder: compare the exact export's forms")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/ftl-forms"), help="--forms: where folders go")
+    parser.add_argument("--rounds", type=int, default=5, help="--forms: timing rounds, folders taking turns")
     parser.add_argument("--prompts", type=int, default=8, help="prompts timed (after one warm-up)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--ppl-data", type=Path, default=SHARED / "user_oriented_instructions.jsonl",
@@ -125,6 +137,14 @@ def main() -> None:
     parser.add_argument("--ppl-samples", type=int, default=100)
     parser.add_argument("--skip-torch-timing", action="store_true")
     args = parser.parse_args()
+    if args.forms:
+        from forms import compare_forms  # bench/forms.py
+
+        compare_forms(args.forms, args.work, rows=load_rows(args.ppl_data, args.ppl_samples), prompts=args.prompts,
+                      new_tokens=args.max_new_tokens, rounds=args.rounds)
+        return
+    if not args.export:
+        parser.error("--export or --forms is required")
 
     from transformers import AutoTokenizer
 

@@ -12,7 +12,7 @@ import torch
 from ftl import manifest, metrics
 from ftl.errors import AdapterMismatchError, ConfigError
 from ftl.export import ExportConfig, export_onnx
-from ftl.export.exact import read_grid
+from ftl.export.exact import modules_of, read_grid
 from ftl.finetune import FinetuneConfig, finetune
 from ftl.quant import qscale
 from ftl.quant.grid import BLOCK, Grid, grid_of, load_scales, quantize, recover, recover_q8
@@ -109,11 +109,9 @@ def test_the_exact_export_holds_the_model_grid_bit_for_bit(grid_model, tmp_path)
     state = load_file(str(grid_model / "model.safetensors"))
     written = read_grid(out)
     assert written, "no int4 MatMuls read back"
+    assert any("gate_up_proj" in node for node in written)  # one MatMulNBits for both, as og packs q/k/v
     for node, got in written.items():
-        layer = node.split("/")[2].split(".")[1]
-        names = (["q_proj", "k_proj", "v_proj"] if "qkv_proj" in node else [node.split("/")[4]])
-        parent = "self_attn" if "/attn/" in node else "mlp"
-        grids = [recover(state[f"model.layers.{layer}.{parent}.{n}.weight"]) for n in names]
+        grids = [recover(state[f"{module}.weight"]) for module in modules_of(node)]
         codes = torch.cat([g.codes for g in grids]).numpy()
         scale = torch.cat([g.scale for g in grids]).float().numpy()
         minimum = torch.cat([g.minimum for g in grids]).float().numpy()
@@ -436,7 +434,8 @@ def test_every_gguf_grid_is_written_exactly_in_a_matmulnbits_form(mixed_model, t
     record = manifest.read(out)["outputs"]["int4_grid"]
     assert record["source"] == "gguf" and record["eight_bit_matrices"] > 0
     written = read_grid(out)
-    assert len(written) == 2 * 5  # qkv (og packs them), o, gate, up, down per layer
+    # qkv (og packs them), o, gate, up, down per layer; gate and up as one where their grids share a form
+    assert len(written) == 2 * 5 - record["gate_up_packed"]
     for node, got in written.items():
         parts = [grids[m] for m in modules_of(node)]
         wide = any(p.bits > 4 for p in parts) or any(p.block < BLOCK for p in parts)
