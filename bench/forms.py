@@ -57,32 +57,6 @@ def _copy(src: Path, dst: Path, session: dict | None = None) -> Path:
     return dst
 
 
-def drop_offsets(folder: Path) -> None:
-    """Integer zero points only (no offset correction): the speed the offsets cost, and the
-    perplexity they hold (a grid moved by up to half a step per block)."""
-    model = _load(folder)
-    graph = model.graph
-    rename = {}
-    keep = []
-    for node in graph.node:
-        if "/grid_offset/" in node.name or "/grid_block_sums/" in node.name:
-            if node.op_type == "Add":
-                rename[node.input[0]] = node.output[0]
-            continue
-        keep.append(node)
-    for node in keep:
-        for i, name in enumerate(node.output):
-            if name in rename:
-                node.output[i] = rename[name]
-    used = {i for n in keep for i in n.input}
-    inits = [t for t in graph.initializer if t.name in used]
-    del graph.node[:]
-    graph.node.extend(keep)
-    del graph.initializer[:]
-    graph.initializer.extend(inits)
-    _save(model, folder)
-
-
 def pack_gate_up(folder: Path) -> None:
     """ftl's gate/up packing (what the exact export does) applied to another folder."""
     from ftl.export.exact import pack_gate_up as pack
@@ -200,6 +174,7 @@ def compare_forms(run: Path, work: Path, rows: list[dict], prompts: int, new_tok
     from ftl import manifest
     from ftl.eval.models import load
     from ftl.eval.stage import _ids
+    from ftl.export.trade import without_offsets
     from ftl.system import default_threads, folder_size_mb
 
     work.mkdir(parents=True, exist_ok=True)
@@ -227,9 +202,8 @@ def compare_forms(run: Path, work: Path, rows: list[dict], prompts: int, new_tok
     folders["exact: 1 thread"] = _copy(exact, work / "one", {"intra_op_num_threads": 1})
     folders["builder: 1 thread"] = _copy(builder, work / "builder-one", {"intra_op_num_threads": 1})
     folders["exact: spinning off"] = _copy(exact, work / "nospin", {"session.intra_op.allow_spinning": "0"})
-    dropped = _copy(exact, work / "no-offsets")
-    drop_offsets(dropped)
-    folders["exact without offsets (integer zero points only)"] = dropped
+    shutil.rmtree(work / "no-offsets", ignore_errors=True)
+    folders["exact without offsets (integer zero points only)"] = without_offsets(exact, work / "no-offsets")
 
     source = load(f"torch:{run}")
     rows_q = [{"question": r["Question"], "reference": r["Answer"]} for r in rows]

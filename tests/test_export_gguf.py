@@ -95,7 +95,7 @@ def test_a_qscale_fine_tune_is_written_as_gguf_and_reads_back_bit_for_bit(tiny_g
 
     root, model_dir, ft = tiny_gguf_run
     result = export_gguf(ft, None, root / "export")
-    assert (result.trained, result.chat_template) == (7 * LAYERS, "source")
+    assert (result.trained, result.chat_template) == (7 * LAYERS, "the source's")
     written, source = GGUFReader(result.file), GGUFReader(root / "tiny.gguf")
     trained, _ = load_scales(ft / "qscale.safetensors")
     base = projection_grids(model_dir)
@@ -154,6 +154,20 @@ def test_export_gguf_cli_and_its_refusals(tiny_gguf_run, tiny_finetune, tiny_mod
     assert not (tmp_path / "lora").exists() and not (tmp_path / "hf").exists()
 
 
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_encode_writes_gguf_py_s_own_blocks(kind):
+    """A grid read from gguf-py's blocks and encoded again gives those bytes back, for every type written."""
+    from gguf import GGMLQuantizationType, quantize
+
+    from ftl.export.gguf_export import encode
+    from ftl.quant.gguf_grid import grid_from_gguf
+
+    weight = np.random.default_rng(0).standard_normal((6, 96)).astype(np.float32)
+    blocks = quantize(weight, GGMLQuantizationType[kind])
+    grid = grid_from_gguf(blocks, GGMLQuantizationType[kind], (6, 96))
+    assert grid.kind == kind and np.array_equal(encode(grid), blocks)
+
+
 def test_a_grid_gguf_cannot_store_is_refused_before_anything_is_written():
     from ftl.export.gguf_export import encode, storable
     from ftl.quant.grid import quantize
@@ -176,3 +190,25 @@ def test_a_text_template_becomes_a_jinja_chat_template_that_renders_the_same():
     chat = fmt.conversation("Why?", "Because.") + [{"role": "user", "content": "And?"}]
     assert template.render(messages=chat[:-1]) == fmt.render_example(chat[:-1])
     assert template.render(messages=chat) == fmt.render_prompt(chat)
+    # a client that sends no system message gets the one training used, as `ftl generate` adds it
+    assert template.render(messages=[{"role": "user", "content": "Why?"}]) == \
+        fmt.render_prompt(fmt.conversation("Why?"))
+
+
+def test_a_chat_template_carries_the_fine_tunes_system_prompt():
+    from jinja2 import Environment
+
+    from ftl.chat import PromptFormat
+    from ftl.export.gguf_export import chat_template_for
+
+    source = ("{%- for m in messages -%}<|{{ m['role'] }}|>{{ m['content'] }}\n{%- endfor -%}"
+              "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}")
+    plain = PromptFormat(kind="chat", chat_template=source)
+    assert chat_template_for(plain, source) == (None, "the source's")
+    template, words = chat_template_for(plain.model_copy(update={"system_prompt": "Be brief."}), source)
+    assert words == "the source's, with the fine-tune's system prompt"
+    user = [{"role": "user", "content": "Why?"}]
+    render = (lambda t, m: Environment().from_string(t).render(messages=m, add_generation_prompt=True))
+    assert render(template, user) == render(source, [{"role": "system", "content": "Be brief."}] + user)
+    own = [{"role": "system", "content": "Be long."}] + user
+    assert render(template, own) == render(source, own)

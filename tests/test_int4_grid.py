@@ -435,7 +435,9 @@ def test_every_gguf_grid_is_written_exactly_in_a_matmulnbits_form(mixed_model, t
     assert record["source"] == "gguf" and record["eight_bit_matrices"] > 0
     written = read_grid(out)
     # qkv (og packs them), o, gate, up, down per layer; gate and up as one where their grids share a form
-    assert len(written) == 2 * 5 - record["gate_up_packed"]
+    same = sum(1 for i in range(2) if len({(grids[f"model.layers.{i}.mlp.{p}_proj"].bits <= 4,
+                                            grids[f"model.layers.{i}.mlp.{p}_proj"].block) for p in ("gate", "up")}) == 1)
+    assert record["gate_up_packed"] == same and len(written) == 2 * 5 - same
     for node, got in written.items():
         parts = [grids[m] for m in modules_of(node)]
         wide = any(p.bits > 4 for p in parts) or any(p.block < BLOCK for p in parts)
@@ -521,3 +523,50 @@ def test_grid_linear_gradients_are_autograds_without_keeping_the_weight(kind):
     want = [x.grad, scale.grad, None if minimum is None else minimum.grad]
     for a, b in zip(got, want):
         assert (a is None and b is None) or torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_exact_export_records_what_its_offsets_cost_and_buy(grid_model, qa_file, tmp_path):
+    """Measured on the folder itself: the exact grid against the same folder without its offsets
+    (integer zero points, the builder's node count), timed side by side and scored on held-out rows."""
+    from ftl.export.trade import TWIN, has_offsets, without_offsets
+
+    out = tmp_path / "exact"
+    result = export_onnx(ExportConfig(model=str(grid_model), output=out, validation_data=qa_file, validation_limit=4))
+    trade = manifest.read(out)["outputs"]["exact_trade"]
+    assert result.trade == trade and trade["decode_vs_integer_zero_points"] > 0 and len(trade["rounds"]) == 3
+    assert trade["rows"] == 4 and trade["ppl_exact"] != trade["ppl_integer_zero_points"]  # the offsets count
+    assert not (out / TWIN).exists()
+    twin = without_offsets(out, tmp_path / "twin")
+    assert has_offsets(out) and not has_offsets(twin)
+    written, rounded = read_grid(out), read_grid(twin)
+    assert set(written) == set(rounded)
+    for node, got in written.items():  # the same MatMulNBits, only the offsets gone
+        assert np.array_equal(got["codes"], rounded[node]["codes"]) and rounded[node]["offset"] is None
+    builder = tmp_path / "builder"
+    assert export_onnx(ExportConfig(model=str(grid_model), output=builder, grid="builder")).trade is None
+
+
+def test_max_decode_cost_exports_a_models_own_grid_with_the_builder_when_exactness_is_too_slow(
+        grid_model, qscale_run, monkeypatch, tmp_path):
+    """The decision follows the recorded measurement: here the measured decode ratio is replaced by
+    0.5 (a timing is never asserted), the cost 50% is over a 20% budget."""
+    from ftl.export import trade
+
+    real = trade.measure
+
+    def halved(folder, rows=None, **kw):
+        return {**real(folder, rows, rounds=1), "decode_vs_integer_zero_points": 0.5}
+
+    monkeypatch.setattr(trade, "measure", halved)
+    out = tmp_path / "budget"
+    result = export_onnx(ExportConfig(model=str(grid_model), output=out, max_decode_cost="20%"))
+    record = manifest.read(out)
+    assert record["outputs"]["int4_grid"] is None and record["params"]["grid"] == "builder"  # og's quantiser
+    assert "over --max-decode-cost 20%" in record["outputs"]["exact_trade"]["rejected"]
+    assert any("--max-decode-cost" in w for w in result.warnings + record["warnings"])
+    again = export_onnx(ExportConfig(model=str(grid_model), output=out, max_decode_cost="20%"))
+    assert again.skipped  # the manifest keeps the command's own fingerprint
+    ft, _ = qscale_run  # a qscale fine-tune is its grid: kept, with a warning
+    kept = export_onnx(ExportConfig(adapter=ft, output=tmp_path / "qscale", max_decode_cost="20%"))
+    assert manifest.read(tmp_path / "qscale")["outputs"]["int4_grid"]["source"] == "qscale"
+    assert any("qscale fine-tune is its grid" in w for w in kept.warnings)

@@ -28,6 +28,8 @@ from ftl.progress import console, task_progress
 @option(C, "validation_data", "--validation-data", type=click.Path(path_type=Path))
 @option(C, "validation_limit", "--validation-limit", type=int)
 @option(C, "max_ppl_increase", "--max-ppl-increase", type=str)
+@option(C, "max_decode_cost", "--max-decode-cost", type=str)
+@option(C, "measure_trade", "--measure-trade/--no-measure-trade")
 @option(C, "keep_adapter_separate", "--keep-adapter-separate", is_flag=True)
 @click.option("--save-config", type=click.Path(path_type=Path), help="Write the Olive workflow and stop.")
 @option(C, "force", "--force", is_flag=True)
@@ -85,6 +87,10 @@ def show_export(result) -> None:
             table.add_row(trial["name"], f"{trial['rouge_l']:.3f}", f"{trial['repeated_ngrams']:.1f}",
                           f"{trial['looping']:.2f}", "← genai_config.json" if trial["chosen"] else "")
         console.print(table)
+    if result.trade and "rejected" not in result.trade:
+        from ftl.export.trade import line
+
+        console.print(line(result.trade))
     console.print(f"[green]✓[/] {result.precision} model → {result.output} ({result.size_mb} MB, {result.seconds:.0f}s{note})")
 
 

@@ -76,7 +76,8 @@ def export_within(config, p, export_one, on_line=None):
             continue
         folder = trials_dir / _folder_name(name)
         trial_config = config.model_copy(update={**settings, "output": folder, "force": True,
-                                                 "max_ppl_increase": None, "validation_data": None})
+                                                 "max_ppl_increase": None, "validation_data": None,
+                                                 "max_decode_cost": None})
         try:
             result = export_one(trial_config, on_line=on_line)
         except FtlError as exc:  # a setting the builder cannot take for this model: the next one
@@ -86,6 +87,11 @@ def export_within(config, p, export_one, on_line=None):
         ppl = answer_ppl(f"onnx:{folder}", p.validation)
         trial = {"name": name, **settings, "size_mb": result.size_mb, "ppl": ppl, "ratio": ppl / reference,
                  "within": ppl / reference <= 1 + config.max_ppl_increase, "kept": False}
+        if result.trade:  # the exact grid: its decode against the same folder without offsets
+            trial["decode_vs_integer_zero_points"] = result.trade["decode_vs_integer_zero_points"]
+            if config.max_decode_cost is not None and \
+                    1 - result.trade["decode_vs_integer_zero_points"] > config.max_decode_cost:
+                trial.update(within=False, over="--max-decode-cost")
         trials.append(trial)
         if trial["within"]:
             kept = trial
@@ -95,9 +101,15 @@ def export_within(config, p, export_one, on_line=None):
         built = [t for t in trials if "ratio" in t]
         if not built:
             raise ExportError("no candidate export could be built", str(out), "see the trials' olive.log files")
-        kept = min(built, key=lambda t: t["ratio"])
-        warnings.append(f"no candidate is within +{config.max_ppl_increase:.1%} of the source's perplexity; kept the "
-                        f"most accurate ({kept['name']}, ×{kept['ratio']:.3f})")
+        fast = [t for t in built if "over" not in t] or built  # a qscale fine-tune has only the exact grid
+        kept = min(fast, key=lambda t: t["ratio"])
+        if "over" in kept:
+            warnings.append(f"{kept['name']} decodes at ×{kept['decode_vs_integer_zero_points']:.2f} of the same "
+                            f"folder without offsets, over --max-decode-cost {config.max_decode_cost:.0%}; it is the "
+                            "only candidate that keeps a qscale fine-tune's grid, so it is kept")
+        if kept["ratio"] > 1 + config.max_ppl_increase:
+            warnings.append(f"no candidate is within +{config.max_ppl_increase:.1%} of the source's perplexity; kept "
+                            f"the most accurate ({kept['name']}, ×{kept['ratio']:.3f})")
     kept["kept"] = True
     chosen = trials_dir / _folder_name(kept["name"])
     for item in chosen.iterdir():

@@ -47,11 +47,18 @@ class ExportConfig(StrictModel):
         None, gt=0, lt=1, description="e.g. 3%: try settings smallest first (block, head bits, builder or exact "
                                       "grid) and keep the first whose held-out perplexity is within this of the "
                                       "PyTorch model's (needs --validation-data)")
+    max_decode_cost: float | None = Field(
+        None, gt=0, lt=1, description="e.g. 15%: the exact grid may decode at most this much slower than the same "
+                                      "folder without its offsets (measured at export); beyond it a model's own "
+                                      "grid is exported by og's quantiser instead (a qscale fine-tune keeps its grid, "
+                                      "with a warning)")
+    measure_trade: bool = Field(True, description="Time the exact grid against the same folder without its offsets "
+                                                  "(and score both on --validation-data) and record it")
     keep_adapter_separate: bool = Field(False, description="Export base + .onnx_adapter for multi-LoRA serving "
                                                            "(much slower decode than a merged export)")
     force: bool = Field(False, description="Replace a finished result in the output folder")
 
-    @field_validator("max_ppl_increase", mode="before")
+    @field_validator("max_ppl_increase", "max_decode_cost", mode="before")
     @classmethod
     def _percent(cls, value):
         if isinstance(value, str):

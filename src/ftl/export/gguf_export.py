@@ -17,6 +17,7 @@ fp16 super-scale, which the type cannot store: such a fine-tune is refused in on
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -41,21 +42,21 @@ class GgufResult:
     seconds: float
     trained: int  # matrices whose blocks were replaced
     copied: int  # tensors copied as they are
-    chat_template: str  # "source" (the file's own) or "text template" (the fine-tune's, as Jinja)
+    chat_template: str  # which chat template the file carries, in words
     skipped: bool = False
     warnings: list[str] = field(default_factory=list)
 
 
-def storable(grid: Grid) -> ExportError | None:
+def storable(grid: Grid, where: str | None = None) -> ExportError | None:
     """Why the grid has no exact block in its GGUF type, or None."""
     if grid.scale.dtype != torch.float16:
-        return _unstorable(grid, "its scales are fp32 products (a K-quant's sub-scales)")
+        return _unstorable(grid, "its scales are fp32 products (a K-quant's sub-scales)", where)
     if grid.kind == "Q4_1" and grid.zero_point is None and grid.minimum.dtype == torch.float16:
         return None
     own = {"Q4_0": 8, "Q8_0": 128}.get(grid.kind)
     if own is not None and grid.zero_point is not None and bool((grid.zero_point == own).all()):
         return None
-    return _unstorable(grid, "GGUF has no block of this type with this zero point or minimum")
+    return _unstorable(grid, "GGUF has no block of this type with this zero point or minimum", where)
 
 
 def encode(grid: Grid) -> np.ndarray:
@@ -81,8 +82,8 @@ def _nibbles(codes: np.ndarray) -> np.ndarray:
     return (codes[..., :16] & 0xF) | ((codes[..., 16:] & 0xF) << 4)
 
 
-def _unstorable(grid: Grid, why: str) -> ExportError:
-    return ExportError(f"a trained {grid.kind} grid cannot be stored exactly as GGUF: {why}", grid.kind,
+def _unstorable(grid: Grid, why: str, where: str | None = None) -> ExportError:
+    return ExportError(f"a trained {grid.kind} grid cannot be stored exactly as GGUF: {why}", where,
                        "export it with `ftl export-onnx`, which writes any grid exactly")
 
 
@@ -138,6 +139,9 @@ def write(source: Path, target: Path, grids: dict[str, Grid], model_dir: Path,
     from ftl.models.gguf_import import _row_order
 
     reader = GGUFReader(source)
+    if reader.endianess.name != "LITTLE":
+        raise ExportError("the source GGUF is big-endian; ftl writes little-endian blocks only", str(source),
+                          "convert it with gguf-py's gguf_convert_endian.py first")
     names, processor = gguf_names(source, model_dir)
     wanted = {g: h for g, h in names.items() if h in grids}
     missing = set(grids) - set(wanted.values())
@@ -161,7 +165,7 @@ def write(source: Path, target: Path, grids: dict[str, Grid], model_dir: Path,
         writer.add_chat_template(chat_template)
     for key, value in (extra or {}).items():
         writer.add_string(key, value)
-    blocks: dict[str, np.ndarray] = {}
+    orders: dict[str, torch.Tensor | None] = {}
     for tensor in reader.tensors:
         if tensor.name in wanted:
             grid = grids[wanted[tensor.name]]
@@ -172,18 +176,20 @@ def write(source: Path, target: Path, grids: dict[str, Grid], model_dir: Path,
             if tensor.tensor_type.name != grid.kind:
                 raise ExportError(f"{tensor.name} is {tensor.tensor_type.name} in the file, the grid {grid.kind}",
                                   str(source), "export from the model the fine-tune was trained on")
-            order = _row_order(processor, tensor.name, shape[0])
-            blocks[tensor.name] = encode(file_order(grid, order))
-            if blocks[tensor.name].nbytes != tensor.n_bytes:
-                raise ExportError(f"{tensor.name}: {blocks[tensor.name].nbytes} bytes encoded, {tensor.n_bytes} in "
-                                  "the file", str(source), "report this: the GGUF block layout differs")
+            orders[tensor.name] = _row_order(processor, tensor.name, shape[0])
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
                                tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        data = blocks.pop(tensor.name).reshape(tensor.data.shape) if tensor.name in wanted else tensor.data
+    for tensor in reader.tensors:  # one encoded matrix in memory at a time; the rest streams from the map
+        data = tensor.data
+        if tensor.name in wanted:
+            data = encode(file_order(grids[wanted[tensor.name]], orders[tensor.name]))
+            if data.nbytes != tensor.n_bytes:
+                raise ExportError(f"{tensor.name}: {data.nbytes} bytes encoded, {tensor.n_bytes} in the file",
+                                  str(source), "report this: the GGUF block layout differs")
+            data = data.reshape(tensor.data.shape)
         writer.write_tensor_data(data, tensor_endianess=reader.endianess)
     writer.close()
     return len(wanted), len(reader.tensors) - len(wanted)
@@ -201,7 +207,7 @@ def check(target: Path, source: Path, grids: dict[str, Grid], model_dir: Path) -
     written, original = GGUFReader(target), GGUFReader(source)
     names, processor = gguf_names(source, model_dir)
     for name, item in original.fields.items():
-        if name.startswith("GGUF.") or name == "tokenizer.chat_template":
+        if name.startswith(("GGUF.", "ftl.")) or name == "tokenizer.chat_template":
             continue
         if name not in written.fields or written.fields[name].contents() != item.contents():
             raise ExportError(f"the written GGUF's {name} differs from the source's", str(target), "report this")
@@ -233,19 +239,44 @@ def _same_grid(found: Grid | None, want: Grid) -> bool:
 
 def text_template_jinja(fmt) -> str:
     """A text prompt format as a Jinja chat template that renders what ftl trained on and prompts with
-    (``PromptFormat.render_prompt`` / ``render_example``): llama.cpp's chat then formats the same."""
-    import json as _json
-
+    (``PromptFormat.render_prompt`` / ``render_example``, the default system prompt included):
+    llama.cpp's chat then formats the same."""
     head, tail = fmt.text_template.split("{" + fmt.answer_field + "}", 1)
     before, after = head.split("{" + fmt.question_field + "}", 1)
-    lit = (lambda s: _json.dumps(s.replace("{{", "{").replace("}}", "}")))
-    bos = _json.dumps(fmt.special_tokens.get("bos_token", "") if fmt.bos_first else "")
-    return ("{{- " + bos + " -}}"
+    bos = _lit(fmt.special_tokens.get("bos_token", "") if fmt.bos_first else "")
+    system = ("{%- if messages[0]['role'] != 'system' -%}{{- " + _lit(fmt.system_prompt + "\n\n") +
+              " -}}{%- endif -%}") if fmt.system_prompt else ""
+    return ("{{- " + bos + " -}}" + system +
             "{%- for m in messages -%}"
             "{%- if m['role'] == 'system' -%}{{- m['content'] + \"\\n\\n\" -}}"
-            "{%- elif m['role'] == 'user' -%}{{- " + lit(before) + " + m['content'] + " + lit(after) + " -}}"
-            "{%- else -%}{{- m['content'] + " + lit(tail) + " + " + _json.dumps(fmt.eos_token) + " -}}"
+            "{%- elif m['role'] == 'user' -%}{{- " + _lit(_unbrace(before)) + " + m['content'] + " +
+            _lit(_unbrace(after)) + " -}}"
+            "{%- else -%}{{- m['content'] + " + _lit(_unbrace(tail)) + " + " + _lit(fmt.eos_token) + " -}}"
             "{%- endif -%}{%- endfor -%}")
+
+
+def _lit(text: str) -> str:
+    """A Jinja string literal (JSON's escapes are Jinja's; non-ASCII kept as it is)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _unbrace(text: str) -> str:
+    return text.replace("{{", "{").replace("}}", "}")
+
+
+def chat_template_for(fmt, source_template: str | None) -> tuple[str | None, str]:
+    """The chat template the GGUF should carry for prompts formatted as the fine-tune was trained
+    (None: the source file's own), and what it is, in words."""
+    if fmt.kind == "text":
+        return text_template_jinja(fmt), "the fine-tune's text template"
+    template, words = fmt.chat_template, "the source's"
+    if template != source_template:
+        words = "the fine-tune's"
+    if fmt.system_prompt:  # a conversation without a system message gets the one training used
+        template = ("{%- if messages[0]['role'] != 'system' -%}{%- set messages = [{'role': 'system', 'content': "
+                    + _lit(fmt.system_prompt) + "}] + messages -%}{%- endif -%}" + template)
+        words += ", with the fine-tune's system prompt"
+    return (None if template == source_template else template), words
 
 
 def export_gguf(adapter: Path | None, model: str | None, output: Path, *, force: bool = False) -> GgufResult:
@@ -254,7 +285,6 @@ def export_gguf(adapter: Path | None, model: str | None, output: Path, *, force:
     from ftl.export.exact import plan_grid
     from ftl.lineage import base_of_qscale, check_adapter_base, qscale_of, training_record
     from ftl.models import model_identity, resolve_model
-    from ftl.quant.gguf_grid import projection_grids
 
     started = time.perf_counter()
     qscale = qscale_of(adapter) if adapter else None
@@ -264,7 +294,8 @@ def export_gguf(adapter: Path | None, model: str | None, output: Path, *, force:
                           "fine-tune with --method qscale, or export the LoRA with `ftl export-onnx`")
     model_ref = model or (base_of_qscale(qscale) if qscale else None)
     if not model_ref:
-        raise ConfigError("no model to export", str(qscale or ""), "pass --model (an imported GGUF model)")
+        raise ConfigError("no model to export", str(qscale) if qscale else None,
+                          "pass --model (an imported GGUF model)")
     model_dir = resolve_model(model_ref)
     base = model_identity(model_dir)
     if qscale:
@@ -272,19 +303,19 @@ def export_gguf(adapter: Path | None, model: str | None, output: Path, *, force:
     source = source_gguf(model_dir)
     trained = training_record(qscale.parent) if qscale else {}
     fmt = PromptFormat(**trained["prompt_format"]) if trained.get("prompt_format") else prompt_format_for(model_dir)
-    fingerprint = manifest.sha256_json({"base": base, "qscale": manifest.sha256_file(qscale) if qscale else None,
-                                        "source": manifest.sha256_file(source), "format": fmt.model_dump(),
-                                        "writer": "gguf-1"})
+    source_sha, qscale_sha = manifest.sha256_file(source), manifest.sha256_file(qscale) if qscale else None
+    fingerprint = manifest.sha256_json({"base": base, "qscale": qscale_sha, "source": source_sha,
+                                        "format": fmt.model_dump(), "writer": "gguf-1"})
     out = Path(output)
     if manifest.is_complete(out, fingerprint) and not force:
         record = manifest.read(out)
         return GgufResult(out, out / FILE, record["metrics"]["size_mb"], record["timings"]["seconds"],
                           record["outputs"]["trained_matrices"], record["outputs"]["copied_tensors"],
                           record["outputs"]["chat_template"], skipped=True)
-    grids = plan_grid(model_dir, qscale=qscale).grids if qscale else {}
-    base_grids = projection_grids(model_dir) if qscale else {}
+    plan = plan_grid(model_dir, qscale=qscale) if qscale else None
+    grids, base_grids = (plan.grids, plan.built_from) if plan else ({}, {})
     for name, grid in grids.items():
-        problem = storable(grid)
+        problem = storable(grid, name)
         if problem:
             raise problem
         if name not in base_grids or not torch.equal(grid.codes, base_grids[name].codes):
@@ -292,12 +323,15 @@ def export_gguf(adapter: Path | None, model: str | None, output: Path, *, force:
                               "export with the model the fine-tune was trained on")
     manifest.prepare_output(out, force=force, stage="export-gguf")
     record = manifest.new("export-gguf", inputs={
-        "base_model": base, "source_gguf": {"path": str(source), "sha256": manifest.sha256_file(source)},
-        "adapter": {"path": str(qscale.resolve()), "sha256": manifest.sha256_file(qscale)} if qscale else None},
+        "base_model": base, "source_gguf": {"path": str(source), "sha256": source_sha},
+        "adapter": {"path": str(qscale.resolve()), "sha256": qscale_sha} if qscale else None},
         params={"model": str(model_ref), "adapter": str(adapter) if adapter else None}, fingerprint=fingerprint)
     record["prompt_format"] = fmt.model_dump()
     manifest.write(out, record)
-    template = text_template_jinja(fmt) if fmt.kind == "text" else None
+    from gguf import GGUFReader
+
+    field_ = GGUFReader(source).fields.get("tokenizer.chat_template")
+    template, chat = chat_template_for(fmt, str(field_.contents()) if field_ is not None else None)
     partial = out / (FILE + ".partial")
     extra = {"ftl.source": source.name, "ftl.adapter_sha256": record["inputs"]["adapter"]["sha256"]} if qscale else \
         {"ftl.source": source.name}
@@ -306,7 +340,6 @@ def export_gguf(adapter: Path | None, model: str | None, output: Path, *, force:
     os.replace(partial, out / FILE)
     seconds = time.perf_counter() - started
     size_mb = round((out / FILE).stat().st_size / 1e6, 1)
-    chat = "text template" if template else "source"
     record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics={"size_mb": size_mb})
     record["outputs"] = {"file": FILE, "trained_matrices": trained_count, "copied_tensors": copied,
                          "chat_template": chat, "checked": "read back with gguf-py: trained grids bit for bit, "

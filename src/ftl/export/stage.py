@@ -43,6 +43,7 @@ class ExportResult:
     config_only: bool = False
     search_defaults: dict | None = None
     trials: dict | None = None
+    trade: dict | None = None  # the exact grid's decode cost and perplexity gain (ftl.export.trade)
 
 
 @dataclass
@@ -99,13 +100,18 @@ def plan(config: ExportConfig) -> _Plan:
         fmt = prompt_format_for(model_dir)
     validation = validation_rows(config.validation_data, config.validation_limit) if config.validation_data else None
     grid = resolve_grid(config, model_dir, qscale)
+    if config.max_decode_cost is not None and not config.measure_trade:
+        raise ConfigError("--max-decode-cost acts on the decode cost measured at export", "--no-measure-trade",
+                          "drop --no-measure-trade, or --max-decode-cost")
     fingerprint = manifest.sha256_json({
         "validation": manifest.sha256_file(config.validation_data) if config.validation_data else None,
         "base": base["sha256"], "adapter": manifest.sha256_dir(adapter) if adapter else None,
         "qscale": manifest.sha256_file(qscale) if qscale else None, "grid": grid,
         # precision joined the settings later: int4 (the default) is left out, so older exports keep their fingerprint
-        "params": config.model_dump(mode="json", exclude={"force", "output", "adapter", "model"}
-                                    | ({"precision"} if config.precision == "int4" else set())),
+        # measure_trade changes no file; max_decode_cost joined later (unset, it keeps older fingerprints)
+        "params": config.model_dump(mode="json", exclude={"force", "output", "adapter", "model", "measure_trade"}
+                                    | ({"precision"} if config.precision == "int4" else set())
+                                    | ({"max_decode_cost"} if config.max_decode_cost is None else set())),
         "format": fmt.model_dump()})
     return _Plan(model_dir, base, adapter, fmt, fingerprint, qscale, validation, grid)
 
@@ -223,6 +229,7 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
     started = time.perf_counter()
     out = Path(config.output)
     p = plan(config)
+    asked_exact = config.grid == "exact"
     config = config.model_copy(update={"grid": p.grid})
     warnings = [SLOW_ADAPTER_WARNING] if config.keep_adapter_separate else []
     if config.keep_adapter_separate and config.int4_algo != "default" and config.precision == "int4":
@@ -237,7 +244,7 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
         return ExportResult(out, record["metrics"]["size_mb"], record["timings"]["seconds"],
                             _adapter_file(out), warnings, skipped=True, precision=config.precision,
                             search_defaults=record["outputs"].get("search_defaults"),
-                            trials=record["outputs"].get("trials"))
+                            trials=record["outputs"].get("trials"), trade=record["outputs"].get("exact_trade"))
     if config.max_ppl_increase is not None:
         from ftl.export.choose import export_within
 
@@ -282,6 +289,20 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
                         f"below half a quantisation step; {grid['lora_codes_changed']:.2%} of the codes moved): "
                         "fine-tune with --method qscale for an int4 model that keeps what it learned")
 
+    trade = None
+    if grid and config.measure_trade:
+        from ftl.export.trade import has_offsets, measure
+
+        if has_offsets(out):
+            trade = measure(out, p.validation)
+            cost = 1 - trade["decode_vs_integer_zero_points"]
+            if config.max_decode_cost is not None and cost > config.max_decode_cost:
+                if p.qscale is None and not asked_exact:
+                    return _builder_instead(config, p, trade, on_line)
+                kept = ("a qscale fine-tune is its grid, so it is kept (og's quantiser would round away what it "
+                        "learned)") if p.qscale else "--grid exact asked for it, so it is kept"
+                warnings.append(f"the exact grid decodes {cost:.0%} slower than without its offsets, over "
+                                f"--max-decode-cost {config.max_decode_cost:.0%}; {kept}")
     search_defaults = None
     if p.validation:
         from ftl.export.search import tune
@@ -293,10 +314,29 @@ def export_onnx(config: ExportConfig, *, save_config: Path | None = None, on_lin
                   warnings=warnings)
     record["outputs"] = {"adapter_file": _adapter_file(out).name if _adapter_file(out) else None,
                          "layout": layout.as_dict(), "built_with_onnxruntime_genai": _og_version(),
-                         "int4_grid": grid, "search_defaults": search_defaults}
+                         "int4_grid": grid, "search_defaults": search_defaults, "exact_trade": trade}
     manifest.write(out, record)
     return ExportResult(out, size_mb, seconds, _adapter_file(out), warnings, search_defaults=search_defaults,
-                        precision=config.precision)
+                        precision=config.precision, trade=trade)
+
+
+def _builder_instead(config: ExportConfig, p: _Plan, trade: dict, on_line) -> ExportResult:
+    """--max-decode-cost exceeded by a model's own grid: export with og's quantiser, and say why. The
+    manifest keeps the command's own settings and fingerprint, so running it again skips."""
+    cost = 1 - trade["decode_vs_integer_zero_points"]
+    result = export_onnx(config.model_copy(update={"grid": "builder", "force": True, "max_decode_cost": None}),
+                         on_line=on_line)
+    why = (f"the exact grid decoded {cost:.0%} slower than without its offsets, over --max-decode-cost "
+           f"{config.max_decode_cost:.0%}: exported with og's quantiser instead (--grid builder)")
+    record = manifest.read(result.output)
+    record.update(fingerprint=p.fingerprint, params={**config.model_dump(mode="json", exclude={"force"}),
+                                                     "grid": "builder"})
+    record["warnings"] = record.get("warnings", []) + [why]
+    record["outputs"]["exact_trade"] = {**trade, "rejected": why}
+    manifest.write(result.output, record)
+    result.warnings.append(why)
+    result.trade = record["outputs"]["exact_trade"]
+    return result
 
 
 def block_misfits(model_dir: Path, block: int) -> str | None:
