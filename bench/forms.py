@@ -184,10 +184,9 @@ def compare_forms(run: Path, work: Path, rows: list[dict], prompts: int, new_tok
                   f"{prompts} prompts × {new_tokens} tokens, {rounds} rounds; perplexity on {len(rows)} held-out rows")
     folders: dict[str, Path] = {}
     builder, exact = work / "builder", work / "exact"
-    if not (builder / "model.onnx").is_file():
-        _ftl("export-onnx", "--model", base, "--grid", "builder", "--output", str(builder), "--force")
-    if not (exact / "model.onnx").is_file():
-        _ftl("export-onnx", "--adapter", str(run), "--output", str(exact), "--force")
+    # without --force: a folder left by an earlier run of the same command is reused, any other is refused
+    _ftl("export-onnx", "--model", base, "--grid", "builder", "--output", str(builder))
+    _ftl("export-onnx", "--adapter", str(run), "--output", str(exact))
     folders["builder (og's quantiser), base"] = builder
     folders["builder: gate/up packed"] = _copy(builder, work / "builder-packed")
     pack_gate_up(folders["builder: gate/up packed"])
@@ -239,11 +238,11 @@ def compare_forms(run: Path, work: Path, rows: list[dict], prompts: int, new_tok
     except ImportError:
         console.print("[dim]llama_cpp not importable: the GGUF rows are skipped[/]")
         return
-    from ftl.models.store import builtin_gguf
+    from ftl.export.gguf_export import source_gguf
 
     gguf_out = work / "gguf"
     _ftl("export-gguf", "--adapter", str(run), "--output", str(gguf_out), "--force")
-    exported, original = gguf_out / "model.gguf", builtin_gguf("smollm2-135m")
+    exported, original = gguf_out / "model.gguf", source_gguf(Path(base))
     paths = {"original GGUF (base)": original, "export-gguf (qscale)": exported}
     ltimes: dict[str, list[float]] = {name: [] for name in paths}
     for turn in range(rounds):
