@@ -258,6 +258,6 @@ def compare_forms(run: Path, work: Path, rows: list[dict], prompts: int, new_tok
     for name, path in (("original GGUF (base)", original), ("export-gguf (qscale)", exported)):
         ratio = statistics.median(b / t for b, t in zip(ltimes[first], ltimes[name]))
         ppl = _llama_ppl(path, sequences)
-        table.add_row(name, f"{path.stat().st_size / 1e6:.1f}", f"{1 / statistics.median(ltimes[name]):.1f}",
+        table.add_row(name, f"{folder_size_mb(path):.1f}", f"{1 / statistics.median(ltimes[name]):.1f}",
                       f"{ratio:.3f}", f"{ppl:.3f}", f"{ppl / torch_ppl:.4f}")
     console.print(table)

@@ -253,8 +253,9 @@ def pack_gate_up(graph, inits: dict, wanted=lambda modules: True) -> int:
         if up is None or up.input[0] != gate.input[0] or len(up.input) != len(gate.input) or \
                 {a.name: helper.get_attribute_value(a) for a in up.attribute} != attrs or \
                 any(i not in inits for i in list(gate.input[1:]) + list(up.input[1:])) or \
-                not wanted(modules_of(name) + modules_of(up.name)):
-            continue
+                not wanted(modules_of(name) + modules_of(up.name)) or \
+                any("gate_proj" not in i or i.replace("gate_proj", "gate_up_proj") in inits for i in gate.input[1:]):
+            continue  # (the packed weights are named after og's gate weights: "gate_proj" → "gate_up_proj")
         prefix = name.rsplit("/gate_proj/", 1)[0] + "/gate_up_proj"
         n = attrs["N"]
         inputs = [gate.input[0]]

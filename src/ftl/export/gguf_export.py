@@ -29,6 +29,7 @@ import torch
 from ftl import manifest
 from ftl.errors import ConfigError, ExportError
 from ftl.quant.grid import Grid
+from ftl.system import folder_size_mb
 
 FILE = "model.gguf"
 _HALF = np.float16
@@ -339,7 +340,7 @@ def export_gguf(adapter: Path | None, model: str | None, output: Path, *, force:
     check(partial, source, grids, model_dir)
     os.replace(partial, out / FILE)
     seconds = time.perf_counter() - started
-    size_mb = round((out / FILE).stat().st_size / 1e6, 1)
+    size_mb = folder_size_mb(out / FILE)  # the file itself
     record.update(status="complete", timings={"seconds": round(seconds, 1)}, metrics={"size_mb": size_mb})
     record["outputs"] = {"file": FILE, "trained_matrices": trained_count, "copied_tensors": copied,
                          "chat_template": chat, "checked": "read back with gguf-py: trained grids bit for bit, "

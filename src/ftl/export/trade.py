@@ -32,8 +32,8 @@ def without_offsets(src: Path, dst: Path) -> Path:
     correction: the grid rounded to integer zero points, at the builder's node count."""
     import onnx
 
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(TWIN, "*.log", ".trials"))
-    model = onnx.load(str(dst / "model.onnx"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(TWIN, "*.log", ".trials", "model.onnx", "model.onnx.data"))
+    model = onnx.load(str(Path(src) / "model.onnx"))
     graph = model.graph
     rename, kept = {}, []
     for node in graph.node:
@@ -52,7 +52,6 @@ def without_offsets(src: Path, dst: Path) -> Path:
     del graph.initializer[:]
     graph.initializer.extend(inits)
     data = dst / "model.onnx.data"
-    data.unlink(missing_ok=True)
     onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
     return dst
