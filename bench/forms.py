@@ -37,12 +37,9 @@ def _load(folder: Path):
 
 
 def _save(model, folder: Path) -> None:
-    import onnx
+    from ftl.export.exact import save_model
 
-    data = folder / "model.onnx.data"
-    data.unlink(missing_ok=True)
-    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    save_model(model, folder)
 
 
 def _copy(src: Path, dst: Path, session: dict | None = None) -> Path:
@@ -101,31 +98,6 @@ def nodes_per_layer(folder: Path) -> int:
     return sum(1 for n in _load(folder).graph.node if "/layers.0/" in n.name)
 
 
-def _og_model(folder: Path):
-    from ftl.generate import load_og_model
-
-    return load_og_model(folder)[0]
-
-
-def _decode_seconds(model, prompts: list[list[int]], new_tokens: int) -> float:
-    """Seconds per generated token after the first, greedy, exactly ``new_tokens`` per prompt."""
-    import onnxruntime_genai as og
-
-    spent = made = 0
-    for ids in prompts:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, min_length=len(ids) + new_tokens, do_sample=False)
-        generator = og.Generator(model, params)
-        generator.append_tokens(ids)
-        generator.generate_next_token()
-        started = time.perf_counter()
-        while not generator.is_done():
-            generator.generate_next_token()
-            made += 1
-        spent += time.perf_counter() - started
-    return spent / made
-
-
 def _ppl(spec: str, rows: list[dict]) -> float:
     from ftl.export.choose import answer_ppl
 
@@ -174,7 +146,7 @@ def compare_forms(run: Path, work: Path, rows: list[dict], prompts: int, new_tok
     from ftl import manifest
     from ftl.eval.models import load
     from ftl.eval.stage import _ids
-    from ftl.export.trade import without_offsets
+    from ftl.export.trade import _seconds_per_token, without_offsets
     from ftl.system import default_threads, folder_size_mb
 
     work.mkdir(parents=True, exist_ok=True)
@@ -208,17 +180,14 @@ def compare_forms(run: Path, work: Path, rows: list[dict], prompts: int, new_tok
     rows_q = [{"question": r["Question"], "reference": r["Answer"]} for r in rows]
     sequences = [_ids(source, r) for r in rows_q]
     prompt_ids = [ids[:start] for ids, start in sequences[:prompts]]
+    questions = [r["question"] for r in rows_q[:prompts]]
     torch_ppl = _ppl(f"torch:{run}", rows_q)
     times: dict[str, list[float]] = {name: [] for name in folders}
     order = list(folders)
     for turn in range(rounds):  # each round starts one folder later: no folder always runs first
         for name in order[turn % len(order):] + order[:turn % len(order)]:
-            # One session at a time: an idle session's pool threads spin on the same 2 cores.
-            model = _og_model(folders[name])
-            _decode_seconds(model, prompt_ids[:1], 8)  # warm-up
-            times[name].append(_decode_seconds(model, prompt_ids, new_tokens))
-            del model
-            gc.collect()
+            # one session at a time (an idle session's pool threads spin on the same 2 cores), after a warm-up
+            times[name].append(_seconds_per_token(folders[name], questions, new_tokens))
     ref = "builder (og's quantiser), base"
     table = Table("form", "nodes / layer", "MB", "decode tok/s", "× builder", "answer ppl", "× PyTorch qscale",
                   title=f"exact export forms: PyTorch qscale ppl {torch_ppl:.3f}")

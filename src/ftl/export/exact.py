@@ -225,10 +225,7 @@ def write_grid(folder: Path, grids: dict[str, Grid], form: str = "offset", head:
                           "export with an int4 precision and block size 32")
     del graph.node[:]
     graph.node.extend(new_nodes)
-    data = folder / "model.onnx.data"
-    data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    save_model(model, folder)
     return Written(form, len(done), blocks, head_written, wide, extra / 1e6, tuple(kinds), packed)
 
 
@@ -296,6 +293,16 @@ def pack_gate_up(graph, inits: dict, wanted=lambda modules: True) -> int:
     inits.clear()
     inits.update({t.name: t for t in graph.initializer})
     return len(packed)
+
+
+def save_model(model, folder: Path) -> None:
+    """An og folder's model.onnx with its weights in model.onnx.data, as og writes it."""
+    import onnx
+
+    data = Path(folder) / "model.onnx.data"
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(model, str(Path(folder) / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
 
 
 def stored_bytes(n: int, k: int, bits: int, block: int) -> int:

@@ -32,6 +32,8 @@ def without_offsets(src: Path, dst: Path) -> Path:
     correction: the grid rounded to integer zero points, at the builder's node count."""
     import onnx
 
+    from ftl.export.exact import save_model
+
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns(TWIN, "*.log", ".trials", "model.onnx", "model.onnx.data"))
     model = onnx.load(str(Path(src) / "model.onnx"))
     graph = model.graph
@@ -51,9 +53,7 @@ def without_offsets(src: Path, dst: Path) -> Path:
     graph.node.extend(kept)
     del graph.initializer[:]
     graph.initializer.extend(inits)
-    data = dst / "model.onnx.data"
-    onnx.save_model(model, str(dst / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
+    save_model(model, dst)
     return dst
 
 
